@@ -1,0 +1,40 @@
+"""pgm_jax: Partition Generative Models in JAX/Flax.
+
+The pins are the set that installs together on CPython 3.11 (checked 2026-11-28);
+see docs/ and README.md. TensorFlow is deliberately not a dependency: metrics are
+written as TensorBoard event files with tensorboardX, and TFDS is read through
+its TF-free ArrayRecord `data_source` path.
+"""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml_collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "array_record==0.8.6",
+    "sentencepiece==0.2.3",
+    "clu==0.0.12",
+    "numpy==2.4.6",
+    "tiktoken==0.14.0",
+    "tensorboardX==2.6.5",
+    "absl-py==2.5.1",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+}
+
+setuptools.setup(
+    name="pgm_jax",
+    version="0.1.0",
+    description="Partition Generative Models (PGM), MDLM and baselines in JAX/Flax.",
+    packages=setuptools.find_packages(include=["pgm_jax", "pgm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
