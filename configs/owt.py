@@ -1,0 +1,72 @@
+r"""OpenWebText at paper scale (spec section 9): L = 1024, global batch 512, 1M steps.
+
+Data: run the one-time preprocessing (GPT-2 tokenizer, EOS per document, 1022-token
+chunks wrapped as [BOS] + chunk + [EOS], last 100k documents = validation):
+
+  python -m pgm_jax.preprocess --source=jsonl:/data/owt/*.jsonl --tokenizer=gpt2 \
+      --seq_len=1024 --val_last_docs=100000 --out=/data/owt_gpt2_1024
+
+then train, e.g. on a pod (see launch/):
+
+  python -m pgm_jax.main --config=configs/owt.py:pgm_6_6 --workdir=gs://bucket/pgm_6_6 \
+      --config.data.data_dir=/data/owt_gpt2_1024
+
+Presets: mdlm (12 layers, 768), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16),
+runlocal (shrinks everything for a CPU smoke run; still needs data_dir).
+"""
+from pgm_jax import config_lib
+
+_MODELS = {
+    "mdlm": dict(kind="mdlm", hidden=768, num_heads=12, num_layers=12),
+    "pgm_6_6": dict(kind="pgm", hidden=768, num_heads=12, enc_layers=6, dec_layers=6),
+    "pgm_8_8": dict(kind="pgm", hidden=768, num_heads=12, enc_layers=8, dec_layers=8),
+    "pgm_6_6_dim1024": dict(kind="pgm", hidden=1024, num_heads=16, enc_layers=6,
+                            dec_layers=6),
+}
+
+
+def get_config(arg=None):
+  preset = config_lib.parse_arg(arg, runlocal=False, **{k: False for k in _MODELS})
+  chosen = [k for k in _MODELS if preset[k]] or ["pgm_6_6"]
+  if len(chosen) > 1:
+    raise ValueError(f"config presets {chosen} are mutually exclusive")
+  c = config_lib.base_config()
+  for k, v in _MODELS[chosen[0]].items():
+    c.model[k] = v
+  c.model.cond_dim = 128
+  c.model.dropout = 0.1
+  c.model.dtype = "bfloat16"
+
+  c.data.name = "array_record"
+  c.data.tokenizer = "gpt2"
+  c.data.tokenizer_path = "third_party/gpt2/gpt2.tiktoken"
+  c.data.seq_len = 1024
+
+  c.train.batch_size = 512          # 16 GPUs x 32 in the paper
+  c.train.num_steps = 1_000_000
+  c.train.log_every = 100
+  c.train.eval_every = 20_000
+  c.eval.batch_size = 512
+  c.opt.lr = 3e-4
+  c.opt.warmup_steps = 2500
+  c.opt.ema_decay = 0.9999
+  c.ckpt.every_steps = 5000
+  c.ckpt.keep_every = 100_000
+  c.sample.steps = 128
+
+  if preset.runlocal:
+    c.model.hidden = 128
+    c.model.num_heads = 2
+    c.model.num_layers = 2
+    c.model.enc_layers = 1
+    c.model.dec_layers = 1
+    c.data.seq_len = 128
+    c.train.batch_size = 8
+    c.train.num_steps = 20
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.eval.batch_size = 8
+    c.eval.max_batches = 2
+    c.ckpt.every_steps = 10
+    c.sample.steps = 8
+  return c

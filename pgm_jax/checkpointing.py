@@ -1,0 +1,127 @@
+"""One Orbax CheckpointManager per workdir with two items:
+
+  * "state": the TrainState (params, optimizer state, EMA params, step), saved
+    asynchronously, always restored against a sharded abstract target (so a pod
+    checkpoint restores on one CPU and vice versa);
+  * "data": the Grain iterator state (one JSON file per process).
+
+Layout: WORKDIR/checkpoints/<step>/{state,data}. Resume order (see `train.py`):
+latest checkpoint in the workdir, else `config.ckpt.restore_from` (full state),
+else `config.ckpt.init_params_from` (params only), else a fresh init.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(directory: str, ckpt_config=None, *, read_only: bool = False
+                 ) -> ocp.CheckpointManager:
+  kwargs = {}
+  if ckpt_config is not None:
+    kwargs = dict(max_to_keep=ckpt_config.max_to_keep,
+                  keep_period=ckpt_config.get("keep_every"),
+                  enable_async_checkpointing=bool(ckpt_config.async_save))
+  options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only, **kwargs)
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *,
+         wait: bool = False) -> None:
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+  if wait:
+    manager.wait_until_finished()
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state,
+                     *, subtree: Optional[str] = None) -> None:
+  """Raises ValueError naming the first parameter whose shape/presence differs."""
+  directory = os.fspath(manager.directory / str(step) / "state")
+  meta = manager.item_metadata(step)
+  state_meta = meta["state"] if meta is not None and "state" in meta else None
+  if state_meta is None:
+    raise ValueError(f"checkpoint {directory}: no 'state' item found")
+  tree_meta = getattr(state_meta, "tree", state_meta)
+  ckpt = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
+  want = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  if subtree is not None:
+    ckpt = {k: v for k, v in ckpt.items() if k.startswith(subtree + "/")}
+    want = {k: v for k, v in want.items() if k.startswith(subtree + "/")}
+  missing = sorted(set(want) - set(ckpt))
+  unexpected = sorted(set(ckpt) - set(want))
+  if missing or unexpected:
+    raise ValueError(
+        f"checkpoint {directory} does not match the config: missing {missing[:5]}"
+        f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        f"{'...' if len(unexpected) > 5 else ''} (check config.model.*)")
+  for key, spec in want.items():
+    got = tuple(getattr(ckpt[key], "shape", ()) or ())
+    if got != tuple(spec.shape):
+      raise ValueError(
+          f"checkpoint {directory}: {key} has shape {got}, the config expects "
+          f"{tuple(spec.shape)} (check config.model.* and the tokenizer's vocab size, "
+          f"config.data.tokenizer_path)")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
+  """Restores (state, data_iter) at `step` onto the shardings of `abstract_state`."""
+  check_compatible(manager, step, abstract_state)
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  has_data = (manager.directory / str(step) / "data").exists()
+  if data_iter is not None and has_data:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"], (restored["data"] if "data" in items else None)
+
+
+def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
+                   step: Optional[int] = None):
+  """One parameter tree (`key`: "ema_params" or "params") of a checkpoint's state.
+
+  `directory` is a workdir, its `checkpoints/` folder, or a step folder; the latest
+  step is used unless `step` is given. Optimizer state is not read.
+  """
+  path = epath.Path(directory)
+  if (path / "checkpoints").exists():
+    path = path / "checkpoints"
+  if (path / "state").exists():
+    step_dir = path
+  else:
+    manager = make_manager(os.fspath(path), read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"config.ckpt.init_params_from: no checkpoint found in {directory}")
+    step_dir = path / str(step)
+  target = {key: abstract_params}
+  restore_args = jax.tree.map(
+      lambda s: ocp.ArrayRestoreArgs(sharding=getattr(s, "sharding", None)), target)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.fspath(step_dir / "state"),
+      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+  return restored[key]
+
+
+def latest_step(directory: str) -> Optional[int]:
+  if not os.path.isdir(directory):
+    return None
+  return make_manager(directory, read_only=True).latest_step()
+

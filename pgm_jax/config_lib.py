@@ -1,0 +1,174 @@
+"""Shared config defaults, preset parsing and start-up validation.
+
+Config files in `configs/` build on `base_config()` and take a preset string,
+e.g. `--config=configs/shakespeare.py:mdlm,runlocal`. Every key can be overridden
+on the command line (`--config.opt.lr=1e-4`); configs are locked, so a misspelt
+key is an error naming that key.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every config: the paper's text hyperparameters (spec section 9)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- model: architecture (spec section 3). -------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = "pgm"              # "pgm" (PartitionDiT) | "mdlm" (DiT baseline)
+  c.model.hidden = 768              # H
+  c.model.num_heads = 12            # head_dim = H / num_heads (64 in the paper)
+  c.model.cond_dim = 128            # adaLN conditioning width c
+  c.model.mlp_ratio = 4
+  c.model.num_layers = 12           # MDLM blocks
+  c.model.enc_layers = 6            # PGM encoder blocks
+  c.model.dec_layers = 6            # PGM decoder blocks
+  c.model.query_mode = "learn+freqs"  # learn | learn+freqs | learn+freqs+mean | learn+freqs+logsumexp
+  c.model.dropout = 0.1
+  c.model.dtype = "bfloat16"        # compute dtype; parameters stay float32
+
+  # --- data: corpus, tokenizer, packing. ------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "shakespeare"       # shakespeare | text_files | array_record | lm1b
+  c.data.tokenizer = "sentencepiece"  # sentencepiece | gpt2 | bert_wordpiece
+  c.data.tokenizer_path = "third_party/sentencepiece/shakespeare_bpe2048.model"
+  c.data.seq_len = 1024             # L, BOS and EOS included
+  c.data.data_dir = placeholder(str)
+  c.data.train_files = placeholder(str)
+  c.data.val_files = placeholder(str)
+  c.data.doc_per_line = False
+  c.data.val_plays = ("hamlet", "tempest", "twelfth_night")
+  c.data.num_workers = 0
+
+  # --- train: loop and objective. -------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 512          # GLOBAL batch (sequences per optimizer step)
+  c.train.grad_accum_steps = 1      # microbatches per step; batch_size must divide
+  c.train.num_steps = 1_000_000
+  c.train.sampling_eps = 1e-3       # t ~ U[eps, 1]
+  c.train.antithetic = True         # stratified t over the global batch
+  c.train.log_every = 100
+  c.train.eval_every = 20_000
+  c.train.num_final_samples = 4     # decoded at the end of training (0 = none)
+
+  # --- eval: validation perplexity. -----------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.max_batches = placeholder(int)  # None = the whole validation split
+  c.eval.seed = 1234                # fixed, so val PPL is reproducible
+
+  # --- opt: AdamW, warmup then constant, clipping, EMA. ---------------------------
+  c.opt = ml_collections.ConfigDict()
+  c.opt.lr = 3e-4
+  c.opt.warmup_steps = 2500
+  c.opt.b1 = 0.9
+  c.opt.b2 = 0.999
+  c.opt.eps = 1e-8
+  c.opt.weight_decay = 0.0
+  c.opt.grad_clip = 1.0
+  c.opt.ema_decay = 0.9999          # warm-up: min(decay, (1 + n) / (10 + n)); 0 disables EMA
+
+  # --- attn: the attention op. ----------------------------------------------------
+  c.attn = ml_collections.ConfigDict()
+  c.attn.impl = "xla"               # xla (dense reference) | auto
+
+  # --- mesh: device mesh and logical axis rules. ----------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.axes = ("data", "fsdp", "tensor")
+  c.mesh.shape = (-1, 1, 1)         # one -1 = all remaining devices
+  c.mesh.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("qkv", "tensor"),
+      ("kv", "tensor"),
+      ("heads_dim", "tensor"),
+      ("adaln", "tensor"),
+      ("cond", None),
+      ("cond_mlp", None),
+      ("freq", None),
+  )
+
+  # --- ckpt: one Orbax manager (train state + data iterator). ---------------------
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 5000
+  c.ckpt.max_to_keep = 3
+  c.ckpt.keep_every = placeholder(int)   # also keep every N-th step forever
+  c.ckpt.async_save = True
+  c.ckpt.restore_from = placeholder(str)     # full state, if the workdir has none
+  c.ckpt.init_params_from = placeholder(str)  # params only (fresh optimizer)
+
+  # --- sample: samplers (end-of-training samples). --------------------------------
+  c.sample = ml_collections.ConfigDict()
+  c.sample.steps = 128
+  c.sample.seed = 0
+  return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses "a=1,b,c=x" into a ConfigDict; bare words are True. Unknown keys fail.
+
+  `defaults` gives every allowed key and its default (types are kept).
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config preset {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not _:
+      result[key] = True
+    elif isinstance(default, bool):
+      result[key] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, int):
+      result[key] = int(value)
+    elif isinstance(default, float):
+      result[key] = float(value)
+    else:
+      result[key] = value
+  return result
+
+
+def validate(config, *, num_devices: int, data_parallel: int) -> None:
+  """Start-up checks with errors that name the config key."""
+  t, d, m = config.train, config.data, config.model
+  if t.batch_size <= 0:
+    raise ValueError(f"config.train.batch_size must be positive, got {t.batch_size}")
+  if t.grad_accum_steps <= 0 or t.batch_size % t.grad_accum_steps:
+    raise ValueError(f"config.train.batch_size={t.batch_size} must be divisible by "
+                     f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % data_parallel:
+    raise ValueError(
+        f"config.train.batch_size / config.train.grad_accum_steps = {micro} must be "
+        f"divisible by the data-parallel size {data_parallel} (config.mesh.shape)")
+  if config.eval.batch_size % data_parallel:
+    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be divisible by "
+                     f"the data-parallel size {data_parallel} (config.mesh.shape)")
+  if d.seq_len < 3:
+    raise ValueError(f"config.data.seq_len={d.seq_len} must be >= 3 (BOS + token + EOS)")
+  if t.num_steps < 0:
+    raise ValueError(f"config.train.num_steps must be >= 0, got {t.num_steps}")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ValueError(f"config.model.dropout must be in [0, 1), got {m.dropout}")
+  if m.dtype not in ("bfloat16", "float32", "float16"):
+    raise ValueError(f"config.model.dtype must be bfloat16|float32|float16, got {m.dtype!r}")
+  if not 0.0 < t.sampling_eps < 1.0:
+    raise ValueError(f"config.train.sampling_eps must be in (0, 1), got {t.sampling_eps}")
+  for key in ("log_every", "eval_every"):
+    if t[key] <= 0:
+      raise ValueError(f"config.train.{key} must be positive, got {t[key]}")
+  if config.ckpt.every_steps <= 0 or config.ckpt.max_to_keep <= 0:
+    raise ValueError("config.ckpt.every_steps and config.ckpt.max_to_keep must be positive")
+  del num_devices

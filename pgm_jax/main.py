@@ -1,0 +1,88 @@
+r"""Command-line entry point.
+
+  python -m pgm_jax.main --config=configs/shakespeare.py:pgm --workdir=/tmp/pgm
+  python -m pgm_jax.main --config=configs/shakespeare.py:pgm --workdir=/tmp/pgm --mode=eval
+  python -m pgm_jax.main --config=configs/owt.py:pgm_6_6 --workdir=gs://... \
+      --config.opt.lr=3e-4
+
+Set PGM_JAX_DISTRIBUTED=1 (the launch scripts do) to call
+`jax.distributed.initialize()` on multi-host pods.
+"""
+import os
+import sys
+import traceback
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with presets: configs/x.py:preset1,preset2.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (resuming from WORKDIR); eval: validation PPL of the "
+                          "latest checkpoint's EMA weights, written to WORKDIR/eval.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+  """Drops INFO records of chatty libraries (orbax, xla_bridge) from the log."""
+
+  def filter(self, record):
+    if record.levelno > 20:
+      return True
+    return not any(s in record.pathname for s in ("/orbax/", "xla_bridge", "/grain/"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get("PGM_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+  from pgm_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  try:
+    config = _CONFIG.value
+    config.get("model")  # config files load lazily: surface a bad path here
+  except OSError as e:
+    print(f"pgm_jax: error: --config: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      result = train.evaluate(config, _WORKDIR.value)
+      print(f"val_ppl={result['val_ppl']:.6f}")
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+    if os.environ.get("PGM_JAX_TRACEBACK"):
+      traceback.print_exc()
+    print(f"pgm_jax: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _one_line(error: BaseException) -> str:
+  """The first line of an error, plus its last line when a traceback is embedded."""
+  lines = [l.strip() for l in str(error).replace("\\n", "\n").splitlines() if l.strip()]
+  if not lines:
+    return type(error).__name__
+  text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+  return text.strip("'\"")
+
+
+def parse_flags(argv):
+  """absl flag parsing, with bad config presets/keys reported as one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = _one_line(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = f"bad --config override: {_one_line(e)}"
+  print(f"pgm_jax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,37 @@
+"""Models: the MDLM DiT baseline and the PartitionDiT (PGM)."""
+from __future__ import annotations
+
+from pgm_jax.models.dit import DiT
+from pgm_jax.models.layers import ModelConfig
+from pgm_jax.models.pgm import QUERY_MODES, PartitionDiT
+
+MODEL_KINDS = ("pgm", "mdlm")
+
+
+def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:
+  """Frozen ModelConfig from the ConfigDict (`config.model`, `config.attn`)."""
+  m = config.model
+  if m.kind not in MODEL_KINDS:
+    raise ValueError(f"config.model.kind must be one of {MODEL_KINDS}, got {m.kind!r}")
+  if m.hidden % m.num_heads:
+    raise ValueError(f"config.model.hidden={m.hidden} is not divisible by "
+                     f"config.model.num_heads={m.num_heads}")
+  if (m.hidden // m.num_heads) % 2:
+    raise ValueError("config.model.hidden / config.model.num_heads must be even (RoPE)")
+  if m.query_mode not in QUERY_MODES:
+    raise ValueError(f"config.model.query_mode must be one of {QUERY_MODES}, "
+                     f"got {m.query_mode!r}")
+  return ModelConfig(
+      kind=m.kind, vocab_size=vocab_size, mask_id=mask_id, hidden=m.hidden,
+      num_heads=m.num_heads, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
+      num_layers=m.num_layers, enc_layers=m.enc_layers, dec_layers=m.dec_layers,
+      query_mode=m.query_mode, dropout=m.dropout, dtype=m.dtype,
+      attn_impl=config.attn.impl)
+
+
+def build_model(cfg: ModelConfig):
+  return PartitionDiT(cfg) if cfg.kind == "pgm" else DiT(cfg)
+
+
+__all__ = ["DiT", "PartitionDiT", "ModelConfig", "QUERY_MODES", "MODEL_KINDS",
+           "model_config_from", "build_model"]

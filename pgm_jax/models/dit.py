@@ -1,0 +1,39 @@
+"""The MDLM diffusion transformer (`DIT` in kuleshov-group/mdlm), the MDLM baseline.
+
+Parameter tree (Flax) <-> reference state dict:
+  vocab_embed/embedding            <- vocab_embed.embedding
+  sigma_map/mlp_{0,2}/{kernel,bias} <- sigma_map.mlp.{0,2}.{weight,bias}
+  blocks_{i}/...                   <- blocks.{i}.... (see DiTBlock)
+  output_layer/...                 <- output_layer....
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pgm_jax.models.layers import (DiTBlock, FinalLayer, ModelConfig, VocabEmbedding,
+                                   conditioning)
+from pgm_jax.ops import AttentionMask
+
+
+class DiT(nn.Module):
+  """Bidirectional transformer over the full (partially masked) sequence."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, valid_BxL: Optional[jax.Array] = None, *,
+               train: bool = False, causal: bool = False) -> jax.Array:
+    """Returns float32 logits [B, L, V] (no SUBS; see objectives.mdlm_*)."""
+    cfg = self.config
+    batch, length = tokens_BxL.shape
+    x_BxLxH = VocabEmbedding(cfg.vocab_size, cfg.hidden, name="vocab_embed")(tokens_BxL)
+    cond_BxC = conditioning(cfg, batch)
+    positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    mask = AttentionMask(kind="causal" if causal else "full", kv_valid=valid_BxL)
+    for i in range(cfg.num_layers):
+      x_BxLxH = DiTBlock(cfg, name=f"blocks_{i}")(x_BxLxH, cond_BxC, positions_BxL, mask,
+                                                 train=train)
+    return FinalLayer(cfg, name="output_layer")(x_BxLxH, cond_BxC)

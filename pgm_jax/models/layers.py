@@ -1,0 +1,278 @@
+"""Building blocks shared by the MDLM DiT and the PartitionDiT.
+
+Parameter names follow the reference PyTorch state dict (spec section 4) so that
+checkpoints map one to one: a torch `Linear` [out, in] `weight` is a Flax
+`kernel` [in, out]; a torch norm `weight` is our `scale`. Every parameter carries
+logical axis names (see `pgm_jax.sharding` for the rules that map them to mesh axes).
+
+Logical axes: "vocab", "embed" (hidden H), "mlp" (4H), "qkv" (3H, [q|k|v] head-major),
+"kv" (2H, [k|v]), "heads_dim" (H as heads*head_dim), "cond" (cond_dim), "freq" (256),
+"adaln" (6H or 2H), "cond_mlp" (cond_dim, sigma_map hidden).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pgm_jax.ops import AttentionMask, partition_attention
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model hyperparameters (built from `config.model` by `model_config_from`)."""
+  kind: str                     # "pgm" | "mdlm"
+  vocab_size: int               # includes MASK
+  mask_id: int
+  hidden: int = 768
+  num_heads: int = 12
+  cond_dim: int = 128
+  mlp_ratio: int = 4
+  num_layers: int = 12          # MDLM DiT blocks
+  enc_layers: int = 6           # PGM encoder blocks
+  dec_layers: int = 6           # PGM decoder blocks
+  query_mode: str = "learn+freqs"  # GroupSwap query construction
+  dropout: float = 0.1
+  dtype: str = "bfloat16"       # compute dtype; parameters are always float32
+  rope_base: float = 10000.0
+  attn_impl: str = "xla"
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Initialisers (PyTorch defaults, so that a fresh model matches the reference's).
+# ----------------------------------------------------------------------------
+
+def torch_linear_kernel_init():
+  """nn.Linear weight default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def logical(init: Callable, names: tuple[Optional[str], ...]):
+  return nn.with_logical_partitioning(init, names)
+
+
+class Linear(nn.Module):
+  """Dense layer with PyTorch default init (or zero init) and logical axes."""
+  features: int
+  in_axis: str
+  out_axis: str
+  use_bias: bool = True
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    if self.zero_init:
+      kernel_init, bias_init = nn.initializers.zeros_init(), nn.initializers.zeros_init()
+    else:
+      kernel_init, bias_init = torch_linear_kernel_init(), torch_linear_bias_init(fan_in)
+    kernel = self.param("kernel", logical(kernel_init, (self.in_axis, self.out_axis)),
+                        (fan_in, self.features), jnp.float32)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32).astype(self.dtype)
+    if self.use_bias:
+      bias = self.param("bias", logical(bias_init, (self.out_axis,)), (self.features,),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class ScaleLayerNorm(nn.Module):
+  """The reference's LayerNorm: scale only, no bias, eps 1e-5, computed in float32."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", logical(nn.initializers.ones_init(), ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
+
+
+class AffineLayerNorm(nn.Module):
+  """torch.nn.LayerNorm(H): scale and bias, eps 1e-5, float32."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.shape[-1]
+    scale = self.param("scale", logical(nn.initializers.ones_init(), ("embed",)), (h,),
+                       jnp.float32)
+    bias = self.param("bias", logical(nn.initializers.zeros_init(), ("embed",)), (h,),
+                      jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------
+# Rotary embeddings (non-interleaved rotate-half, as flash-attn's default).
+# ----------------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, base: float) -> jax.Array:
+  return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, base: float) -> jax.Array:
+  """Rotates q or k at the given ORIGINAL sequence positions (float32 math)."""
+  head_dim = x_BxLxHxD.shape[-1]
+  freqs_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, base)
+  emb_BxLxD = jnp.concatenate([freqs_BxLxF, freqs_BxLxF], axis=-1)
+  cos, sin = jnp.cos(emb_BxLxD)[:, :, None, :], jnp.sin(emb_BxLxD)[:, :, None, :]
+  x32 = x_BxLxHxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x_BxLxHxD.dtype)
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int, max_period: float = 10000.0):
+  """[cos(p f_k) | sin(p f_k)], f_k = max_period^(-k/(dim/2)) for k < dim/2 (float32)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = positions.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Embeddings and conditioning.
+# ----------------------------------------------------------------------------
+
+class VocabEmbedding(nn.Module):
+  """`vocab_embed.embedding` [V, H], init U(+-1/sqrt(H)) (kaiming_uniform a=sqrt(5))."""
+  vocab_size: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, tokens_BxL):
+    bound = 1.0 / math.sqrt(self.hidden)
+
+    def init(key, shape, dtype=jnp.float32):
+      return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    table = self.param("embedding", logical(init, ("vocab", "embed")),
+                       (self.vocab_size, self.hidden), jnp.float32)
+    return jnp.take(table, tokens_BxL, axis=0)
+
+
+class TimestepEmbedder(nn.Module):
+  """`sigma_map`: sinusoid(256) -> Linear(256, c) -> SiLU -> Linear(c, c)."""
+  cond_dim: int
+  freq_dim: int = 256
+
+  @nn.compact
+  def __call__(self, sigma_B):
+    freqs = sinusoidal_embedding(sigma_B, self.freq_dim)
+    h = Linear(self.cond_dim, "freq", "cond", name="mlp_0")(freqs)
+    h = nn.silu(h)
+    return Linear(self.cond_dim, "cond_mlp", "cond", name="mlp_2")(h)
+
+
+class MLP(nn.Module):
+  """Linear(H, 4H) -> tanh-GELU -> Linear(4H, H), with biases."""
+  hidden: int
+  mlp_ratio: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    h = Linear(self.mlp_ratio * self.hidden, "embed", "mlp", dtype=self.dtype, name="fc_0")(x)
+    h = nn.gelu(h, approximate=True)
+    return Linear(self.hidden, "mlp", "embed", dtype=self.dtype, name="fc_2")(h)
+
+
+def split_heads(x_BxLxE, num_heads):
+  b, l, e = x_BxLxE.shape
+  return x_BxLxE.reshape(b, l, num_heads, e // num_heads)
+
+
+def merge_heads(x_BxLxHxD):
+  b, l, h, d = x_BxLxHxD.shape
+  return x_BxLxHxD.reshape(b, l, h * d)
+
+
+# ----------------------------------------------------------------------------
+# Transformer blocks.
+# ----------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+  """MDLM DDiT block (also the PGM encoder block): adaLN-modulated self-attention + MLP."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxH, cond_BxC, positions_BxL, mask: AttentionMask, *, train: bool):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    mods = Linear(6 * cfg.hidden, "cond", "adaln", zero_init=True,
+                  name="adaLN_modulation")(cond_BxC)[:, None, :]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, -1)
+
+    skip = x_BxLxH
+    h = modulate(ScaleLayerNorm(name="norm1")(x_BxLxH), shift_msa, scale_msa)
+    qkv = Linear(3 * cfg.hidden, "embed", "qkv", use_bias=False, dtype=dt, name="attn_qkv")(h)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q = apply_rope(split_heads(q, cfg.num_heads), positions_BxL, cfg.rope_base)
+    k = apply_rope(split_heads(k, cfg.num_heads), positions_BxL, cfg.rope_base)
+    att = partition_attention(q, k, split_heads(v, cfg.num_heads), mask, impl=cfg.attn_impl)
+    att = Linear(cfg.hidden, "heads_dim", "embed", use_bias=False, dtype=dt,
+                 name="attn_out")(merge_heads(att))
+    att = nn.Dropout(cfg.dropout, deterministic=not train)(att)
+    x = skip + gate_msa * att.astype(jnp.float32)
+
+    h = modulate(ScaleLayerNorm(name="norm2")(x), shift_mlp, scale_mlp)
+    h = MLP(cfg.hidden, cfg.mlp_ratio, dt, name="mlp")(h)
+    h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
+    return x + gate_mlp * h.astype(jnp.float32)
+
+
+class FinalLayer(nn.Module):
+  """`output_layer`: LN, modulate([shift, scale]), Linear(H, V) (zero init)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxH, cond_BxC):
+    cfg = self.config
+    mods = Linear(2 * cfg.hidden, "cond", "adaln", zero_init=True,
+                  name="adaLN_modulation")(cond_BxC)[:, None, :]
+    shift, scale = jnp.split(mods, 2, -1)
+    h = modulate(ScaleLayerNorm(name="norm_final")(x_BxLxH), shift, scale)
+    logits = Linear(cfg.vocab_size, "embed", "vocab", zero_init=True,
+                    dtype=cfg.compute_dtype, name="linear")(h)
+    return logits.astype(jnp.float32)
+
+
+def conditioning(cfg: ModelConfig, batch: int, name: str = "sigma_map"):
+  """t_cond = SiLU(sigma_map(sigma)), with sigma = 0 (time_conditioning=False)."""
+  sigma_B = jnp.zeros((batch,), jnp.float32)
+  return nn.silu(TimestepEmbedder(cfg.cond_dim, name=name)(sigma_B))
+

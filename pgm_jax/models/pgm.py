@@ -1,0 +1,205 @@
+"""PartitionDiT: the Partition Generative Model's network (spec section 3).
+
+Training layout (`__call__`): every position holds its clean token and a group id.
+The encoder attends within a group only; GroupSwap and the decoder let each
+position's query read the OTHER group's encoder outputs, so the prediction at a
+position never depends on any token of its own group (tested exactly by a gradient
+test). Inference layout (`encode` + `decode`): the encoder runs only on the packed
+clean tokens and the decoder queries only the positions being revealed.
+
+Parameter tree (Flax) <-> reference state dict (`backbone.` prefix dropped):
+  vocab_embed/embedding                      <- vocab_embed.embedding
+  sigma_map/mlp_{0,2}                        <- sigma_map.mlp.{0,2}
+  encoder/blocks_{i}/...                     <- encoder.blocks.{i}....
+  decoder/group_swap/{base_embedding, pre_query_norm, query_processor,
+                      hidden_to_key_value, output_linear}
+  decoder/layers_{j}/{q_norm1, kv_norm1, norm2, attn_q, attn_kv, attn_out, mlp,
+                      adaLN_modulation}
+  output_layer/...
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pgm_jax.models.layers import (MLP, AffineLayerNorm, DiTBlock, FinalLayer, Linear,
+                                   ModelConfig, ScaleLayerNorm, TimestepEmbedder, VocabEmbedding, apply_rope,
+                                   conditioning, logical, merge_heads, modulate,
+                                   sinusoidal_embedding, split_heads)
+from pgm_jax.ops import AttentionMask, partition_attention
+
+QUERY_MODES = ("learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp")
+
+
+def other_group_aggregate(enc_BxKxH: jax.Array, mask: AttentionMask, mode: str,
+                          num_queries: int) -> jax.Array:
+  """Mean or per-feature logsumexp of the encoder outputs each query may read.
+
+  Training ("other_group" mask, groups in {0, 1}): over the keys of the other group.
+  Inference ("full" mask): over all valid keys. An empty set gives 0.
+  Returns float32 [B, Q, H].
+  """
+  enc = enc_BxKxH.astype(jnp.float32)
+  batch, kv_len, _ = enc.shape
+  valid_BxK = (mask.kv_valid if mask.kv_valid is not None
+               else jnp.ones((batch, kv_len), dtype=bool))
+  if mask.kind == "other_group":
+    # Row g of sel_Bx2xK selects the keys a query of group g may read.
+    sel_Bx2xK = (mask.kv_group[:, None, :] != jnp.arange(2)[None, :, None]) & valid_BxK[:, None]
+  elif mask.kind == "full":
+    sel_Bx2xK = valid_BxK[:, None, :]
+  else:
+    raise ValueError(f"GroupSwap aggregate does not support mask kind {mask.kind!r}")
+  count_Bx2x1 = sel_Bx2xK.sum(-1, keepdims=True).astype(jnp.float32)
+  sel = sel_Bx2xK[..., None]
+  if mode.endswith("+mean"):
+    agg_Bx2xH = jnp.where(sel, enc[:, None], 0.0).sum(2) / jnp.maximum(count_Bx2x1, 1.0)
+  else:  # logsumexp
+    neg_inf = -jnp.inf
+    agg_Bx2xH = jax.nn.logsumexp(jnp.where(sel, enc[:, None], neg_inf), axis=2)
+    agg_Bx2xH = jnp.where(count_Bx2x1 > 0, agg_Bx2xH, 0.0)
+  if mask.kind == "other_group":
+    return jnp.take_along_axis(agg_Bx2xH, mask.q_group[..., None].astype(jnp.int32), axis=1)
+  return jnp.broadcast_to(agg_Bx2xH, (batch, num_queries, agg_Bx2xH.shape[-1]))
+
+
+class GroupSwap(nn.Module):
+  """Builds each query from its position alone, then cross-attends to the encoder."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, enc_BxKxH, kv_pos_BxK, query_pos_BxQ, mask: AttentionMask):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    if cfg.query_mode not in QUERY_MODES:
+      raise ValueError(f"config.model.query_mode must be one of {QUERY_MODES}, "
+                       f"got {cfg.query_mode!r}")
+    batch, num_queries = query_pos_BxQ.shape
+    base_1xH = self.param("base_embedding",
+                          logical(nn.initializers.normal(1.0), (None, "embed")),
+                          (1, cfg.hidden), jnp.float32)
+    q_pre_BxQxH = jnp.broadcast_to(base_1xH[None], (batch, num_queries, cfg.hidden))
+    if "freqs" in cfg.query_mode:
+      q_pre_BxQxH = q_pre_BxQxH + sinusoidal_embedding(query_pos_BxQ, cfg.hidden)
+    if cfg.query_mode.endswith(("+mean", "+logsumexp")):
+      q_pre_BxQxH = q_pre_BxQxH + other_group_aggregate(enc_BxKxH, mask, cfg.query_mode,
+                                                        num_queries)
+    q = Linear(cfg.hidden, "embed", "heads_dim", dtype=dt, name="query_processor")(
+        AffineLayerNorm(name="pre_query_norm")(q_pre_BxQxH))
+    kv = Linear(2 * cfg.hidden, "embed", "kv", dtype=dt, name="hidden_to_key_value")(enc_BxKxH)
+    k, v = jnp.split(kv, 2, axis=-1)
+    q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
+    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
+    att = partition_attention(q, k, split_heads(v, cfg.num_heads), mask, impl=cfg.attn_impl)
+    out = Linear(cfg.hidden, "heads_dim", "embed", dtype=dt, name="output_linear")(
+        merge_heads(att))
+    return out.astype(jnp.float32)
+
+
+class DecoderBlock(nn.Module):
+  """Cross-attention-only decoder block: queries read the (unmodulated) encoder output."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK,
+               mask: AttentionMask, *, train: bool):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    mods = Linear(6 * cfg.hidden, "cond", "adaln", zero_init=True,
+                  name="adaLN_modulation")(cond_BxC)[:, None, :]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, -1)
+
+    skip = x_BxQxH
+    xq = modulate(ScaleLayerNorm(name="q_norm1")(x_BxQxH), shift_msa, scale_msa)
+    q = Linear(cfg.hidden, "embed", "heads_dim", use_bias=False, dtype=dt, name="attn_q")(xq)
+    kv = Linear(2 * cfg.hidden, "embed", "kv", use_bias=False, dtype=dt, name="attn_kv")(
+        ScaleLayerNorm(name="kv_norm1")(enc_BxKxH))
+    k, v = jnp.split(kv, 2, axis=-1)
+    q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
+    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
+    att = partition_attention(q, k, split_heads(v, cfg.num_heads), mask, impl=cfg.attn_impl)
+    att = Linear(cfg.hidden, "heads_dim", "embed", use_bias=False, dtype=dt,
+                 name="attn_out")(merge_heads(att))
+    att = nn.Dropout(cfg.dropout, deterministic=not train)(att)
+    x = skip + gate_msa * att.astype(jnp.float32)
+
+    h = modulate(ScaleLayerNorm(name="norm2")(x), shift_mlp, scale_mlp)
+    h = MLP(cfg.hidden, cfg.mlp_ratio, dt, name="mlp")(h)
+    h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
+    return x + gate_mlp * h.astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxNxH, cond_BxC, positions_BxN, mask: AttentionMask, *, train: bool):
+    for i in range(self.config.enc_layers):
+      x_BxNxH = DiTBlock(self.config, name=f"blocks_{i}")(x_BxNxH, cond_BxC, positions_BxN,
+                                                         mask, train=train)
+    return x_BxNxH
+
+
+class Decoder(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, enc_BxKxH, cond_BxC, kv_pos_BxK, query_pos_BxQ, mask: AttentionMask, *,
+               train: bool):
+    x_BxQxH = GroupSwap(self.config, name="group_swap")(enc_BxKxH, kv_pos_BxK, query_pos_BxQ,
+                                                        mask)
+    for j in range(self.config.dec_layers):
+      x_BxQxH = DecoderBlock(self.config, name=f"layers_{j}")(
+          x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK, mask, train=train)
+    return x_BxQxH
+
+
+class PartitionDiT(nn.Module):
+  """Encoder (within-group self-attention) + GroupSwap + cross-attention decoder."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.vocab_embed = VocabEmbedding(cfg.vocab_size, cfg.hidden)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+    self.output_layer = FinalLayer(cfg)
+    self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+
+  def _cond(self, batch):
+    return nn.silu(self.sigma_map(jnp.zeros((batch,), jnp.float32)))
+
+  def encode(self, tokens_BxN, positions_BxN, mask: AttentionMask, *, train: bool = False):
+    """Encoder outputs (float32 [B, N, H]) for tokens at their ORIGINAL positions."""
+    cond_BxC = self._cond(tokens_BxN.shape[0])
+    x_BxNxH = self.vocab_embed(tokens_BxN)
+    return self.encoder(x_BxNxH, cond_BxC, positions_BxN, mask, train=train)
+
+  def decode(self, enc_BxKxH, kv_pos_BxK, query_pos_BxQ, mask: AttentionMask, *,
+             train: bool = False):
+    """Float32 logits [B, Q, V] for the queried positions (MASK not yet excluded)."""
+    cond_BxC = self._cond(enc_BxKxH.shape[0])
+    x_BxQxH = self.decoder(enc_BxKxH, cond_BxC, kv_pos_BxK, query_pos_BxQ, mask, train=train)
+    return self.output_layer(x_BxQxH, cond_BxC)
+
+  def __call__(self, tokens_BxL: jax.Array, group_BxL: jax.Array,
+               valid_BxL: Optional[jax.Array] = None, *, train: bool = False) -> jax.Array:
+    """Training layout. Every position is predicted from the other group's tokens.
+
+    Args:
+      tokens_BxL: clean tokens x0.
+      group_BxL: 0/1 partition (1 = the "masked" group at time t).
+      valid_BxL: optional key validity (padding), applied to every attention.
+    Returns:
+      float32 logits [B, L, V].
+    """
+    batch, length = tokens_BxL.shape
+    group_BxL = group_BxL.astype(jnp.int32)
+    positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    same = AttentionMask("same_group", group_BxL, group_BxL, valid_BxL)
+    other = AttentionMask("other_group", group_BxL, group_BxL, valid_BxL)
+    enc_BxLxH = self.encode(tokens_BxL, positions_BxL, same, train=train)
+    return self.decode(enc_BxLxH, positions_BxL, positions_BxL, other, train=train)

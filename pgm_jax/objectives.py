@@ -1,0 +1,97 @@
+"""Noise schedule, time sampling and the MDLM / PGM objectives (spec sections 1-2).
+
+All functions are pure and jit-friendly. Conventions:
+  * t in (0, 1]; alpha(t) = 1 - (1 - eps) t (log-linear schedule, eps = 1e-3);
+    a token is masked with probability 1 - alpha(t) = (1 - eps) t.
+  * ELBO weight -alpha'(t) / (1 - alpha(t)) = 1 / t.
+  * Losses return sums and counts, so that callers can average over a batch,
+    over accumulation steps, or over a whole validation set exactly.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF_MDLM = -1e6  # the reference's `neg_infinity` for SUBS
+
+
+def alpha(t, eps: float = 1e-3):
+  return 1.0 - (1.0 - eps) * t
+
+
+def mask_prob(t, eps: float = 1e-3):
+  """Probability that a token is masked (in group 1) at time t."""
+  return 1.0 - alpha(t, eps)
+
+
+def sample_times(rng, n: int, *, sampling_eps: float = 1e-3, antithetic: bool = True):
+  """t_i = (1 - eps) u_i + eps with u_i = (U_i / n + i / n) mod 1 (stratified over n)."""
+  u = jax.random.uniform(rng, (n,), jnp.float32)
+  if antithetic:
+    u = (u / n + jnp.arange(n, dtype=jnp.float32) / n) % 1.0
+  return (1.0 - sampling_eps) * u + sampling_eps
+
+
+def sample_groups(rng, t_B, length: int, eps: float = 1e-3):
+  """g_i ~ Bernoulli(1 - alpha(t)) iid per token; 1 = masked group. int32 [B, L]."""
+  p_Bx1 = mask_prob(t_B, eps)[:, None]
+  return (jax.random.uniform(rng, (t_B.shape[0], length)) < p_Bx1).astype(jnp.int32)
+
+
+class LossTerms(NamedTuple):
+  """Sums over a batch. loss = loss_sum / num_tokens; nll = nll_sum / num_tokens."""
+  loss_sum: jax.Array     # training objective numerator
+  nll_sum: jax.Array      # ELBO numerator (the validation NLL estimator)
+  num_tokens: jax.Array   # number of valid tokens
+
+
+def token_log_probs(logits_BxLxV, targets_BxL, mask_id: int, *, mask_logit: float):
+  """log p(target) after setting logit[MASK] to `mask_logit`; float32 log-softmax."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  logits = logits.at[..., mask_id].set(mask_logit)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def pgm_loss_terms(logits_BxLxV, tokens_BxL, group_BxL, t_B, valid_BxL, mask_id: int):
+  """PGM complement objective.
+
+  Group-1 tokens get the MDLM weight at t (1/t); group-0 tokens are "masked at
+  the complement time" 1 - t (weight 1/(1-t)); the training loss halves the sum
+  (two ELBO estimates per sequence). The NLL (eval) counts group-1 tokens only,
+  which is exactly MDLM's estimator, so perplexities are comparable.
+  """
+  nll_BxL = -token_log_probs(logits_BxLxV, tokens_BxL, mask_id, mask_logit=-jnp.inf)
+  valid = valid_BxL.astype(jnp.float32)
+  in_group1 = group_BxL.astype(bool)
+  t_Bx1 = t_B[:, None]
+  weight_BxL = jnp.where(in_group1, 1.0 / t_Bx1, 1.0 / (1.0 - t_Bx1))
+  # `where` (not a product) so that an infinite NLL of the other group can't leak NaNs.
+  loss_sum = jnp.sum(jnp.where(valid > 0, weight_BxL * nll_BxL, 0.0)) / 2.0
+  nll_sum = jnp.sum(jnp.where(in_group1 & (valid > 0), nll_BxL / t_Bx1, 0.0))
+  return LossTerms(loss_sum, nll_sum, valid.sum())
+
+
+def mdlm_noise(rng, tokens_BxL, t_B, mask_id: int, eps: float = 1e-3):
+  """Forward process: each token becomes MASK w.p. 1 - alpha(t). Returns (x_t, is_masked)."""
+  is_masked = sample_groups(rng, t_B, tokens_BxL.shape[1], eps).astype(bool)
+  return jnp.where(is_masked, mask_id, tokens_BxL), is_masked
+
+
+def mdlm_loss_terms(logits_BxLxV, tokens_BxL, is_masked_BxL, t_B, valid_BxL, mask_id: int):
+  """MDLM SUBS objective: (1/t) (-log p(x0)) at masked positions; 0 (carry-over) elsewhere."""
+  nll_BxL = -token_log_probs(logits_BxLxV, tokens_BxL, mask_id, mask_logit=NEG_INF_MDLM)
+  counted = is_masked_BxL & valid_BxL.astype(bool)
+  nll_sum = jnp.sum(jnp.where(counted, nll_BxL / t_B[:, None], 0.0))
+  return LossTerms(nll_sum, nll_sum, valid_BxL.astype(jnp.float32).sum())
+
+
+def subs_log_probs(logits_BxLxV, x_t_BxL, mask_id: int):
+  """MDLM SUBS parameterisation of p(x0 | x_t) (used by the MDLM sampler)."""
+  logits = logits_BxLxV.astype(jnp.float32).at[..., mask_id].set(NEG_INF_MDLM)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  unmasked = (x_t_BxL != mask_id)[..., None]
+  carry = jnp.where(jax.nn.one_hot(x_t_BxL, logits.shape[-1], dtype=bool), 0.0, NEG_INF_MDLM)
+  return jnp.where(unmasked, carry, logp)

@@ -1,0 +1,122 @@
+"""The one attention op of pgm_jax: `partition_attention`.
+
+Every attention in the models (MDLM self-attention, the PGM encoder, GroupSwap and
+the PGM decoder cross-attention, packed inference) calls this op. The mask is
+described structurally by an `AttentionMask` instead of a dense [B, Lq, Lk] array,
+so that kernels can skip whole blocks; the dense XLA implementation below is the
+reference oracle that every other implementation is tested against.
+
+Layout: q [batch, q_len, heads, head_dim], k/v [batch, kv_len, heads, head_dim].
+
+Mask kinds (a query attends to a key iff all that apply hold):
+  * "full":         every key.
+  * "same_group":   q_group[b, i] == kv_group[b, j]   (PGM encoder, training).
+  * "other_group":  q_group[b, i] != kv_group[b, j]   (GroupSwap / decoder, training).
+  * "causal":       j <= i                            (autoregressive baseline).
+and, for every kind, kv_valid[b, j] when given (padding, or packed inference where
+only the first `length` keys hold real tokens; see `AttentionMask.packed`).
+
+Rows with no valid key return exactly zero (as PyTorch >= 2.5 SDPA does); their
+gradients are exactly zero too. A finite-mask softmax would instead attend
+uniformly and leak information across groups.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+MASK_KINDS = ("full", "same_group", "other_group", "causal")
+IMPLS = ("xla", "auto")
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@struct.dataclass
+class AttentionMask:
+  """Structured attention mask (see module docstring).
+
+  Attributes:
+    kind: one of MASK_KINDS (static).
+    q_group: int [B, Lq] group id of each query (group kinds only).
+    kv_group: int [B, Lk] group id of each key (group kinds only).
+    kv_valid: bool [B, Lk] or None; keys with False are never attended.
+  """
+  kind: str = struct.field(pytree_node=False, default="full")
+  q_group: Optional[jax.Array] = None
+  kv_group: Optional[jax.Array] = None
+  kv_valid: Optional[jax.Array] = None
+
+  def __post_init__(self):
+    if self.kind not in MASK_KINDS:
+      raise ValueError(f"AttentionMask.kind must be one of {MASK_KINDS}, got {self.kind!r}")
+    if self.kind in ("same_group", "other_group") and (
+        self.q_group is None or self.kv_group is None):
+      raise ValueError(f"AttentionMask kind {self.kind!r} needs q_group and kv_group")
+
+  @classmethod
+  def packed(cls, kv_length_B: jax.Array, kv_len: int) -> "AttentionMask":
+    """Packed inference: keys at index >= kv_length_B[b] are padding."""
+    kv_valid = jnp.arange(kv_len)[None, :] < kv_length_B[:, None]
+    return cls(kind="full", kv_valid=kv_valid)
+
+  def dense(self, q_len: int, kv_len: int) -> jax.Array:
+    """Boolean [B or 1, Lq, Lk] mask; True = attend."""
+    if self.kind == "same_group":
+      allowed = self.q_group[:, :, None] == self.kv_group[:, None, :]
+    elif self.kind == "other_group":
+      allowed = self.q_group[:, :, None] != self.kv_group[:, None, :]
+    elif self.kind == "causal":
+      allowed = (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None]
+    else:
+      allowed = jnp.ones((1, q_len, kv_len), dtype=bool)
+    if self.kv_valid is not None:
+      allowed = allowed & self.kv_valid[:, None, :]
+    return allowed
+
+
+def _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask: AttentionMask):
+  q_len, kv_len = q_BxQxHxD.shape[1], k_BxKxHxD.shape[1]
+  head_dim = q_BxQxHxD.shape[-1]
+  allowed_BxQxK = mask.dense(q_len, kv_len)
+  scores_BxHxQxK = jnp.einsum(
+      "bqhd,bkhd->bhqk", q_BxQxHxD, k_BxKxHxD,
+      preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+  allowed_Bx1xQxK = allowed_BxQxK[:, None]
+  scores_BxHxQxK = jnp.where(allowed_Bx1xQxK, scores_BxHxQxK, _MASK_VALUE)
+  probs_BxHxQxK = jax.nn.softmax(scores_BxHxQxK, axis=-1)
+  # Zero every masked probability explicitly: this also zeroes rows that have no
+  # valid key (which the finite-mask softmax would fill with a uniform average).
+  probs_BxHxQxK = jnp.where(allowed_Bx1xQxK, probs_BxHxQxK, 0.0)
+  out_BxQxHxD = jnp.einsum(
+      "bhqk,bkhd->bqhd", probs_BxHxQxK.astype(v_BxKxHxD.dtype), v_BxKxHxD,
+      preferred_element_type=jnp.float32)
+  return out_BxQxHxD.astype(q_BxQxHxD.dtype)
+
+
+def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: jax.Array,
+                        mask: AttentionMask, *, impl: str = "xla") -> jax.Array:
+  """Multi-head scaled dot-product attention under a structured mask.
+
+  Args:
+    q_BxQxHxD: queries, [batch, q_len, heads, head_dim] (RoPE already applied).
+    k_BxKxHxD: keys, [batch, kv_len, heads, head_dim].
+    v_BxKxHxD: values, [batch, kv_len, heads, head_dim].
+    mask: an `AttentionMask`.
+    impl: "xla" (dense reference) or "auto" (best available; currently "xla").
+
+  Returns:
+    [batch, q_len, heads, head_dim] in q's dtype; rows with no valid key are 0.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"config.attn.impl must be one of {IMPLS}, got {impl!r}")
+  if q_BxQxHxD.ndim != 4 or k_BxKxHxD.shape != v_BxKxHxD.shape:
+    raise ValueError(
+        f"partition_attention: bad shapes q={q_BxQxHxD.shape} k={k_BxKxHxD.shape} "
+        f"v={v_BxKxHxD.shape}; expected [batch, seq, heads, head_dim]")
+  return _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
+
+
+__all__ = ["AttentionMask", "partition_attention", "MASK_KINDS", "IMPLS"]

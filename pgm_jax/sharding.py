@@ -1,0 +1,66 @@
+"""Device mesh and logical-axis sharding helpers (config.mesh)."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
+  shape = [int(s) for s in shape]
+  if shape.count(-1) > 1:
+    raise ValueError(f"config.mesh.shape={tuple(shape)}: at most one axis may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if any(s == 0 or s < -1 for s in shape) or known == 0:
+    raise ValueError(f"config.mesh.shape={tuple(shape)}: sizes must be positive or -1")
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"config.mesh.shape={tuple(shape)} does not divide the "
+                       f"{num_devices} available devices")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"but {num_devices} are available")
+  return tuple(shape)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(mesh_config.shape, len(devices))
+  axes = tuple(mesh_config.axes)
+  if len(axes) != len(shape):
+    raise ValueError(f"config.mesh.axes={axes} and config.mesh.shape={shape} differ in length")
+  return Mesh(np.asarray(devices).reshape(shape), axes)
+
+
+def logical_rules(mesh_config):
+  return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax)
+               for name, ax in mesh_config.logical_axis_rules)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp"))
+  return NamedSharding(mesh, P(axes))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shardings_from_boxed(abstract_boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree whose leaves carry logical axis metadata."""
+  specs = nn.get_partition_spec(abstract_boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """Per-host numpy batch -> global jax.Arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,169 @@
+"""Pure, jit-able pieces of training: state, optimizer, losses, train and eval steps.
+
+`train_step(state, batch, rng, *, model, config)` is a pure function of its inputs
+(per-step randomness is `fold_in(rng, state.step)`), so it is unit-testable and the
+same function runs on one CPU or sharded over a pod (jit with explicit shardings).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics as clu_metrics
+from flax import struct
+
+from pgm_jax import objectives
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+@struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  nll: clu_metrics.Average.from_output("nll")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+def learning_rate_schedule(opt_config):
+  """Linear warmup from 0 to lr over warmup_steps, then constant (the reference)."""
+  warmup = max(int(opt_config.warmup_steps), 0)
+  if warmup == 0:
+    return optax.constant_schedule(opt_config.lr)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, opt_config.lr, warmup),
+       optax.constant_schedule(opt_config.lr)], [warmup])
+
+
+def make_optimizer(opt_config) -> optax.GradientTransformation:
+  parts = []
+  if opt_config.grad_clip and opt_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(opt_config.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(opt_config), b1=opt_config.b1,
+                           b2=opt_config.b2, eps=opt_config.eps,
+                           weight_decay=opt_config.weight_decay))
+  return optax.chain(*parts)
+
+
+def init_state(rng, *, model, tx, batch_size: int, seq_len: int, kind: str) -> TrainState:
+  """Boxed (logically partitioned) initial state; jit it with out_shardings."""
+  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+  if kind == "pgm":
+    variables = model.init({"params": rng}, tokens, tokens)
+  else:
+    variables = model.init({"params": rng}, tokens)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(lambda x: x, params))
+
+
+def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antithetic: bool):
+  """t for a batch made of `groups` equal slices, each stratified on its own."""
+  rngs = jax.random.split(rng, groups)
+  per = batch // groups
+  ts = jax.vmap(lambda r: objectives.sample_times(r, per, sampling_eps=sampling_eps,
+                                                  antithetic=antithetic))(rngs)
+  return ts.reshape(batch)
+
+
+def loss_terms(params, batch, t_B, rng, *, model, mask_id: int, kind: str, train: bool,
+               sampling_eps: float):
+  """LossTerms of one (micro)batch for a PGM or an MDLM model."""
+  tokens, valid = batch["tokens"], batch["valid"]
+  noise_rng, dropout_rng = jax.random.split(rng)
+  rngs = {"dropout": dropout_rng} if train else {}
+  if kind == "pgm":
+    group = objectives.sample_groups(noise_rng, t_B, tokens.shape[1], sampling_eps)
+    logits = model.apply({"params": params}, tokens, group, valid, train=train, rngs=rngs)
+    return objectives.pgm_loss_terms(logits, tokens, group, t_B, valid, mask_id)
+  x_t, is_masked = objectives.mdlm_noise(noise_rng, tokens, t_B, mask_id, sampling_eps)
+  logits = model.apply({"params": params}, x_t, valid, train=train, rngs=rngs)
+  return objectives.mdlm_loss_terms(logits, tokens, is_masked, t_B, valid, mask_id)
+
+
+def ema_decay(decay: float, num_updates):
+  """The reference's warm-up: min(decay, (1 + n) / (10 + n))."""
+  n = num_updates.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int):
+  """One optimizer step over the global batch (with gradient accumulation).
+
+  t is drawn once for the whole global batch (stratified over it, as the reference
+  does over its global batch) and each microbatch takes its slice.
+  """
+  t_cfg = config.train
+  kind = config.model.kind
+  step_rng = jax.random.fold_in(rng, state.step)
+  t_rng, mb_rng = jax.random.split(step_rng)
+  batch_size = batch["tokens"].shape[0]
+  accum = t_cfg.grad_accum_steps
+  t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=t_cfg.sampling_eps,
+                         antithetic=t_cfg.antithetic)
+
+  def micro_loss(params, micro, t_mb, r):
+    terms = loss_terms(params, micro, t_mb, r, model=model, mask_id=mask_id, kind=kind,
+                       train=True, sampling_eps=t_cfg.sampling_eps)
+    denom = jnp.maximum(terms.num_tokens, 1.0)
+    return terms.loss_sum / denom, terms.nll_sum / denom
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  split = lambda x: x.reshape((accum, batch_size // accum) + x.shape[1:])
+  micro_batches = jax.tree.map(split, batch)
+  micro_ts = split(t_B)
+
+  def body(carry, inputs):
+    grads_acc, loss_acc, nll_acc = carry
+    i, micro, t_mb = inputs
+    (loss, nll), grads = grad_fn(state.params, micro, t_mb, jax.random.fold_in(mb_rng, i))
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    return (grads_acc, loss_acc + loss, nll_acc + nll), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  (grads, loss, nll), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro_batches, micro_ts))
+  grads = jax.tree.map(lambda g: g / accum, grads)
+  loss, nll = loss / accum, nll / accum
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_step = state.step + 1
+  if config.opt.ema_decay > 0:
+    d = ema_decay(config.opt.ema_decay, new_step)
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+  else:
+    ema = params
+  metrics = TrainMetrics.single_from_model_output(
+      loss=loss, nll=nll, grad_norm=optax.global_norm(grads),
+      learning_rate=learning_rate_schedule(config.opt)(state.step))
+  return TrainState(step=new_step, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+
+def eval_step(params, batch, rng, *, model, config, mask_id: int, data_parallel: int):
+  """(nll_sum, num_tokens) of a validation batch, one random t per sequence.
+
+  As in the reference, t is stratified over each device's slice of the batch.
+  """
+  batch_size = batch["tokens"].shape[0]
+  t_rng, noise_rng = jax.random.split(rng)
+  t_B = stratified_times(t_rng, batch_size, groups=data_parallel,
+                         sampling_eps=config.train.sampling_eps,
+                         antithetic=config.train.antithetic)
+  terms = loss_terms(params, batch, t_B, noise_rng, model=model, mask_id=mask_id,
+                     kind=config.model.kind, train=False,
+                     sampling_eps=config.train.sampling_eps)
+  return terms.nll_sum, terms.num_tokens
+
+
+def unbox(tree):
+  return nn.meta.unbox(tree)
+

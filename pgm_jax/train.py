@@ -1,0 +1,362 @@
+"""Training and evaluation loops (importable: `main.py` and Colab both call these).
+
+    train_and_evaluate(config, workdir) -> dict of final metrics
+    evaluate(config, workdir)           -> {"val_ppl": ..., ...}, also WORKDIR/eval.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from pgm_jax import checkpointing, config_lib, sampling, sharding, steps
+from pgm_jax import input_pipeline, tokenizers
+from pgm_jax.metric_writers import MetricWriter
+from pgm_jax.models import build_model, model_config_from
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf; nothing after the last good checkpoint was saved."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from a config, shared by train, eval and sampling."""
+  config: Any
+  tokenizer: Any
+  mesh: jax.sharding.Mesh
+  model_cfg: Any
+  model: Any
+  tx: Any
+  state_shardings: Any        # TrainState of NamedSharding
+  abstract_state: Any         # TrainState of ShapeDtypeStruct (with shardings)
+  batch_sharding: Any
+  data_parallel: int
+
+  @property
+  def mask_id(self) -> int:
+    return self.tokenizer.mask_id
+
+
+def make_setup(config) -> Setup:
+  """Validates the config and builds the model, optimizer, mesh and shardings."""
+  mesh = sharding.make_mesh(config.mesh)
+  data_parallel = sharding.data_parallel_size(mesh)
+  config_lib.validate(config, num_devices=mesh.size, data_parallel=data_parallel)
+  tokenizer = tokenizers.get_tokenizer(config.data)
+  model_cfg = model_config_from(config, vocab_size=tokenizer.vocab_size,
+                                mask_id=tokenizer.mask_id)
+  if config.model.num_heads % mesh.shape.get("tensor", 1):
+    raise ValueError(f"config.model.num_heads={config.model.num_heads} must be divisible by "
+                     f"the tensor-parallel size {mesh.shape['tensor']} (config.mesh.shape)")
+  if not 1 <= config.sample.steps <= config.data.seq_len - 1:
+    raise ValueError(f"config.sample.steps={config.sample.steps} must be in "
+                     f"[1, config.data.seq_len - 1 = {config.data.seq_len - 1}]")
+  model = build_model(model_cfg)
+  tx = steps.make_optimizer(config.opt)
+  init_fn = functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
+                              seq_len=min(config.data.seq_len, 8), kind=model_cfg.kind)
+  boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  rules = sharding.logical_rules(config.mesh)
+  state_shardings = sharding.shardings_from_boxed(boxed, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      steps.unbox(boxed), state_shardings)
+  return Setup(config=config, tokenizer=tokenizer, mesh=mesh, model_cfg=model_cfg, model=model,
+               tx=tx, state_shardings=state_shardings, abstract_state=abstract_state,
+               batch_sharding=sharding.batch_sharding(mesh), data_parallel=data_parallel)
+
+
+def init_state(setup: Setup, rng):
+  """Sharded fresh init: abstract shapes -> shardings -> jit(init, out_shardings)."""
+  init_fn = functools.partial(steps.init_state, model=setup.model, tx=setup.tx, batch_size=1,
+                              seq_len=min(setup.config.data.seq_len, 8),
+                              kind=setup.model_cfg.kind)
+  return jax.jit(lambda r: steps.unbox(init_fn(r)), out_shardings=setup.state_shardings)(rng)
+
+
+def eval_params(state) -> Any:
+  return state.ema_params
+
+
+def _process_count():
+  return jax.process_count()
+
+
+def make_eval_fn(setup: Setup):
+  fn = functools.partial(steps.eval_step, model=setup.model, config=setup.config,
+                         mask_id=setup.mask_id, data_parallel=setup.data_parallel)
+  return jax.jit(fn, in_shardings=(setup.state_shardings.params, setup.batch_sharding,
+                                   sharding.replicated(setup.mesh)))
+
+
+def run_validation(setup: Setup, params, eval_fn=None) -> dict:
+  """Validation perplexity exp(total NLL / total valid tokens) over the val split."""
+  config = setup.config
+  eval_fn = eval_fn or make_eval_fn(setup)
+  it = input_pipeline.build_eval_iterator(
+      config.data, setup.tokenizer, batch_size=config.eval.batch_size,
+      process_index=jax.process_index(), process_count=_process_count(),
+      max_batches=config.eval.get("max_batches"))
+  base = jax.random.key(config.eval.seed)
+  nll_total, tokens_total, batches = 0.0, 0.0, 0
+  pending = []
+  for i, local in enumerate(it):
+    batch = sharding.global_batch(local, setup.batch_sharding)
+    pending.append(eval_fn(params, batch, jax.random.fold_in(base, i)))
+    batches += 1
+  for nll, count in jax.device_get(pending):
+    nll_total += float(nll)
+    tokens_total += float(count)
+  if tokens_total == 0:
+    raise ValueError("config.data: the validation split produced no tokens")
+  nll = nll_total / tokens_total
+  return {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0)), "val_tokens": tokens_total,
+          "val_batches": batches}
+
+
+def generate_samples(setup: Setup, params, *, num_samples: int, num_steps: int, seed: int):
+  """Decoded samples (list of (text, token ids)) from the full-length samplers."""
+  cfg = setup.config
+  kw = dict(model=setup.model, batch=num_samples, length=cfg.data.seq_len, steps=num_steps,
+            bos_id=setup.tokenizer.bos_id, mask_id=setup.mask_id)
+  fn = sampling.pgm_sample if setup.model_cfg.kind == "pgm" else sampling.mdlm_sample
+  tokens = jax.device_get(jax.jit(functools.partial(fn, **kw))(params, jax.random.key(seed)))
+  return [(setup.tokenizer.decode(row.tolist()), row.tolist()) for row in np.asarray(tokens)]
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: will save a checkpoint and stop after this step.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def restore_or_init(setup: Setup, manager, train_iter, rng):
+  """Resume order: workdir latest > ckpt.restore_from > ckpt.init_params_from > fresh."""
+  ckpt = setup.config.ckpt
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s/%d", manager.directory, latest)
+    state, _ = checkpointing.restore(manager, latest, setup.abstract_state, train_iter)
+    return state
+  if ckpt.get("restore_from"):
+    src_dir = ckpt.restore_from
+    if not os.path.isdir(src_dir):
+      raise ValueError(f"config.ckpt.restore_from: {src_dir} does not exist")
+    if os.path.isdir(os.path.join(src_dir, "checkpoints")):
+      src_dir = os.path.join(src_dir, "checkpoints")
+    src = checkpointing.make_manager(src_dir, read_only=True)
+    step = src.latest_step()
+    if step is None:
+      raise ValueError(f"config.ckpt.restore_from: no checkpoint in {src_dir}")
+    logging.info("Restoring full state from %s/%d", src_dir, step)
+    state, _ = checkpointing.restore(src, step, setup.abstract_state, train_iter)
+    return state
+  state = init_state(setup, rng)
+  if ckpt.get("init_params_from"):
+    src_dir = ckpt.init_params_from
+    if not os.path.isdir(src_dir):
+      raise ValueError(f"config.ckpt.init_params_from: {src_dir} does not exist")
+    params = checkpointing.restore_params(src_dir, setup.abstract_state.params)
+    logging.info("Initialised params (EMA weights) from %s", src_dir)
+    state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
+                          opt_state=setup.tx.init(params))
+  return state
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming automatically) and returns final metrics."""
+  setup = make_setup(config)
+  t_cfg = config.train
+  workdir = os.path.abspath(workdir)
+  is_host0 = jax.process_index() == 0
+  train_iter = input_pipeline.build_train_iterator(
+      config.data, setup.tokenizer, seed=config.seed, batch_size=t_cfg.batch_size,
+      process_index=jax.process_index(), process_count=_process_count())
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config.ckpt)
+  rng = jax.random.key(config.seed)
+  state = restore_or_init(setup, manager, train_iter, jax.random.fold_in(rng, 0))
+  train_rng = jax.random.fold_in(rng, 1)
+  start_step = int(jax.device_get(state.step))
+  if is_host0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  writer = MetricWriter(workdir, just_logging=not is_host0)
+  if start_step == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("model=%s params=%.2fM vocab=%d seq_len=%d devices=%d mesh=%s",
+               config.model.kind, n_params / 1e6, setup.tokenizer.vocab_size,
+               config.data.seq_len, setup.mesh.size, dict(setup.mesh.shape))
+
+  step_fn = jax.jit(
+      functools.partial(steps.train_step, model=setup.model, tx=setup.tx, config=config,
+                        mask_id=setup.mask_id),
+      in_shardings=(setup.state_shardings, setup.batch_sharding,
+                    sharding.replicated(setup.mesh)),
+      out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+      donate_argnums=(0,))
+  eval_fn = make_eval_fn(setup)
+
+  last_saved = manager.latest_step()
+  history: dict[str, Any] = {}
+  accumulated = None
+  prev_metrics = None
+  timer_start, timer_step = time.time(), start_step
+  step = start_step
+
+  def check_finite(metrics, at_step):
+    loss = float(jax.device_get(metrics.loss.total))
+    if not math.isfinite(loss):
+      where = (f"step {last_saved} in {manager.directory}" if last_saved is not None
+               else "none (no checkpoint was written)")
+      raise NonFiniteLossError(
+          f"non-finite training loss ({loss}) at step {at_step}; stopping without saving. "
+          f"Last good checkpoint: {where}. Try a lower config.opt.lr or config.opt.grad_clip.")
+
+  def save(at_step, metrics):
+    nonlocal last_saved
+    if metrics is not None:
+      check_finite(metrics, at_step)
+    checkpointing.save(manager, at_step, state, train_iter)
+    last_saved = at_step
+
+  try:
+    with _Preemption() as preemption:
+      while step < t_cfg.num_steps:
+        local = next(train_iter)
+        batch = sharding.global_batch(local, setup.batch_sharding)
+        with jax.transfer_guard("disallow"):
+          state, metrics = step_fn(state, batch, train_rng)
+        step += 1
+        # Never block on the step just dispatched: look at the previous one.
+        if prev_metrics is not None:
+          check_finite(prev_metrics, step - 1)
+        prev_metrics = metrics
+        accumulated = metrics if accumulated is None else accumulated.merge(metrics)
+
+        if step % t_cfg.log_every == 0 or step == t_cfg.num_steps:
+          scalars = {f"train/{k}": v for k, v in jax.device_get(accumulated.compute()).items()}
+          accumulated = None
+          now = time.time()
+          rate = (step - timer_step) / max(now - timer_start, 1e-9)
+          timer_start, timer_step = now, step
+          scalars["train/steps_per_s"] = rate
+          scalars["train/tokens_per_s"] = rate * t_cfg.batch_size * config.data.seq_len
+          writer.write_scalars(step, scalars)
+          logging.info("step %d/%d | loss %.4f | %.2f steps/s | ETA %s", step, t_cfg.num_steps,
+                       scalars["train/loss"], rate,
+                       _format_eta((t_cfg.num_steps - step) / max(rate, 1e-9)))
+          history.update(scalars)
+          if not math.isfinite(scalars["train/loss"]):
+            check_finite(metrics, step)
+
+        if step % t_cfg.eval_every == 0 or step == t_cfg.num_steps:
+          val = run_validation(setup, eval_params(state), eval_fn)
+          writer.write_scalars(step, {"val/nll": val["val_nll"], "val/ppl": val["val_ppl"]})
+          logging.info("step %d | val_ppl %.3f (%d tokens)", step, val["val_ppl"],
+                       val["val_tokens"])
+          history.update({f"val/{k[4:]}": v for k, v in val.items()})
+
+        if step % config.ckpt.every_steps == 0 or step == t_cfg.num_steps:
+          save(step, metrics)
+        if preemption.requested:
+          save(step, metrics)
+          manager.wait_until_finished()
+          logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
+          history["preempted"] = True
+          return history
+    if prev_metrics is not None:
+      check_finite(prev_metrics, step)
+    if last_saved != step and step > 0:
+      save(step, None)
+    manager.wait_until_finished()
+
+    if config.train.num_final_samples > 0 and is_host0:
+      samples = generate_samples(setup, eval_params(state),
+                                 num_samples=config.train.num_final_samples,
+                                 num_steps=config.sample.steps, seed=config.sample.seed)
+      path = os.path.join(workdir, f"samples_step{step}.txt")
+      with open(path, "w", encoding="utf-8") as f:
+        for i, (text, _) in enumerate(samples):
+          f.write(f"=== sample {i} ({config.model.kind}, {config.sample.steps} steps) ===\n"
+                  f"{text}\n\n")
+      writer.write_texts(step, {f"samples/{i}": text for i, (text, _) in enumerate(samples)})
+      for i, (text, _) in enumerate(samples):
+        logging.info("sample %d: %s", i, text[:500].replace("\n", " / "))
+      logging.info("Samples written to %s", path)
+      history["samples"] = [t for t, _ in samples]
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  history["step"] = step
+  return history
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Restores the latest checkpoint's EMA weights and computes validation perplexity."""
+  setup = make_setup(config)
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  step = checkpointing.latest_step(ckpt_dir)
+  if step is None:
+    raise ValueError(f"--workdir: no checkpoint found in {ckpt_dir}")
+  manager = checkpointing.make_manager(ckpt_dir, read_only=True)
+  try:
+    state, _ = checkpointing.restore(manager, step, setup.abstract_state)
+  finally:
+    manager.close()
+  result = run_validation(setup, eval_params(state))
+  result.update(step=step, model=config.model.kind, seq_len=config.data.seq_len)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
