@@ -34,10 +34,14 @@ def sample_times(rng, n: int, *, sampling_eps: float = 1e-3, antithetic: bool = 
   return (1.0 - sampling_eps) * u + sampling_eps
 
 
+def groups_from_uniform(u_BxL, t_B, eps: float = 1e-3):
+  """g_i = [u_i < 1 - alpha(t)]: 1 = masked group. int32 [B, L]."""
+  return (u_BxL < mask_prob(t_B, eps)[:, None]).astype(jnp.int32)
+
+
 def sample_groups(rng, t_B, length: int, eps: float = 1e-3):
   """g_i ~ Bernoulli(1 - alpha(t)) iid per token; 1 = masked group. int32 [B, L]."""
-  p_Bx1 = mask_prob(t_B, eps)[:, None]
-  return (jax.random.uniform(rng, (t_B.shape[0], length)) < p_Bx1).astype(jnp.int32)
+  return groups_from_uniform(jax.random.uniform(rng, (t_B.shape[0], length)), t_B, eps)
 
 
 class LossTerms(NamedTuple):

@@ -74,17 +74,22 @@ def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antit
   return ts.reshape(batch)
 
 
-def loss_terms(params, batch, t_B, rng, *, model, mask_id: int, kind: str, train: bool,
-               sampling_eps: float):
-  """LossTerms of one (micro)batch for a PGM or an MDLM model."""
+def loss_terms(params, batch, t_B, noise_u_BxL, dropout_rng, *, model, mask_id: int,
+               kind: str, train: bool, sampling_eps: float):
+  """LossTerms of one (micro)batch for a PGM or an MDLM model.
+
+  `noise_u_BxL` (uniform [0, 1)) decides the partition / the masked tokens:
+  token i is in group 1 (masked) iff u_i < 1 - alpha(t). Drawing it for the whole
+  global batch makes gradient accumulation exact (same draws for any split).
+  """
   tokens, valid = batch["tokens"], batch["valid"]
-  noise_rng, dropout_rng = jax.random.split(rng)
+  group = objectives.groups_from_uniform(noise_u_BxL, t_B, sampling_eps)
   rngs = {"dropout": dropout_rng} if train else {}
   if kind == "pgm":
-    group = objectives.sample_groups(noise_rng, t_B, tokens.shape[1], sampling_eps)
     logits = model.apply({"params": params}, tokens, group, valid, train=train, rngs=rngs)
     return objectives.pgm_loss_terms(logits, tokens, group, t_B, valid, mask_id)
-  x_t, is_masked = objectives.mdlm_noise(noise_rng, tokens, t_B, mask_id, sampling_eps)
+  is_masked = group.astype(bool)
+  x_t = jnp.where(is_masked, mask_id, tokens)
   logits = model.apply({"params": params}, x_t, valid, train=train, rngs=rngs)
   return objectives.mdlm_loss_terms(logits, tokens, is_masked, t_B, valid, mask_id)
 
@@ -104,33 +109,34 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
   t_cfg = config.train
   kind = config.model.kind
   step_rng = jax.random.fold_in(rng, state.step)
-  t_rng, mb_rng = jax.random.split(step_rng)
-  batch_size = batch["tokens"].shape[0]
+  t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+  batch_size, seq_len = batch["tokens"].shape
   accum = t_cfg.grad_accum_steps
   t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=t_cfg.sampling_eps,
                          antithetic=t_cfg.antithetic)
+  noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
 
-  def micro_loss(params, micro, t_mb, r):
-    terms = loss_terms(params, micro, t_mb, r, model=model, mask_id=mask_id, kind=kind,
+  def micro_loss(params, micro, t_mb, u_mb, r):
+    terms = loss_terms(params, micro, t_mb, u_mb, r, model=model, mask_id=mask_id, kind=kind,
                        train=True, sampling_eps=t_cfg.sampling_eps)
     denom = jnp.maximum(terms.num_tokens, 1.0)
     return terms.loss_sum / denom, terms.nll_sum / denom
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   split = lambda x: x.reshape((accum, batch_size // accum) + x.shape[1:])
-  micro_batches = jax.tree.map(split, batch)
-  micro_ts = split(t_B)
+  inputs = (jnp.arange(accum), jax.tree.map(split, batch), split(t_B), split(noise_u_BxL))
 
   def body(carry, inputs):
     grads_acc, loss_acc, nll_acc = carry
-    i, micro, t_mb = inputs
-    (loss, nll), grads = grad_fn(state.params, micro, t_mb, jax.random.fold_in(mb_rng, i))
+    i, micro, t_mb, u_mb = inputs
+    (loss, nll), grads = grad_fn(state.params, micro, t_mb, u_mb,
+                                 jax.random.fold_in(dropout_rng, i))
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
     return (grads_acc, loss_acc + loss, nll_acc + nll), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (grads, loss, nll), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro_batches, micro_ts))
+  (grads, loss, nll), _ = jax.lax.scan(body, init, inputs)
   grads = jax.tree.map(lambda g: g / accum, grads)
   loss, nll = loss / accum, nll / accum
 
@@ -143,7 +149,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
   else:
     ema = params
   metrics = TrainMetrics.single_from_model_output(
-      loss=loss, nll=nll, grad_norm=optax.global_norm(grads),
+      loss=loss, nll=nll, grad_norm=optax.tree.norm(grads),
       learning_rate=learning_rate_schedule(config.opt)(state.step))
   return TrainState(step=new_step, params=params, opt_state=opt_state, ema_params=ema), metrics
 
@@ -153,12 +159,13 @@ def eval_step(params, batch, rng, *, model, config, mask_id: int, data_parallel:
 
   As in the reference, t is stratified over each device's slice of the batch.
   """
-  batch_size = batch["tokens"].shape[0]
+  batch_size, seq_len = batch["tokens"].shape
   t_rng, noise_rng = jax.random.split(rng)
   t_B = stratified_times(t_rng, batch_size, groups=data_parallel,
                          sampling_eps=config.train.sampling_eps,
                          antithetic=config.train.antithetic)
-  terms = loss_terms(params, batch, t_B, noise_rng, model=model, mask_id=mask_id,
+  noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
+  terms = loss_terms(params, batch, t_B, noise_u_BxL, None, model=model, mask_id=mask_id,
                      kind=config.model.kind, train=False,
                      sampling_eps=config.train.sampling_eps)
   return terms.nll_sum, terms.num_tokens

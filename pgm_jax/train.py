@@ -265,6 +265,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with jax.transfer_guard("disallow"):
           state, metrics = step_fn(state, batch, train_rng)
         step += 1
+        if step == start_step + 1:
+          # Exclude compilation from the throughput and ETA.
+          jax.block_until_ready(metrics)
+          timer_start, timer_step = time.time(), step
         # Never block on the step just dispatched: look at the previous one.
         if prev_metrics is not None:
           check_finite(prev_metrics, step - 1)

@@ -1,0 +1,22 @@
+"""Shared test helpers: config loading and absl flags (Grain workers need them parsed)."""
+import importlib.util
+import os
+import sys
+
+from absl import flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS.mark_as_parsed()
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/<name>.py:get_config(arg), as `--config=configs/<name>.py:arg` would."""
+  path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"test_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
