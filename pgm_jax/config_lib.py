@@ -104,11 +104,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt.restore_from = placeholder(str)     # full state, if the workdir has none
   c.ckpt.init_params_from = placeholder(str)  # params only (fresh optimizer)
 
-  # --- sample: samplers (end-of-training samples). --------------------------------
+  # --- sample: samplers (--mode=sample and end-of-training samples). -------------
   c.sample = ml_collections.ConfigDict()
-  c.sample.steps = 128
+  c.sample.sampler = "auto"         # auto | PGM: efficient-uniform, efficient-non-uniform,
+                                    # naive | MDLM: ddpm_cache, ddpm
+  c.sample.num_samples = 8
+  c.sample.batch_size = 8           # sequences per sampling batch
+  c.sample.steps = 128              # S (the reference asserts seq_len % S == 0; we don't)
   c.sample.seed = 0
+  c.sample.top_p = 1.0              # nucleus filtering (1.0 = off)
+  c.sample.temperature = 1.0
+  c.sample.bucket_size = 0          # PGM encoder length buckets; 0 = max(8, seq_len // 16)
+  c.sample.prompt = ""              # prefix, or infill with [[N]] gaps: "To be[[5]]question"
+  c.sample.prompt_file = placeholder(str)  # one prompt per line (cycled over samples)
+
+  # --- bench: sampling throughput, PGM vs MDLM (--mode=bench; see configs/bench.py). --
+  c.bench = ml_collections.ConfigDict()
+  c.bench.setting = "cpu"
+  c.bench.batch_size = 8
+  c.bench.seq_len = 128
+  c.bench.steps = 32
+  c.bench.repeats = 5               # timed runs (median reported), after warmup runs
+  c.bench.warmup = 1
+  c.bench.flops_only = False        # True: cost analysis only, nothing is executed
+  c.bench.exact_flops = True        # also count the unpadded FLOPs (padding overhead)
+  c.bench.mdlm = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
+  c.bench.pgm = (dict(name="pgm_2_2", hidden=128, num_heads=2, enc_layers=2, dec_layers=2),)
+  c.bench.pgm_workdir = placeholder(str)   # restore the PGM's EMA weights from here
+  c.bench.mdlm_workdir = placeholder(str)  # restore the MDLM's EMA weights from here
   return c
+
+
+def resolve_sampler(config) -> str:
+  """config.sample.sampler with "auto" resolved by config.model.kind."""
+  sampler = config.sample.sampler
+  if sampler == "auto":
+    return "efficient-uniform" if config.model.kind == "pgm" else "ddpm_cache"
+  return sampler
 
 
 def parse_arg(arg: str | None, **defaults):

@@ -19,9 +19,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with presets: configs/x.py:preset1,preset2.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train: train (resuming from WORKDIR); eval: validation PPL of the "
-                          "latest checkpoint's EMA weights, written to WORKDIR/eval.json.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sample", "bench"],
+    "train: train (resuming from WORKDIR). eval: validation PPL of the latest checkpoint's "
+    "EMA weights -> WORKDIR/eval.json. sample: config.sample.num_samples samples from the "
+    "latest checkpoint -> WORKDIR/samples.jsonl. bench: sampling throughput and FLOPs, PGM "
+    "vs MDLM (configs/bench.py) -> WORKDIR/bench.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,9 +56,16 @@ def main(argv):
   try:
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value)
-    else:
+    elif _MODE.value == "eval":
       result = train.evaluate(config, _WORKDIR.value)
       print(f"val_ppl={result['val_ppl']:.6f}")
+    elif _MODE.value == "sample":
+      for s in train.sample(config, _WORKDIR.value)[:4]:
+        print(f"--- sample {s['index']} ({s['sampler']}, {s['steps']} steps, seed {s['seed']})")
+        print(s["text"])
+    else:
+      from pgm_jax import bench  # pylint: disable=g-import-not-at-top
+      bench.run_bench(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
     if os.environ.get("PGM_JAX_TRACEBACK"):
       traceback.print_exc()

@@ -1,76 +1,569 @@
-"""Full-length ("naive") samplers for PGM and MDLM, compiled as one program each.
+"""Samplers for PGM and MDLM (spec sections 1 and 5), compiled a bounded number of times.
 
-Both run a `lax.fori_loop` over a fixed number of steps at the full sequence length,
-so a sampling run compiles exactly once. The PGM sampler here is the reference's
-`naive` mode in the any-order form: a random order of positions 1..L-1 per sequence,
-with ceil((k+1)(L-1)/S) positions revealed after step k; revealed tokens are group 0,
-the rest group 1, and group-1 predictions read only group 0, so it produces exactly
-what an efficient sampler that encodes only the revealed tokens would.
+PGM. Every PGM sampler is "a reveal order + a count schedule + an execution":
+  * order:     a random permutation of the unknown positions of each sequence;
+  * schedule:  counts[k, b] = how many of the next positions in the order sequence b
+               reveals at step k. `uniform` gives ceil((k+1)N/S) - ceil(kN/S) (the
+               reference's m = L/S per step, m-1 on the last). `binomial` gives
+               Binomial(L, 1/S) clipped to what remains, plus a final pass for the
+               leftovers (the reference's `efficient-non-uniform`). `ancestral` gives
+               Binomial(remaining, (a_s - a_t)/(1 - a_t)) on linspace(1, eps, S+1)
+               (MDLM's ancestral rule) plus a final reveal step (the reference's `naive`).
+               Revealing each masked token independently with probability p is the
+               same as drawing Binomial(remaining, p) and revealing that many from a
+               uniformly random order.
+  * execution: `efficient` encodes only the packed clean tokens and decodes only the
+               positions being revealed; `naive` runs the training layout at full length.
+Both executions give the same tokens for the same order, schedule and key: noise is
+keyed by (sequence, position, step). Tests check this.
+
+Compilation. The efficient encoder's input grows every step. We pad it to the next
+multiple of `bucket_size` tokens and hide the padding with a valid-length mask. The
+query count is padded the same way: exactly for the uniform schedule, to a power of
+two otherwise. So a whole run compiles at most (L / bucket_size) x (#query sizes)
+programs, however many steps it takes. Padding costs a few percent of the FLOPs (XLA
+cost analysis; see `bench.py`).
+
+MDLM. `ddpm` runs the denoiser every step. `ddpm_cache` reuses the previous step's
+p(x0) when nothing changed (no time conditioning). Both take S ancestral steps on
+linspace(1, eps, S+1) and then a final reveal step. The whole run is one
+`lax.fori_loop` program, and the number of denoiser passes is counted on device.
+
+Categorical draws are Gumbel-max in log space and in float32. This is the same
+exponential race the reference runs in float64, argmax(p / E) = argmax(log p - log E),
+written in log space so that small probabilities do not underflow.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+from typing import Callable, Optional, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pgm_jax import objectives
+from pgm_jax.ops import AttentionMask
+
+PGM_SAMPLERS = ("efficient-uniform", "efficient-non-uniform", "naive")
+MDLM_SAMPLERS = ("ddpm_cache", "ddpm")
+SCHEDULES = ("uniform", "binomial", "ancestral")
+
+# Trace counters (one increment per compilation of a sampler program).
+TRACE_COUNTS = {"pgm_efficient": 0, "pgm_naive": 0, "mdlm": 0}
 
 
-def gumbel_sample(rng, log_probs, temperature: float = 1.0):
-  """Categorical sample along the last axis (Gumbel-max); -inf entries are never drawn."""
-  if temperature <= 0:
-    return jnp.argmax(log_probs, axis=-1)
-  g = jax.random.gumbel(rng, log_probs.shape, jnp.float32)
-  return jnp.argmax(log_probs.astype(jnp.float32) / temperature + g, axis=-1)
+# ----------------------------------------------------------------------------
+# Prompts (known tokens at arbitrary positions).
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Prompt:
+  """tokens[b, i] is known iff known[b, i]; position 0 must hold BOS (known)."""
+  tokens: np.ndarray  # int32 [B, L]
+  known: np.ndarray   # bool  [B, L]
 
 
-def random_order_ranks(rng, batch: int, length: int):
-  """rank[b, p] in [0, L-2]: the step order of position p >= 1 (position 0 is BOS)."""
-  keys = jax.random.uniform(rng, (batch, length - 1))
-  perm = jnp.argsort(keys, axis=-1)                  # perm[b, r] = position-1 at rank r
-  ranks = jnp.argsort(perm, axis=-1)                 # inverse permutation
-  return jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), ranks.astype(jnp.int32)], 1)
+def unconditional_prompt(batch: int, length: int, bos_id: int) -> Prompt:
+  tokens = np.zeros((batch, length), np.int32)
+  tokens[:, 0] = bos_id
+  known = np.zeros((batch, length), bool)
+  known[:, 0] = True
+  return Prompt(tokens, known)
 
 
-def pgm_sample(params, rng, *, model, batch: int, length: int, steps: int, bos_id: int,
-               mask_id: int, temperature: float = 1.0):
-  """PGM any-order sampling in the training layout. Returns int32 tokens [B, L]."""
-  order_rng, sample_rng = jax.random.split(rng)
-  ranks_BxL = random_order_ranks(order_rng, batch, length)
-  tokens = jnp.full((batch, length), mask_id, jnp.int32).at[:, 0].set(bos_id)
+def parse_prompt(text: str, tokenizer, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompt text -> (tokens [L], known [L]).
 
-  def body(k, tokens):
-    revealed = tokens != mask_id
-    target = -(-(k + 1) * (length - 1) // steps)      # ceil((k+1)(L-1)/S)
-    reveal_now = (ranks_BxL < target) & ~revealed
-    group = (~revealed).astype(jnp.int32)
-    logits = model.apply({"params": params}, tokens, group, train=False)
-    logp = jax.nn.log_softmax(logits.at[..., mask_id].set(-jnp.inf), axis=-1)
-    draw = gumbel_sample(jax.random.fold_in(sample_rng, k), logp, temperature)
-    return jnp.where(reveal_now, draw.astype(jnp.int32), tokens)
+  Plain text is a prefix: the rest of the sequence is generated. `[[N]]` inserts N
+  positions to generate (infilling), e.g. "To be, or not[[12]]the question". Text
+  after the last gap is known; the positions after it, up to L, are generated.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  tokens = np.zeros(length, np.int32)
+  known = np.zeros(length, bool)
+  tokens[0], known[0] = tokenizer.bos_id, True
+  cursor = 1
+  for piece in re.split(r"(\[\[\d+\]\])", text):
+    if not piece:
+      continue
+    gap = re.fullmatch(r"\[\[(\d+)\]\]", piece)
+    if gap:
+      cursor += int(gap.group(1))
+      continue
+    ids = tokenizer.encode(piece)
+    if cursor + len(ids) > length:
+      raise ValueError(f"config.sample.prompt: prompt needs {cursor + len(ids)} positions, "
+                       f"more than config.data.seq_len={length}")
+    tokens[cursor:cursor + len(ids)] = ids
+    known[cursor:cursor + len(ids)] = True
+    cursor += len(ids)
+  if cursor > length:
+    raise ValueError(f"config.sample.prompt: gaps reach position {cursor}, beyond "
+                     f"config.data.seq_len={length}")
+  return tokens, known
 
-  return jax.lax.fori_loop(0, steps, body, tokens)
+
+def make_prompt(texts: Sequence[str], batch: int, tokenizer, length: int) -> Prompt:
+  """Cycles over `texts` to fill a batch (an empty list gives unconditional samples)."""
+  if not texts:
+    return unconditional_prompt(batch, length, tokenizer.bos_id)
+  parsed = [parse_prompt(t, tokenizer, length) for t in texts]
+  rows = [parsed[i % len(parsed)] for i in range(batch)]
+  return Prompt(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
 
 
-def mdlm_sample(params, rng, *, model, batch: int, length: int, steps: int, bos_id: int,
-                mask_id: int, eps: float = 1e-5, temperature: float = 1.0):
-  """MDLM ancestral sampling (`ddpm`) with a final reveal step. Returns int32 [B, L]."""
-  tokens = jnp.full((batch, length), mask_id, jnp.int32).at[:, 0].set(bos_id)
+# ----------------------------------------------------------------------------
+# Categorical sampling.
+# ----------------------------------------------------------------------------
+
+def filtered_log_probs(logits, mask_id: int, *, top_p: float = 1.0, temperature: float = 1.0):
+  """log-softmax after logit[MASK] = -inf, temperature and nucleus (top-p) filtering."""
+  logits = logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
+  if temperature != 1.0:
+    logits = logits / temperature
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  if top_p < 1.0:
+    sorted_logp = jnp.sort(logp, axis=-1)[..., ::-1]
+    cum = jnp.cumsum(jnp.exp(sorted_logp), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    keep_sorted = (cum - jnp.exp(sorted_logp)) < top_p
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logp, jnp.inf), axis=-1, keepdims=True)
+    logp = jax.nn.log_softmax(jnp.where(logp >= threshold, logp, -jnp.inf), axis=-1)
+  return logp
+
+
+def keyed_gumbel_argmax(key, logp_BxQxV, seq_ids_B, positions_BxQ):
+  """Gumbel-max draw whose noise depends only on (key, sequence id, position)."""
+  vocab = logp_BxQxV.shape[-1]
+
+  def one(seq, pos):
+    k = jax.random.fold_in(jax.random.fold_in(key, seq), pos)
+    return jax.random.gumbel(k, (vocab,), jnp.float32)
+
+  noise = jax.vmap(lambda s, ps: jax.vmap(lambda p: one(s, p))(ps))(seq_ids_B, positions_BxQ)
+  return jnp.argmax(logp_BxQxV + noise, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# Orders and schedules (host side, numpy: they fix the program shapes).
+# ----------------------------------------------------------------------------
+
+def random_orders(rng: np.random.Generator, known: np.ndarray) -> np.ndarray:
+  """order[b, :n_unknown[b]] = unknown positions in a random order; padded with 0."""
+  batch, length = known.shape
+  order = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    unknown = np.flatnonzero(~known[b])
+    order[b, :len(unknown)] = rng.permutation(unknown)
+  return order
+
+
+def make_schedule(kind: str, remaining: np.ndarray, steps: int, rng: np.random.Generator,
+                  length: int, eps: float = 1e-5) -> np.ndarray:
+  """counts[k, b] (int32 [K, B]); every row of counts.T sums to remaining[b]."""
+  remaining = np.asarray(remaining, np.int64)
+  if kind == "uniform":
+    k = np.arange(steps + 1)[:, None]
+    cum = -(-k * remaining[None, :] // steps)  # ceil(k N / S)
+    return np.diff(cum, axis=0).astype(np.int32)
+  rows, left = [], remaining.copy()
+  if kind == "binomial":
+    for _ in range(steps):
+      c = np.minimum(rng.binomial(length, 1.0 / steps, size=left.shape), left)
+      rows.append(c)
+      left = left - c
+  elif kind == "ancestral":
+    ts = np.linspace(1.0, eps, steps + 1)
+    for k in range(steps):
+      a_t, a_s = objectives.alpha(ts[k]), objectives.alpha(ts[k + 1])
+      c = rng.binomial(left, (a_s - a_t) / (1.0 - a_t))
+      rows.append(c)
+      left = left - c
+  else:
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
+  if left.any():
+    rows.append(left)  # the final pass / reveal step fills the leftovers
+  return np.stack(rows).astype(np.int32)
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+  return min(cap, -(-n // multiple) * multiple)
+
+
+def _pow2(n: int, cap: int) -> int:
+  return min(cap, 1 << max(0, (n - 1).bit_length()))
+
+
+# ----------------------------------------------------------------------------
+# PGM: efficient execution.
+# ----------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PGMState:
+  canvas: jax.Array     # [B, L] output tokens (MASK where unknown)
+  clean_tok: jax.Array  # [B, L] packed clean tokens (first clean_len valid)
+  clean_pos: jax.Array  # [B, L] their original positions
+  clean_len: jax.Array  # [B]
+  order: jax.Array      # [B, L] unknown positions in reveal order
+  cursor: jax.Array     # [B] how many of `order` are revealed
+
+
+def _pgm_efficient_step(params, st: PGMState, counts_B, key, *, model, n_enc: int,
+                        n_query: int, mask_id: int, top_p: float, temperature: float):
+  TRACE_COUNTS["pgm_efficient"] += 1
+  batch, length = st.canvas.shape
+  enc_tok, enc_pos = st.clean_tok[:, :n_enc], st.clean_pos[:, :n_enc]
+  mask = AttentionMask.packed(st.clean_len, n_enc)
+  enc = model.apply({"params": params}, enc_tok, enc_pos, mask, method="encode")
+  j = jnp.arange(n_query)[None, :]
+  q_idx = jnp.minimum(st.cursor[:, None] + j, length - 1)
+  q_pos = jnp.take_along_axis(st.order, q_idx, axis=1)
+  q_valid = j < counts_B[:, None]
+  logits = model.apply({"params": params}, enc, enc_pos, q_pos, mask, method="decode")
+  logp = filtered_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
+  draw = keyed_gumbel_argmax(key, logp, jnp.arange(batch), q_pos)
+  rows = jnp.arange(batch)[:, None]
+  write = jnp.where(q_valid, st.clean_len[:, None] + j, length)  # out of range: dropped
+  return PGMState(
+      canvas=st.canvas.at[rows, jnp.where(q_valid, q_pos, length)].set(draw, mode="drop"),
+      clean_tok=st.clean_tok.at[rows, write].set(draw, mode="drop"),
+      clean_pos=st.clean_pos.at[rows, write].set(q_pos, mode="drop"),
+      clean_len=st.clean_len + counts_B,
+      order=st.order,
+      cursor=st.cursor + counts_B)
+
+
+_STATIC = ("model", "n_enc", "n_query", "mask_id", "top_p", "temperature")
+_pgm_efficient_step_jit = jax.jit(_pgm_efficient_step, static_argnames=_STATIC,
+                                  donate_argnames=("st",))
+
+
+def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int) -> PGMState:
+  batch, length = prompt.known.shape
+  clean_tok = np.zeros((batch, length), np.int32)
+  clean_pos = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    pos = np.flatnonzero(prompt.known[b])
+    clean_tok[b, :len(pos)] = prompt.tokens[b, pos]
+    clean_pos[b, :len(pos)] = pos
+  canvas = np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32)
+  return PGMState(canvas=jnp.asarray(canvas), clean_tok=jnp.asarray(clean_tok),
+                  clean_pos=jnp.asarray(clean_pos),
+                  clean_len=jnp.asarray(prompt.known.sum(1), jnp.int32),
+                  order=jnp.asarray(order), cursor=jnp.zeros((batch,), jnp.int32))
+
+
+@dataclasses.dataclass
+class SampleResult:
+  tokens: np.ndarray                  # int32 [B, L]
+  sampler: str
+  steps: int                          # requested steps S
+  passes: int                         # network passes actually run
+  compiles: int                       # programs traced during this run
+  flops_per_seq: Optional[float] = None        # XLA cost analysis, as executed
+  exact_flops_per_seq: Optional[float] = None  # same, without any padding
+  seconds: float = 0.0
+
+
+def pgm_plan(sampler: str, prompt: Prompt, steps: int, seed: int, *,
+             schedule: Optional[np.ndarray] = None, order: Optional[np.ndarray] = None):
+  """(order, counts) for a PGM sampler; explicit `schedule`/`order` override the draw."""
+  rng = np.random.default_rng(seed)
+  batch, length = prompt.known.shape
+  if not prompt.known[:, 0].all():
+    raise ValueError("PGM sampling needs a known BOS at position 0 (the encoder needs a "
+                     "clean token)")
+  order = random_orders(rng, prompt.known) if order is None else np.asarray(order, np.int32)
+  if schedule is None:
+    kind = {"efficient-uniform": "uniform", "efficient-non-uniform": "binomial",
+            "naive": "ancestral"}[sampler]
+    schedule = make_schedule(kind, (~prompt.known).sum(1), steps, rng, length)
+  return order, np.asarray(schedule, np.int32)
+
+
+def pgm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed: int,
+               mask_id: int, top_p: float = 1.0, temperature: float = 1.0,
+               bucket_size: int = 0, schedule: Optional[np.ndarray] = None,
+               order: Optional[np.ndarray] = None, measure_flops: bool = False,
+               exact_flops: bool = False, execute: bool = True,
+               progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
+  """Runs a PGM sampler (see module docstring). Returns tokens and accounting."""
+  if sampler not in PGM_SAMPLERS:
+    raise ValueError(f"config.sample.sampler must be one of {PGM_SAMPLERS} for a PGM, "
+                     f"got {sampler!r}")
+  batch, length = prompt.known.shape
+  bucket = bucket_size or max(8, length // 16)
+  order, counts = pgm_plan(sampler, prompt, steps, seed, schedule=schedule, order=order)
+  key = jax.random.key(seed)
+  traces_before = dict(TRACE_COUNTS)
+  start = time.perf_counter()
+  if sampler == "naive":
+    tokens, flops, exact, passes = _pgm_naive_run(params, prompt, order, counts, key,
+                                                  model=model, mask_id=mask_id, top_p=top_p,
+                                                  temperature=temperature,
+                                                  measure_flops=measure_flops,
+                                                  progress=progress)
+  else:
+    tokens, flops, exact, passes = _pgm_efficient_run(
+        params, prompt, order, counts, key, model=model, mask_id=mask_id, top_p=top_p,
+        temperature=temperature, bucket=bucket, uniform=(sampler == "efficient-uniform"),
+        measure_flops=measure_flops, exact_flops=exact_flops, execute=execute,
+        progress=progress)
+  seconds = time.perf_counter() - start
+  compiles = sum(TRACE_COUNTS[k] - traces_before[k] for k in TRACE_COUNTS)
+  return SampleResult(tokens=tokens, sampler=sampler, steps=steps, passes=passes,
+                      compiles=compiles, flops_per_seq=None if flops is None else flops / batch,
+                      exact_flops_per_seq=None if exact is None else exact / batch,
+                      seconds=seconds)
+
+
+def _flops(jitted, *args, **static) -> float:
+  return float(jitted.lower(*args, **static).cost_analysis().get("flops", 0.0))
+
+
+class _QuadraticCost:
+  """XLA FLOPs of the efficient step as a function of the encoder length n.
+
+  For a fixed query count, every op's cost is a polynomial of degree <= 2 in n
+  (projections and MLPs linear, attention scores quadratic), so three lowerings
+  give the exact cost at every n without lowering each shape.
+  """
+
+  def __init__(self, lower_at: Callable[[int], float], length: int):
+    ns = sorted({max(1, length // 4), max(2, length // 2), length})
+    if len(ns) < 3:
+      ns = [1, 2, 3]
+    self.ns = np.asarray(ns, np.float64)
+    self.coef = np.polyfit(self.ns, [lower_at(int(n)) for n in ns], 2)
+
+  def __call__(self, n: int) -> float:
+    return float(np.polyval(self.coef, n))
+
+
+def _pgm_efficient_run(params, prompt, order, counts, key, *, model, mask_id, top_p,
+                       temperature, bucket, uniform, measure_flops, exact_flops, execute,
+                       progress):
+  batch, length = prompt.known.shape
+  st = _initial_state(prompt, order, mask_id)
+  clean_len = prompt.known.sum(1).astype(np.int64)
+  flops = 0.0 if measure_flops else None
+  exact = 0.0 if exact_flops else None
+  cost_cache: dict = {}
+  exact_cost: dict = {}
+  passes = 0
+  for k, counts_k in enumerate(counts):
+    max_count = int(counts_k.max())
+    if max_count == 0:
+      continue
+    n_enc = _round_up(int(clean_len.max()), bucket, length)
+    n_query = max_count if uniform else _pow2(max_count, length)
+    static = dict(model=model, n_enc=n_enc, n_query=n_query, mask_id=mask_id, top_p=top_p,
+                  temperature=temperature)
+    counts_dev = jnp.asarray(counts_k)
+    step_key = jax.random.fold_in(key, k)
+    if measure_flops:
+      if (n_enc, n_query) not in cost_cache:
+        cost_cache[(n_enc, n_query)] = _flops(_pgm_efficient_step_jit, params, st, counts_dev,
+                                              step_key, **static)
+      flops += cost_cache[(n_enc, n_query)]
+    if exact_flops:
+      if max_count not in exact_cost:
+        lower_at = lambda n, m=max_count: _flops(
+            _pgm_efficient_step_jit, params, st, counts_dev, step_key,
+            **dict(static, n_enc=n, n_query=m))
+        exact_cost[max_count] = _QuadraticCost(lower_at, length)
+      exact += exact_cost[max_count](int(clean_len.max()))
+    if execute:
+      st = _pgm_efficient_step_jit(params, st, counts_dev, step_key, **static)
+    clean_len += counts_k
+    passes += 1
+    if progress is not None:
+      progress(k + 1, len(counts))
+  tokens = np.asarray(jax.device_get(st.canvas))
+  return tokens, flops, exact, passes
+
+
+# ----------------------------------------------------------------------------
+# PGM: naive execution (training layout, full length).
+# ----------------------------------------------------------------------------
+
+def _pgm_naive_step(params, canvas, ranks, cursor, counts_B, key, *, model, mask_id: int,
+                    top_p: float, temperature: float):
+  """ranks[b, p]: index of position p in the reveal order (L for known positions)."""
+  TRACE_COUNTS["pgm_naive"] += 1
+  batch, length = canvas.shape
+  group = (canvas == mask_id).astype(jnp.int32)  # unknown positions form group 1
+  logits = model.apply({"params": params}, canvas, group, train=False)
+  logp = filtered_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
+  positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+  draw = keyed_gumbel_argmax(key, logp, jnp.arange(batch), positions)
+  reveal = (group == 1) & (ranks >= cursor[:, None]) & (ranks < (cursor + counts_B)[:, None])
+  return jnp.where(reveal, draw, canvas), cursor + counts_B
+
+
+_pgm_naive_step_jit = jax.jit(_pgm_naive_step,
+                              static_argnames=("model", "mask_id", "top_p", "temperature"))
+
+
+def _pgm_naive_run(params, prompt, order, counts, key, *, model, mask_id, top_p, temperature,
+                   measure_flops, progress):
+  batch, length = prompt.known.shape
+  canvas = jnp.asarray(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
+  ranks = np.full((batch, length), length, np.int32)
+  n_unknown = (~prompt.known).sum(1)
+  for b in range(batch):
+    ranks[b, order[b, :n_unknown[b]]] = np.arange(n_unknown[b])
+  ranks_dev = jnp.asarray(ranks)
+  cursor = jnp.zeros((batch,), jnp.int32)
+  static = dict(model=model, mask_id=mask_id, top_p=top_p, temperature=temperature)
+  flops = 0.0 if measure_flops else None
+  per_step = None
+  passes = 0
+  for k, counts_k in enumerate(counts):
+    if int(counts_k.max()) == 0:
+      continue
+    counts_dev, step_key = jnp.asarray(counts_k), jax.random.fold_in(key, k)
+    if measure_flops:
+      if per_step is None:
+        per_step = _flops(_pgm_naive_step_jit, params, canvas, ranks_dev, cursor, counts_dev,
+                          step_key, **static)
+      flops += per_step
+    canvas, cursor = _pgm_naive_step_jit(params, canvas, ranks_dev, cursor, counts_dev,
+                                         step_key, **static)
+    passes += 1
+    if progress is not None:
+      progress(k + 1, len(counts))
+  return np.asarray(jax.device_get(canvas)), flops, None, passes
+
+
+# ----------------------------------------------------------------------------
+# MDLM: ancestral sampling with an optional p(x0) cache.
+# ----------------------------------------------------------------------------
+
+def _mdlm_denoise(params, x, *, model, mask_id: int, top_p: float, temperature: float):
+  logits = model.apply({"params": params}, x, train=False)
+  logp = objectives.subs_log_probs(logits, x, mask_id)
+  if top_p < 1.0 or temperature != 1.0:
+    # Filter only where masked; unmasked rows are carry-over one-hots.
+    filtered = filtered_log_probs(logp, mask_id, top_p=top_p, temperature=temperature)
+    logp = jnp.where((x == mask_id)[..., None], filtered, logp)
+  return logp
+
+
+def _mdlm_update(x, logp, key, k, reveal_prob, *, mask_id: int):
+  """One ancestral update: draw x0 everywhere, reveal each MASK w.p. reveal_prob."""
+  gumbel = jax.random.gumbel(jax.random.fold_in(key, 2 * k), logp.shape, jnp.float32)
+  draw = jnp.argmax(logp + gumbel, axis=-1).astype(jnp.int32)
+  u = jax.random.uniform(jax.random.fold_in(key, 2 * k + 1), x.shape)
+  reveal = (x == mask_id) & (u < reveal_prob)
+  return jnp.where(reveal, draw, x)
+
+
+def _mdlm_run(params, x0, key, *, model, steps: int, cache: bool, mask_id: int, eps: float,
+              top_p: float, temperature: float):
+  TRACE_COUNTS["mdlm"] += 1
+  batch, length = x0.shape
   timesteps = jnp.linspace(1.0, eps, steps + 1)
+  denoise = lambda x: _mdlm_denoise(params, x, model=model, mask_id=mask_id, top_p=top_p,
+                                    temperature=temperature)
 
-  def denoise(tokens, k):
-    logits = model.apply({"params": params}, tokens, train=False)
-    logp = objectives.subs_log_probs(logits, tokens, mask_id)
-    return gumbel_sample(jax.random.fold_in(rng, 2 * k), logp, temperature).astype(jnp.int32)
+  update = lambda x, logp, k, p: _mdlm_update(x, logp, key, k, p, mask_id=mask_id)
 
-  def body(k, tokens):
+  def body(k, carry):
+    x, logp_cache, fresh, passes = carry
+    recompute = jnp.logical_or(~fresh, not cache)
+    logp = jax.lax.cond(recompute, denoise, lambda _: logp_cache, x)
     t, s = timesteps[k], timesteps[k + 1]
     a_t, a_s = objectives.alpha(t), objectives.alpha(s)
-    reveal_prob = (a_s - a_t) / (1.0 - a_t)
-    x0 = denoise(tokens, k)
-    u = jax.random.uniform(jax.random.fold_in(rng, 2 * k + 1), tokens.shape)
-    reveal = (tokens == mask_id) & (u < reveal_prob)
-    return jnp.where(reveal, x0, tokens)
+    x_new = update(x, logp, k, (a_s - a_t) / (1.0 - a_t))
+    unchanged = jnp.all(x_new == x)
+    return x_new, logp, unchanged, passes + recompute.astype(jnp.int32)
 
-  tokens = jax.lax.fori_loop(0, steps, body, tokens)
-  final = denoise(tokens, steps)
-  return jnp.where(tokens == mask_id, final, tokens)
+  vocab = model.config.vocab_size
+  init = (x0, jnp.zeros((batch, length, vocab), jnp.float32), jnp.array(False),
+          jnp.array(0, jnp.int32))
+  x, logp_cache, fresh, passes = jax.lax.fori_loop(0, steps, body, init)
+  # Final reveal step (alpha_s = 1): every remaining MASK is drawn.
+  recompute = jnp.logical_or(~fresh, not cache)
+  logp = jax.lax.cond(recompute, denoise, lambda _: logp_cache, x)
+  x = update(x, logp, steps, 1.0)
+  return x, passes + recompute.astype(jnp.int32)
+
+
+_mdlm_run_jit = jax.jit(_mdlm_run, static_argnames=("model", "steps", "cache", "mask_id", "eps",
+                                                     "top_p", "temperature"))
+_mdlm_update_jit = jax.jit(_mdlm_update, static_argnames=("mask_id",))
+_mdlm_denoise_jit = jax.jit(_mdlm_denoise,
+                            static_argnames=("model", "mask_id", "top_p", "temperature"))
+
+
+def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed: int,
+                mask_id: int, top_p: float = 1.0, temperature: float = 1.0, eps: float = 1e-5,
+                measure_flops: bool = False, execute: bool = True) -> SampleResult:
+  """MDLM `ddpm` / `ddpm_cache`; known prompt tokens start unmasked and never change.
+
+  With execute=False nothing runs: the pass count comes from `mdlm_passes` (the
+  reveal process alone) and FLOPs from lowering, so paper-size costs can be
+  computed on a CPU.
+  """
+  if sampler not in MDLM_SAMPLERS:
+    raise ValueError(f"config.sample.sampler must be one of {MDLM_SAMPLERS} for MDLM, "
+                     f"got {sampler!r}")
+  batch = prompt.known.shape[0]
+  x0 = jnp.asarray(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
+  traces_before = TRACE_COUNTS["mdlm"]
+  static = dict(model=model, steps=steps, cache=sampler == "ddpm_cache", mask_id=mask_id,
+                eps=eps, top_p=top_p, temperature=temperature)
+  start = time.perf_counter()
+  if execute:
+    x, passes = _mdlm_run_jit(params, x0, jax.random.key(seed), **static)
+    tokens, passes = jax.device_get((x, passes))
+  else:
+    tokens = np.asarray(x0)
+    passes = mdlm_passes(prompt.known, steps, seed, static["cache"], eps)
+  seconds = time.perf_counter() - start
+  flops = None
+  if measure_flops:
+    # Denoiser passes x cost of one pass, plus the sampling work of every step.
+    pass_flops = _flops(_mdlm_denoise_jit, params, x0, model=model, mask_id=mask_id,
+                        top_p=top_p, temperature=temperature)
+    vocab = model.config.vocab_size
+    logp = jax.ShapeDtypeStruct(x0.shape + (vocab,), jnp.float32)
+    update_flops = _flops(_mdlm_update_jit, x0, logp, jax.random.key(seed), 0, 0.5,
+                          mask_id=mask_id)
+    flops = (int(passes) * pass_flops + (steps + 1) * update_flops) / batch
+  return SampleResult(tokens=np.asarray(tokens), sampler=sampler, steps=steps,
+                      passes=int(passes), compiles=TRACE_COUNTS["mdlm"] - traces_before,
+                      flops_per_seq=flops, seconds=seconds)
+
+
+def mdlm_passes(prompt_known: np.ndarray, steps: int, seed: int, cache: bool,
+                eps: float = 1e-5) -> int:
+  """Denoiser passes of an MDLM run, from the reveal process alone.
+
+  Which tokens are revealed does not depend on the network (only on the uniform draws),
+  so the number of passes of `ddpm_cache` can be computed without running it.
+  Used for paper-size FLOP accounting; uses numpy draws, so it matches `mdlm_sample`
+  in distribution, not draw for draw.
+  """
+  rng = np.random.default_rng(seed)
+  masked = ~prompt_known.copy()
+  ts = np.linspace(1.0, eps, steps + 1)
+  passes, fresh = 0, False
+  for k in range(steps):
+    if not cache or not fresh:
+      passes += 1
+    a_t, a_s = objectives.alpha(ts[k]), objectives.alpha(ts[k + 1])
+    reveal = masked & (rng.random(masked.shape) < (a_s - a_t) / (1.0 - a_t))
+    fresh = not reveal.any()
+    masked &= ~reveal
+  return passes + (1 if (not cache or not fresh) else 0)
+
+
+__all__ = ["PGM_SAMPLERS", "MDLM_SAMPLERS", "Prompt", "SampleResult", "make_prompt",
+           "parse_prompt", "unconditional_prompt", "pgm_sample", "mdlm_sample",
+           "make_schedule", "random_orders", "filtered_log_probs", "mdlm_passes",
+           "TRACE_COUNTS"]

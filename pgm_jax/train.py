@@ -63,6 +63,11 @@ def make_setup(config) -> Setup:
   if not 1 <= config.sample.steps <= config.data.seq_len - 1:
     raise ValueError(f"config.sample.steps={config.sample.steps} must be in "
                      f"[1, config.data.seq_len - 1 = {config.data.seq_len - 1}]")
+  sampler = config_lib.resolve_sampler(config)
+  allowed = sampling.PGM_SAMPLERS if model_cfg.kind == "pgm" else sampling.MDLM_SAMPLERS
+  if sampler not in allowed:
+    raise ValueError(f"config.sample.sampler={sampler!r} is not a {model_cfg.kind} sampler; "
+                     f"use one of {allowed} or 'auto'")
   model = build_model(model_cfg)
   tx = steps.make_optimizer(config.opt)
   init_fn = functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
@@ -126,14 +131,89 @@ def run_validation(setup: Setup, params, eval_fn=None) -> dict:
           "val_batches": batches}
 
 
-def generate_samples(setup: Setup, params, *, num_samples: int, num_steps: int, seed: int):
-  """Decoded samples (list of (text, token ids)) from the full-length samplers."""
+def generate_samples(setup: Setup, params, *, num_samples: int, num_steps: int, seed: int,
+                     sampler: str | None = None, prompts: tuple[str, ...] = (),
+                     progress=None) -> list[dict]:
+  """Samples as dicts {text, tokens, sampler, steps, seed, prompt}, in batches of
+  config.sample.batch_size (each batch seeded with seed + batch index)."""
   cfg = setup.config
-  kw = dict(model=setup.model, batch=num_samples, length=cfg.data.seq_len, steps=num_steps,
-            bos_id=setup.tokenizer.bos_id, mask_id=setup.mask_id)
-  fn = sampling.pgm_sample if setup.model_cfg.kind == "pgm" else sampling.mdlm_sample
-  tokens = jax.device_get(jax.jit(functools.partial(fn, **kw))(params, jax.random.key(seed)))
-  return [(setup.tokenizer.decode(row.tolist()), row.tolist()) for row in np.asarray(tokens)]
+  sampler = sampler or config_lib.resolve_sampler(cfg)
+  length = cfg.data.seq_len
+  out = []
+  batch_size = max(1, min(cfg.sample.batch_size, num_samples))
+  for first in range(0, num_samples, batch_size):
+    n = min(batch_size, num_samples - first)
+    batch_prompts = [prompts[(first + i) % len(prompts)] for i in range(n)] if prompts else []
+    prompt = sampling.make_prompt(batch_prompts, n, setup.tokenizer, length)
+    batch_seed = seed + first // batch_size
+    common = dict(model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
+                  mask_id=setup.mask_id, top_p=cfg.sample.top_p,
+                  temperature=cfg.sample.temperature)
+    if setup.model_cfg.kind == "pgm":
+      result = sampling.pgm_sample(params, prompt, bucket_size=cfg.sample.bucket_size,
+                                   progress=progress, **common)
+    else:
+      result = sampling.mdlm_sample(params, prompt, **common)
+    for i, row in enumerate(result.tokens):
+      out.append({"text": setup.tokenizer.decode(row.tolist()), "tokens": row.tolist(),
+                  "sampler": sampler, "steps": num_steps, "seed": batch_seed,
+                  "index": first + i, "prompt": batch_prompts[i] if batch_prompts else "",
+                  "known": np.flatnonzero(prompt.known[i]).tolist()})
+  return out
+
+
+def read_prompts(config) -> tuple[str, ...]:
+  prompts = []
+  if config.sample.prompt:
+    prompts.append(config.sample.prompt)
+  path = config.sample.get("prompt_file")
+  if path:
+    if not os.path.isfile(path):
+      raise ValueError(f"config.sample.prompt_file: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+      prompts.extend(line.rstrip("\n") for line in f if line.strip())
+  return tuple(prompts)
+
+
+def restore_eval_params(setup: Setup, workdir: str):
+  """(step, EMA params) of the latest checkpoint in `workdir` (clear error if none)."""
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  step = checkpointing.latest_step(ckpt_dir)
+  if step is None:
+    raise ValueError(f"--workdir: no checkpoint found in {ckpt_dir}")
+  manager = checkpointing.make_manager(ckpt_dir, read_only=True)
+  try:
+    state, _ = checkpointing.restore(manager, step, setup.abstract_state)
+  finally:
+    manager.close()
+  return step, eval_params(state)
+
+
+def sample(config, workdir: str) -> list[dict]:
+  """--mode=sample: EMA weights of the latest checkpoint -> WORKDIR/samples.jsonl."""
+  setup = make_setup(config)
+  step, params = restore_eval_params(setup, workdir)
+  prompts = read_prompts(config)
+  sampler = config_lib.resolve_sampler(config)
+  started = time.time()
+
+  def progress(k, total):
+    if k == total or k % max(1, total // 8) == 0:
+      elapsed = time.time() - started
+      logging.info("sampling step %d/%d | %.1fs elapsed", k, total, elapsed)
+
+  samples = generate_samples(setup, params, num_samples=config.sample.num_samples,
+                             num_steps=config.sample.steps, seed=config.sample.seed,
+                             sampler=sampler, prompts=prompts, progress=progress)
+  seconds = time.time() - started
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "samples.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+      for s in samples:
+        f.write(json.dumps(dict(s, checkpoint_step=step)) + "\n")
+    logging.info("%d samples (%s, %d steps) in %.1fs written to %s", len(samples), sampler,
+                 config.sample.steps, seconds, path)
+  return samples
 
 
 class _Preemption:
@@ -318,14 +398,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  num_steps=config.sample.steps, seed=config.sample.seed)
       path = os.path.join(workdir, f"samples_step{step}.txt")
       with open(path, "w", encoding="utf-8") as f:
-        for i, (text, _) in enumerate(samples):
-          f.write(f"=== sample {i} ({config.model.kind}, {config.sample.steps} steps) ===\n"
-                  f"{text}\n\n")
-      writer.write_texts(step, {f"samples/{i}": text for i, (text, _) in enumerate(samples)})
-      for i, (text, _) in enumerate(samples):
-        logging.info("sample %d: %s", i, text[:500].replace("\n", " / "))
+        for i, s in enumerate(samples):
+          f.write(f"=== sample {i} ({config.model.kind}, {s['sampler']}, {s['steps']} steps) "
+                  f"===\n{s['text']}\n\n")
+      writer.write_texts(step, {f"samples/{i}": s["text"] for i, s in enumerate(samples)})
+      for i, s in enumerate(samples):
+        logging.info("sample %d: %s", i, s["text"][:500].replace("\n", " / "))
       logging.info("Samples written to %s", path)
-      history["samples"] = [t for t, _ in samples]
+      history["samples"] = [s["text"] for s in samples]
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -337,16 +417,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def evaluate(config, workdir: str) -> dict:
   """Restores the latest checkpoint's EMA weights and computes validation perplexity."""
   setup = make_setup(config)
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  step = checkpointing.latest_step(ckpt_dir)
-  if step is None:
-    raise ValueError(f"--workdir: no checkpoint found in {ckpt_dir}")
-  manager = checkpointing.make_manager(ckpt_dir, read_only=True)
-  try:
-    state, _ = checkpointing.restore(manager, step, setup.abstract_state)
-  finally:
-    manager.close()
-  result = run_validation(setup, eval_params(state))
+  step, params = restore_eval_params(setup, workdir)
+  result = run_validation(setup, params)
   result.update(step=step, model=config.model.kind, seq_len=config.data.seq_len)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:

@@ -1,0 +1,55 @@
+r"""Sampling throughput benchmark: PGM (efficient-uniform) vs MDLM (ddpm_cache).
+
+  python -m pgm_jax.main --config=configs/bench.py:cpu --workdir=workdirs/bench --mode=bench
+  python -m pgm_jax.main --config=configs/bench.py:paper --workdir=workdirs/bench_paper \
+      --mode=bench                       # on a GPU/TPU; on a CPU add flops_only:
+  python -m pgm_jax.main --config=configs/bench.py:paper,flops_only \
+      --workdir=workdirs/bench_paper --mode=bench
+
+Presets:
+  cpu         (default) the embedded default's models (MDLM 4 layers vs PGM 2+2, H=128),
+              B=8, L=128, S=32, SentencePiece vocab 2049: about a minute on 2 CPU cores.
+  paper       L=1024, S=128, B=32, GPT-2 vocab: MDLM 12L/768 vs PGM 6+6/768, 8+8/768,
+              6+6/1024 (spec section 6; analytic FLOP ratios 4.96x, 3.75x, 2.87x).
+  flops_only  cost analysis only (nothing is executed).
+Trained weights: --config.bench.pgm_workdir=workdirs/pgm --config.bench.mdlm_workdir=...
+"""
+from pgm_jax import config_lib
+
+
+def get_config(arg=None):
+  preset = config_lib.parse_arg(arg, cpu=False, paper=False, flops_only=False)
+  c = config_lib.base_config()
+  if preset.paper:
+    c.data.tokenizer = "gpt2"
+    c.data.tokenizer_path = "third_party/gpt2/gpt2.tiktoken"
+    c.data.seq_len = 1024
+    c.model.dtype = "bfloat16"
+    c.model.cond_dim = 128
+    c.bench.setting = "paper"
+    c.bench.batch_size = 32
+    c.bench.seq_len = 1024
+    c.bench.steps = 128
+    c.bench.repeats = 10               # the reference: 12 runs, first 2 dropped
+    c.bench.warmup = 2
+    c.bench.mdlm = dict(hidden=768, num_heads=12, num_layers=12)
+    c.bench.pgm = (
+        dict(name="pgm_6_6", hidden=768, num_heads=12, enc_layers=6, dec_layers=6),
+        dict(name="pgm_8_8", hidden=768, num_heads=12, enc_layers=8, dec_layers=8),
+        dict(name="pgm_6_6_dim1024", hidden=1024, num_heads=16, enc_layers=6, dec_layers=6),
+    )
+  else:
+    c.data.seq_len = 128
+    c.model.dtype = "float32"
+    c.model.cond_dim = 64
+    c.bench.setting = "cpu"
+    c.bench.batch_size = 8
+    c.bench.seq_len = 128
+    c.bench.steps = 32
+    c.bench.repeats = 3
+    c.bench.warmup = 1
+    c.bench.mdlm = dict(hidden=128, num_heads=2, num_layers=4, cond_dim=64)
+    c.bench.pgm = (dict(name="pgm_2_2", hidden=128, num_heads=2, enc_layers=2, dec_layers=2,
+                        cond_dim=64),)
+  c.bench.flops_only = preset.flops_only
+  return c

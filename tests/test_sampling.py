@@ -1,0 +1,228 @@
+"""Samplers: naive == efficient, non-uniform == uniform when forced, conditioning is kept,
+bounded compilation, MDLM cache exactness, and the sample/bench CLI modes."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from pgm_jax import sampling
+from pgm_jax.models import DiT, ModelConfig, PartitionDiT
+
+L, V = 24, 30
+MASK, BOS = V - 1, 0
+
+
+def _cfg(kind):
+  return ModelConfig(kind, V, MASK, hidden=32, num_heads=2, cond_dim=16, num_layers=2,
+                     enc_layers=2, dec_layers=2, dropout=0.0, dtype="float32")
+
+
+def _random_params(model, kind, seed=0):
+  tokens = jnp.zeros((1, L), jnp.int32)
+  args = (tokens, tokens) if kind == "pgm" else (tokens,)
+  params = jax.tree.map(lambda x: getattr(x, "value", x),
+                        model.init(jax.random.key(seed), *args)["params"],
+                        is_leaf=lambda x: hasattr(x, "value"))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  # Non-zero everywhere (the output layer is zero-initialised), peaked enough to matter.
+  return treedef.unflatten([0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def pgm():
+  model = PartitionDiT(_cfg("pgm"))
+  return model, _random_params(model, "pgm")
+
+
+@pytest.fixture(scope="module")
+def mdlm():
+  model = DiT(_cfg("mdlm"))
+  return model, _random_params(model, "mdlm", seed=3)
+
+
+def _infill_prompt(batch=2):
+  prompt = sampling.unconditional_prompt(batch, L, BOS)
+  prompt.tokens[:, 5:8] = [[3, 4, 5]] * batch
+  prompt.known[:, 5:8] = True
+  prompt.tokens[1, 20] = 7  # a different number of known tokens per sequence
+  prompt.known[1, 20] = True
+  return prompt
+
+
+def _plan(prompt, steps, seed=0):
+  rng = np.random.default_rng(seed)
+  order = sampling.random_orders(rng, prompt.known)
+  counts = sampling.make_schedule("uniform", (~prompt.known).sum(1), steps, rng, L)
+  return order, counts
+
+
+@pytest.mark.parametrize("steps", [5, 23])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_efficient_uniform_equals_naive(pgm, steps, conditional):
+  model, params = pgm
+  prompt = _infill_prompt() if conditional else sampling.unconditional_prompt(2, L, BOS)
+  order, counts = _plan(prompt, steps)
+  kw = dict(model=model, steps=steps, seed=11, mask_id=MASK, order=order, schedule=counts)
+  eff = sampling.pgm_sample(params, prompt, sampler="efficient-uniform", bucket_size=8, **kw)
+  naive = sampling.pgm_sample(params, prompt, sampler="naive", **kw)
+  np.testing.assert_array_equal(eff.tokens, naive.tokens)
+  assert eff.passes == naive.passes == int((counts.max(1) > 0).sum())
+  # Not a trivially constant output: the model is random and peaked.
+  assert len(np.unique(eff.tokens[:, 1:])) > 3
+
+
+def test_non_uniform_forced_to_uniform_schedule_equals_uniform(pgm):
+  model, params = pgm
+  prompt = _infill_prompt()
+  order, counts = _plan(prompt, 6)
+  kw = dict(model=model, steps=6, seed=5, mask_id=MASK, order=order, schedule=counts,
+            bucket_size=8)
+  uni = sampling.pgm_sample(params, prompt, sampler="efficient-uniform", **kw)
+  non = sampling.pgm_sample(params, prompt, sampler="efficient-non-uniform", **kw)
+  np.testing.assert_array_equal(uni.tokens, non.tokens)
+
+
+@pytest.mark.parametrize("sampler", sampling.PGM_SAMPLERS + sampling.MDLM_SAMPLERS)
+def test_known_tokens_kept_and_no_mask_in_output(pgm, mdlm, sampler):
+  prompt = _infill_prompt()
+  if sampler in sampling.PGM_SAMPLERS:
+    model, params = pgm
+    res = sampling.pgm_sample(params, prompt, model=model, sampler=sampler, steps=7, seed=2,
+                              mask_id=MASK, bucket_size=8)
+  else:
+    model, params = mdlm
+    res = sampling.mdlm_sample(params, prompt, model=model, sampler=sampler, steps=7, seed=2,
+                               mask_id=MASK)
+  np.testing.assert_array_equal(res.tokens[prompt.known], prompt.tokens[prompt.known])
+  assert not np.any(res.tokens == MASK)
+  assert res.tokens.min() >= 0 and res.tokens.max() < V
+
+
+def test_non_uniform_schedule_counts():
+  rng = np.random.default_rng(0)
+  remaining = np.array([L - 1, L - 4])
+  for kind in sampling.SCHEDULES:
+    counts = sampling.make_schedule(kind, remaining, 8, rng, L)
+    np.testing.assert_array_equal(counts.sum(0), remaining)
+    assert counts.min() >= 0
+  uni = sampling.make_schedule("uniform", np.array([1023]), 128, rng, 1024)
+  assert list(uni[:, 0][:3]) == [8, 8, 8] and uni[-1, 0] == 7 and len(uni) == 128
+
+
+def test_compilations_are_bounded_and_do_not_grow_with_steps(pgm):
+  model, params = pgm
+  prompt = sampling.unconditional_prompt(2, L, BOS)
+  compiles = {}
+  for steps, temp in ((3, 0.9), (23, 0.8)):  # a new temperature forces fresh traces
+    res = sampling.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
+                              steps=steps, seed=0, mask_id=MASK, bucket_size=8,
+                              temperature=temp)
+    compiles[steps] = res.compiles
+  buckets = -(-L // 8)
+  assert compiles[23] <= 2 * buckets  # <= (#encoder buckets) x (m, last m)
+  assert compiles[3] <= 2 * buckets
+  # A second run of the same sampler compiles nothing new.
+  again = sampling.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
+                              steps=23, seed=1, mask_id=MASK, bucket_size=8, temperature=0.8)
+  assert again.compiles == 0
+
+
+def test_mdlm_compiles_once_for_any_steps(mdlm):
+  model, params = mdlm
+  prompt = sampling.unconditional_prompt(2, L, BOS)
+  for steps in (4, 40):
+    res = sampling.mdlm_sample(params, prompt, model=model, sampler="ddpm", steps=steps,
+                               seed=0, mask_id=MASK)
+    assert res.compiles == 1
+
+
+def test_ddpm_cache_equals_ddpm_with_fewer_passes(mdlm):
+  model, params = mdlm
+  prompt = sampling.unconditional_prompt(2, L, BOS)
+  kw = dict(model=model, steps=64, seed=4, mask_id=MASK)
+  plain = sampling.mdlm_sample(params, prompt, sampler="ddpm", **kw)
+  cached = sampling.mdlm_sample(params, prompt, sampler="ddpm_cache", **kw)
+  np.testing.assert_array_equal(plain.tokens, cached.tokens)
+  assert plain.passes == 65
+  assert cached.passes < plain.passes  # 23 tokens over 64 steps: many steps change nothing
+  assert sampling.mdlm_passes(prompt.known, 64, 0, cache=False) == 65
+
+
+def test_top_p_and_temperature():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05, 0.0]]) + 1e-20)
+  logp = sampling.filtered_log_probs(logits, mask_id=4, top_p=0.7)
+  np.testing.assert_allclose(np.exp(np.asarray(logp))[0, :2], [0.625, 0.375], rtol=1e-5)
+  assert np.all(np.exp(np.asarray(logp))[0, 2:] == 0)
+  greedy = sampling.filtered_log_probs(logits, mask_id=4, top_p=1e-6)
+  np.testing.assert_allclose(np.exp(np.asarray(greedy))[0, 0], 1.0)
+  cold = np.exp(np.asarray(sampling.filtered_log_probs(logits, mask_id=4, temperature=0.5)))
+  assert cold[0, 0] > 0.5
+
+
+def test_exact_flops_quadratic_fit_matches_direct_lowering(pgm):
+  model, params = pgm
+  prompt = sampling.unconditional_prompt(2, L, BOS)
+  order, counts = _plan(prompt, 23)
+  st = sampling._initial_state(prompt, order, MASK)
+  static = dict(model=model, n_query=1, mask_id=MASK, top_p=1.0, temperature=1.0)
+  args = (params, st, jnp.asarray(counts[0]), jax.random.key(0))
+  lower_at = lambda n: sampling._flops(sampling._pgm_efficient_step_jit, *args, n_enc=n,
+                                       **static)
+  fit = sampling._QuadraticCost(lower_at, L)
+  for n in (1, 7, 13):
+    assert abs(fit(n) - lower_at(n)) <= 1e-6 * lower_at(n)
+
+
+def test_prompt_parsing():
+  from pgm_jax.tokenizers import get_tokenizer
+  from conftest import load_config
+  tok = get_tokenizer(load_config("shakespeare").data)
+  tokens, known = sampling.parse_prompt("To be[[5]]the question", tok, 32)
+  n_head = len(tok.encode("To be"))
+  assert known[0] and known[1:1 + n_head].all() and not known[1 + n_head:6 + n_head].any()
+  assert known[6 + n_head] and not known[-1]
+  with pytest.raises(ValueError, match="config.sample.prompt"):
+    sampling.parse_prompt("x[[40]]", tok, 32)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "pgm_jax.main", *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_sample_and_bench_modes_end_to_end(tmp_path):
+  workdir = str(tmp_path / "wd")
+  res = _cli("--config=configs/shakespeare.py:tiny", f"--workdir={workdir}",
+             "--config.train.num_steps=2", "--config.train.num_final_samples=0")
+  assert res.returncode == 0, res.stderr[-3000:]
+  res = _cli("--config=configs/shakespeare.py:tiny", f"--workdir={workdir}", "--mode=sample",
+             "--config.sample.num_samples=3", "--config.sample.steps=4",
+             "--config.sample.prompt=ROMEO.[[6]]love")
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "samples.jsonl"))]
+  assert len(rows) == 3
+  for row in rows:
+    assert {"text", "tokens", "sampler", "steps", "seed"} <= set(row)
+    assert row["sampler"] == "efficient-uniform" and row["steps"] == 4
+    assert 2048 not in row["tokens"]  # the MASK id of the vendored tokenizer
+  assert "--- sample 0" in res.stdout
+
+  res = _cli("--config=configs/bench.py:cpu", f"--workdir={workdir}", "--mode=bench",
+             "--config.bench.seq_len=32", "--config.bench.steps=4", "--config.bench.repeats=1",
+             "--config.bench.batch_size=2")
+  assert res.returncode == 0, res.stderr[-3000:]
+  report = json.load(open(os.path.join(workdir, "bench.json")))
+  for k in ("tokens_per_s", "flops_per_seq", "compiles"):
+    assert report["pgm"][k] > 0 and report["mdlm"][k] > 0
+  assert report["flop_ratio"] == pytest.approx(
+      report["mdlm"]["flops_per_seq"] / report["pgm"]["flops_per_seq"])
+  assert report["throughput_ratio"] == pytest.approx(
+      report["pgm"]["tokens_per_s"] / report["mdlm"]["tokens_per_s"])
+  assert "thru x" in res.stdout
