@@ -75,7 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- attn: the attention op. ----------------------------------------------------
   c.attn = ml_collections.ConfigDict()
-  c.attn.impl = "xla"               # xla (dense reference) | auto
+  c.attn.impl = "xla"               # xla (dense oracle) | pallas (block-skipping kernels;
+                                    # interpreted on CPU) | auto (pallas on TPU/GPU, else xla)
+  c.attn.block_q = 128              # Pallas query block (clipped to the length; must divide it)
+  c.attn.block_kv = 128             # Pallas key/value block
+  c.attn.sorted_layout = False      # PGM training: sort tokens by group so that the kernels
+                                    # skip the masked half of every attention (same function)
 
   # --- mesh: device mesh and logical axis rules. ----------------------------------
   c.mesh = ml_collections.ConfigDict()

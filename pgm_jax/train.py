@@ -63,6 +63,10 @@ def make_setup(config) -> Setup:
   if not 1 <= config.sample.steps <= config.data.seq_len - 1:
     raise ValueError(f"config.sample.steps={config.sample.steps} must be in "
                      f"[1, config.data.seq_len - 1 = {config.data.seq_len - 1}]")
+  if config.attn.impl == "pallas":
+    from pgm_jax.ops import pallas_attention  # pylint: disable=g-import-not-at-top
+    pallas_attention.check_block_sizes(config.data.seq_len, config.data.seq_len,
+                                       config.attn.block_q, config.attn.block_kv)
   sampler = config_lib.resolve_sampler(config)
   allowed = sampling.PGM_SAMPLERS if model_cfg.kind == "pgm" else sampling.MDLM_SAMPLERS
   if sampler not in allowed:

@@ -96,6 +96,9 @@ def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
     ({"model.num_heads": 3}, r"config\.model\.num_heads"),
     ({"model.kind": "gpt"}, r"config\.model\.kind"),
     ({"sample.steps": 100}, r"config\.sample\.steps"),
+    ({"attn.impl": "pallas", "attn.block_q": 24}, r"config\.attn\.block_q"),
+    ({"attn.impl": "cuda"}, r"config\.attn\.impl"),
+    ({"sample.sampler": "ddpm"}, r"config\.sample\.sampler"),
 ])
 def test_bad_config_names_the_key(overrides, pattern):
   with pytest.raises(ValueError, match=pattern):

@@ -18,6 +18,9 @@ def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:
                      f"config.model.num_heads={m.num_heads}")
   if (m.hidden // m.num_heads) % 2:
     raise ValueError("config.model.hidden / config.model.num_heads must be even (RoPE)")
+  from pgm_jax.ops.attention import IMPLS  # pylint: disable=g-import-not-at-top
+  if config.attn.impl not in IMPLS:
+    raise ValueError(f"config.attn.impl must be one of {IMPLS}, got {config.attn.impl!r}")
   if m.query_mode not in QUERY_MODES:
     raise ValueError(f"config.model.query_mode must be one of {QUERY_MODES}, "
                      f"got {m.query_mode!r}")
@@ -26,7 +29,8 @@ def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:
       num_heads=m.num_heads, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
       num_layers=m.num_layers, enc_layers=m.enc_layers, dec_layers=m.dec_layers,
       query_mode=m.query_mode, dropout=m.dropout, dtype=m.dtype,
-      attn_impl=config.attn.impl)
+      attn_impl=config.attn.impl, block_q=config.attn.block_q,
+      block_kv=config.attn.block_kv, sorted_layout=config.attn.sorted_layout)
 
 
 def build_model(cfg: ModelConfig):

@@ -41,11 +41,19 @@ class ModelConfig:
   dropout: float = 0.1
   dtype: str = "bfloat16"       # compute dtype; parameters are always float32
   rope_base: float = 10000.0
-  attn_impl: str = "xla"
+  attn_impl: str = "xla"        # config.attn.impl
+  block_q: int = 128            # config.attn.block_q (Pallas kernel)
+  block_kv: int = 128           # config.attn.block_kv
+  sorted_layout: bool = False   # config.attn.sorted_layout: PGM training in group-sorted order
 
   @property
   def head_dim(self) -> int:
     return self.hidden // self.num_heads
+
+  def attention(self, q, k, v, mask):
+    """The model's one attention call: `partition_attention` with the config's impl."""
+    return partition_attention(q, k, v, mask, impl=self.attn_impl, block_q=self.block_q,
+                               block_kv=self.block_kv)
 
   @property
   def compute_dtype(self):
@@ -243,7 +251,7 @@ class DiTBlock(nn.Module):
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q = apply_rope(split_heads(q, cfg.num_heads), positions_BxL, cfg.rope_base)
     k = apply_rope(split_heads(k, cfg.num_heads), positions_BxL, cfg.rope_base)
-    att = partition_attention(q, k, split_heads(v, cfg.num_heads), mask, impl=cfg.attn_impl)
+    att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
     att = Linear(cfg.hidden, "heads_dim", "embed", use_bias=False, dtype=dt,
                  name="attn_out")(merge_heads(att))
     att = nn.Dropout(cfg.dropout, deterministic=not train)(att)

@@ -29,7 +29,8 @@ from pgm_jax.models.layers import (MLP, AffineLayerNorm, DiTBlock, FinalLayer, L
                                    ModelConfig, ScaleLayerNorm, TimestepEmbedder, VocabEmbedding, apply_rope,
                                    conditioning, logical, merge_heads, modulate,
                                    sinusoidal_embedding, split_heads)
-from pgm_jax.ops import AttentionMask, partition_attention
+from pgm_jax.ops import AttentionMask
+from pgm_jax.ops.partition_layout import permute, sort_by_group
 
 QUERY_MODES = ("learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp")
 
@@ -93,7 +94,7 @@ class GroupSwap(nn.Module):
     k, v = jnp.split(kv, 2, axis=-1)
     q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
     k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
-    att = partition_attention(q, k, split_heads(v, cfg.num_heads), mask, impl=cfg.attn_impl)
+    att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
     out = Linear(cfg.hidden, "heads_dim", "embed", dtype=dt, name="output_linear")(
         merge_heads(att))
     return out.astype(jnp.float32)
@@ -120,7 +121,7 @@ class DecoderBlock(nn.Module):
     k, v = jnp.split(kv, 2, axis=-1)
     q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
     k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
-    att = partition_attention(q, k, split_heads(v, cfg.num_heads), mask, impl=cfg.attn_impl)
+    att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
     att = Linear(cfg.hidden, "heads_dim", "embed", use_bias=False, dtype=dt,
                  name="attn_out")(merge_heads(att))
     att = nn.Dropout(cfg.dropout, deterministic=not train)(att)
@@ -186,16 +187,28 @@ class PartitionDiT(nn.Module):
     return self.output_layer(x_BxQxH, cond_BxC)
 
   def __call__(self, tokens_BxL: jax.Array, group_BxL: jax.Array,
-               valid_BxL: Optional[jax.Array] = None, *, train: bool = False) -> jax.Array:
+               valid_BxL: Optional[jax.Array] = None, *, train: bool = False,
+               sorted_layout: Optional[bool] = None) -> jax.Array:
     """Training layout. Every position is predicted from the other group's tokens.
 
     Args:
       tokens_BxL: clean tokens x0.
       group_BxL: 0/1 partition (1 = the "masked" group at time t).
       valid_BxL: optional key validity (padding), applied to every attention.
+      sorted_layout: run encoder and decoder with each example's tokens stably sorted
+        by group (`pgm_jax.ops.partition_layout`), so that attention kernels can skip
+        the masked half of every attention; RoPE and the query embedding still use the
+        ORIGINAL positions and the logits are returned in the original order. Same
+        function (to float tolerance; with dropout active the dropout masks land on
+        permuted positions, an equally distributed draw). None: the config's
+        `sorted_layout` attribute if it has one, else False.
     Returns:
       float32 logits [B, L, V].
     """
+    if sorted_layout is None:
+      sorted_layout = bool(getattr(self.config, "sorted_layout", False))
+    if sorted_layout:
+      return self._sorted_call(tokens_BxL, group_BxL, valid_BxL, train=train)
     batch, length = tokens_BxL.shape
     group_BxL = group_BxL.astype(jnp.int32)
     positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
@@ -203,3 +216,16 @@ class PartitionDiT(nn.Module):
     other = AttentionMask("other_group", group_BxL, group_BxL, valid_BxL)
     enc_BxLxH = self.encode(tokens_BxL, positions_BxL, same, train=train)
     return self.decode(enc_BxLxH, positions_BxL, positions_BxL, other, train=train)
+
+  def _sorted_call(self, tokens_BxL, group_BxL, valid_BxL, *, train: bool):
+    """`__call__` in the group-sorted layout (block-diagonal / anti-diagonal masks)."""
+    layout = sort_by_group(group_BxL)
+    tokens_s = permute(tokens_BxL, layout.perm)
+    group_s = permute(group_BxL.astype(jnp.int32), layout.perm)
+    valid_s = None if valid_BxL is None else permute(valid_BxL, layout.perm)
+    positions_s = layout.positions                       # ORIGINAL positions
+    same = AttentionMask.sorted_groups("same_group", group_s, layout.split, valid_s)
+    other = AttentionMask.sorted_groups("other_group", group_s, layout.split, valid_s)
+    enc_BxLxH = self.encode(tokens_s, positions_s, same, train=train)
+    logits_s = self.decode(enc_BxLxH, positions_s, positions_s, other, train=train)
+    return permute(logits_s, layout.inv)

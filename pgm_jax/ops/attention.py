@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 
 MASK_KINDS = ("full", "same_group", "other_group", "causal")
-IMPLS = ("xla", "auto")
+IMPLS = ("xla", "pallas", "auto")
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -43,11 +43,23 @@ class AttentionMask:
     q_group: int [B, Lq] group id of each query (group kinds only).
     kv_group: int [B, Lk] group id of each key (group kinds only).
     kv_valid: bool [B, Lk] or None; keys with False are never attended.
+    kv_length: int [B] or None; keys at index >= kv_length[b] are never attended
+      (packed inference; set by `packed`). Lets kernels skip those key blocks.
+    q_split, kv_split: int [B] or None; number of group-0 queries / keys. Only
+      meaningful with group_sorted.
+    group_sorted: static; True iff groups are in {0, 1} and sorted (all group-0
+      positions first: q_group[b, i] == (i >= q_split[b]), likewise for keys), as
+      produced by `pgm_jax.ops.partition_layout.sort_by_group`. Kernels then skip
+      key blocks by the split point; the mask itself is unchanged.
   """
   kind: str = struct.field(pytree_node=False, default="full")
   q_group: Optional[jax.Array] = None
   kv_group: Optional[jax.Array] = None
   kv_valid: Optional[jax.Array] = None
+  kv_length: Optional[jax.Array] = None
+  q_split: Optional[jax.Array] = None
+  kv_split: Optional[jax.Array] = None
+  group_sorted: bool = struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     if self.kind not in MASK_KINDS:
@@ -55,12 +67,21 @@ class AttentionMask:
     if self.kind in ("same_group", "other_group") and (
         self.q_group is None or self.kv_group is None):
       raise ValueError(f"AttentionMask kind {self.kind!r} needs q_group and kv_group")
+    if self.group_sorted and (self.q_split is None or self.kv_split is None):
+      raise ValueError("AttentionMask(group_sorted=True) needs q_split and kv_split")
 
   @classmethod
   def packed(cls, kv_length_B: jax.Array, kv_len: int) -> "AttentionMask":
     """Packed inference: keys at index >= kv_length_B[b] are padding."""
     kv_valid = jnp.arange(kv_len)[None, :] < kv_length_B[:, None]
-    return cls(kind="full", kv_valid=kv_valid)
+    return cls(kind="full", kv_valid=kv_valid, kv_length=kv_length_B)
+
+  @classmethod
+  def sorted_groups(cls, kind: str, group_BxL: jax.Array, split_B: jax.Array,
+                    kv_valid: Optional[jax.Array] = None) -> "AttentionMask":
+    """same_group / other_group self-mask for tokens in sorted layout (`sort_by_group`)."""
+    return cls(kind=kind, q_group=group_BxL, kv_group=group_BxL, kv_valid=kv_valid,
+               q_split=split_B, kv_split=split_B, group_sorted=True)
 
   def dense(self, q_len: int, kv_len: int) -> jax.Array:
     """Boolean [B or 1, Lq, Lk] mask; True = attend."""
@@ -74,6 +95,8 @@ class AttentionMask:
       allowed = jnp.ones((1, q_len, kv_len), dtype=bool)
     if self.kv_valid is not None:
       allowed = allowed & self.kv_valid[:, None, :]
+    if self.kv_length is not None:
+      allowed = allowed & (jnp.arange(kv_len)[None, None, :] < self.kv_length[:, None, None])
     return allowed
 
 
@@ -96,8 +119,18 @@ def _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask: AttentionMask):
   return out_BxQxHxD.astype(q_BxQxHxD.dtype)
 
 
+def resolve_impl(impl: str) -> str:
+  """"auto" -> "pallas" on TPU/GPU backends, "xla" on CPU."""
+  if impl not in IMPLS:
+    raise ValueError(f"config.attn.impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+  return impl
+
+
 def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: jax.Array,
-                        mask: AttentionMask, *, impl: str = "xla") -> jax.Array:
+                        mask: AttentionMask, *, impl: str = "xla", block_q: int = 128,
+                        block_kv: int = 128) -> jax.Array:
   """Multi-head scaled dot-product attention under a structured mask.
 
   Args:
@@ -105,18 +138,33 @@ def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: j
     k_BxKxHxD: keys, [batch, kv_len, heads, head_dim].
     v_BxKxHxD: values, [batch, kv_len, heads, head_dim].
     mask: an `AttentionMask`.
-    impl: "xla" (dense reference) or "auto" (best available; currently "xla").
+    impl: "xla" (dense reference), "pallas" (flash kernels that skip masked blocks;
+      interpreted on CPU) or "auto" (pallas on TPU/GPU backends, xla on CPU).
+    block_q, block_kv: kernel block sizes (config.attn.block_q / block_kv); each is
+      clipped to its sequence length and must divide it: a ValueError for "pallas";
+      "auto" falls back to the dense path for shapes the blocks do not tile.
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype; rows with no valid key are 0.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"config.attn.impl must be one of {IMPLS}, got {impl!r}")
+  resolved = resolve_impl(impl)
   if q_BxQxHxD.ndim != 4 or k_BxKxHxD.shape != v_BxKxHxD.shape:
     raise ValueError(
         f"partition_attention: bad shapes q={q_BxQxHxD.shape} k={k_BxKxHxD.shape} "
         f"v={v_BxKxHxD.shape}; expected [batch, seq, heads, head_dim]")
+  if resolved == "pallas":
+    from pgm_jax.ops import pallas_attention as pa  # pylint: disable=g-import-not-at-top
+    try:
+      pa.check_block_sizes(q_BxQxHxD.shape[1], k_BxKxHxD.shape[1], block_q, block_kv)
+    except ValueError:
+      if impl == "pallas":
+        raise
+      # "auto": shapes the blocks do not tile (e.g. the sampler's short query sets)
+      # take the dense path instead of failing.
+      return _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
+    return pa.pallas_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask, block_q=block_q,
+                               block_kv=block_kv)
   return _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
 
 
-__all__ = ["AttentionMask", "partition_attention", "MASK_KINDS", "IMPLS"]
+__all__ = ["AttentionMask", "partition_attention", "resolve_impl", "MASK_KINDS", "IMPLS"]

@@ -1,0 +1,715 @@
+"""Pallas flash attention for `partition_attention`, skipping fully masked blocks.
+
+Kernels (forward, dq, dk/dv; wrapped in one `jax.custom_vjp`) use the flash-style
+online softmax in float32 and exist in two lowerings:
+
+  * "tpu": Mosaic. Grid (batch, heads, q blocks, kv blocks) with the kv (or, for
+    dk/dv, q) axis innermost and VMEM scratch accumulators. The per-example split
+    points and key lengths are SCALAR PREFETCH operands (`PrefetchScalarGridSpec`,
+    SMEM): the kernel computes only the live block range [lo, hi) of the inner axis
+    (`pl.when`), and the BlockSpec index maps clamp the inner block index into
+    [lo, hi - 1], so a skipped block is not even copied (same block index as the
+    previous step -> the pipeline issues no DMA).
+  * "gpu": Triton. Grid (batch, heads, q blocks) (or kv blocks for dk/dv); each
+    program loops (`fori_loop`) over exactly the live blocks [lo, hi) of the other
+    axis. The split points travel as a tiny int32 [B, 4] operand.
+
+Masking inside a block is always computed ELEMENTWISE from the group ids, the key
+validity and (causal) the indices, so the kernels are correct for ANY group ids.
+Block skipping is an optimisation on top, driven by the scalars:
+  * same_group / other_group with `mask.group_sorted` (groups in sorted layout, see
+    `partition_layout`): the query block's group range against the split decides the
+    contiguous live key-block range (block-diagonal / anti-block-diagonal).
+    Without `group_sorted` nothing is skipped for group kinds (still correct).
+  * every kind: key blocks at or beyond `mask.kv_length[b]` (packed inference).
+  * causal: key blocks above the diagonal.
+The live set is always one contiguous range, and it is exactly the set of blocks that
+hold at least one allowed (query, key) pair when the mask is in sorted/packed form
+(tested), so the count in `block_counts` is both safe and tight.
+
+Rows with no valid key return 0 and get zero gradients (as the dense oracle).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltr
+
+BACKENDS = ("tpu", "gpu")
+INTERPRET_MODES = ("none", "generic", "tpu")
+_NEG = -1e30          # finite "masked" score: exp(_NEG - m) == 0 and never NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+  """Static description of one attention call (hashable: nondiff arg of custom_vjp)."""
+  mode: str            # full | same_group | other_group | causal
+  use_groups: bool     # elementwise group mask from q_group / kv_group
+  use_kv_valid: bool   # elementwise key-validity mask
+  skip_groups: bool    # groups in sorted layout: skip by split point
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  head_dim: int
+  backend: str = "tpu"
+  interpret: str = "none"
+
+  @property
+  def nq(self) -> int:
+    return self.q_len // self.block_q
+
+  @property
+  def nk(self) -> int:
+    return self.kv_len // self.block_kv
+
+  @property
+  def scale(self) -> float:
+    return self.head_dim ** -0.5
+
+  @property
+  def interpret_arg(self):
+    if self.interpret == "tpu":
+      return pltpu.InterpretParams()
+    return self.interpret == "generic"
+
+
+# ----------------------------------------------------------------------------
+# Block sizes.
+# ----------------------------------------------------------------------------
+
+def check_block_sizes(q_len: int, kv_len: int, block_q: int, block_kv: int, *,
+                      backend: Optional[str] = None, interpret: bool = True) -> tuple[int, int]:
+  """Effective (block_q, block_kv): each is min(block, length) and must divide the length.
+
+  Compiled (non-interpret) kernels also need hardware tiles: TPU block_q % 8 == 0 and
+  block_kv % 128 == 0 (or the whole length); GPU (Triton) powers of two >= 16.
+  Raises ValueError naming config.attn.block_q / config.attn.block_kv.
+  """
+  out = []
+  for name, block, length in (("block_q", block_q, q_len), ("block_kv", block_kv, kv_len)):
+    if not isinstance(block, (int, np.integer)) or block <= 0:
+      raise ValueError(f"config.attn.{name} must be a positive integer, got {block!r}")
+    eff = min(int(block), length)
+    if length % eff:
+      raise ValueError(
+          f"config.attn.{name}={block} does not divide the {'query' if name == 'block_q' else 'key'}"
+          f" sequence length {length}: use a divisor of {length} (or a value >= it)")
+    if not interpret and backend == "tpu" and eff != length:
+      tile = 8 if name == "block_q" else 128
+      if eff % tile:
+        raise ValueError(f"config.attn.{name}={block}: the TPU kernel needs a multiple of "
+                         f"{tile} (or the whole length {length})")
+    if not interpret and backend == "gpu" and (eff < 16 or eff & (eff - 1)):
+      raise ValueError(f"config.attn.{name}={block}: the GPU (Triton) kernel needs a power "
+                       f"of two >= 16 (effective block {eff} for length {length})")
+    out.append(eff)
+  return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------
+# Live block ranges (shared by the kernels, the index maps and the block report).
+# ----------------------------------------------------------------------------
+
+def _cdiv(a, b: int):
+  return lax.div(a + (b - 1), jnp.int32(b))
+
+
+def kv_block_range(spec: KernelSpec, qi, q_split, kv_split, kv_len):
+  """[lo, hi) of key blocks that query block `qi` must visit (int32 scalars)."""
+  bq, bk, nk = spec.block_q, spec.block_kv, spec.nk
+  qs = qi * bq
+  qe = qs + bq
+  lo, hi = jnp.int32(0), jnp.int32(nk)
+  if spec.skip_groups and spec.mode in ("same_group", "other_group"):
+    has0, has1 = qs < q_split, qe > q_split           # query block holds group 0 / 1
+    first1 = lax.div(kv_split, jnp.int32(bk))          # first key block holding group 1
+    end0 = _cdiv(kv_split, bk)                         # key blocks [0, end0) hold group 0
+    read0, read1 = (has0, has1) if spec.mode == "same_group" else (has1, has0)
+    lo = jnp.where(read0, jnp.int32(0), first1)
+    hi = jnp.where(read1, jnp.int32(nk), end0)
+  if spec.mode == "causal":
+    hi = jnp.minimum(hi, _cdiv(qe, bk))
+  hi = jnp.minimum(hi, _cdiv(kv_len, bk))
+  return lo, hi
+
+
+def q_block_range(spec: KernelSpec, ki, q_split, kv_split, kv_len):
+  """[lo, hi) of query blocks that read key block `ki` (same pairs as kv_block_range)."""
+  bq, bk, nq = spec.block_q, spec.block_kv, spec.nq
+  ks = ki * bk
+  ke = ks + bk
+  lo, hi = jnp.int32(0), jnp.int32(nq)
+  if spec.skip_groups and spec.mode in ("same_group", "other_group"):
+    has0, has1 = ks < kv_split, ke > kv_split
+    first1 = lax.div(q_split, jnp.int32(bq))
+    end0 = _cdiv(q_split, bq)
+    read0, read1 = (has0, has1) if spec.mode == "same_group" else (has1, has0)
+    lo = jnp.where(read0, jnp.int32(0), first1)
+    hi = jnp.where(read1, jnp.int32(nq), end0)
+  if spec.mode == "causal":
+    lo = jnp.maximum(lo, lax.div(ks, jnp.int32(bq)))
+  hi = jnp.where(ks < kv_len, hi, lo)
+  return lo, hi
+
+
+def _clamp(i, lo, hi, n: int):
+  """Block index to fetch at inner step i: i inside [lo, hi), else the nearest live one."""
+  return jnp.minimum(jnp.maximum(jnp.minimum(i, hi - 1), lo), n - 1)
+
+
+# ----------------------------------------------------------------------------
+# Elementwise masks.
+# ----------------------------------------------------------------------------
+
+def _combine(*masks):
+  out = None
+  for m in masks:
+    if m is not None:
+      out = m if out is None else out & m
+  return out
+
+
+def _block_mask(spec: KernelSpec, qg, kvg, kvv, row, col):
+  """Boolean [bq, bk] mask (or None = all allowed). qg [bq,1]; kvg, kvv [1,bk]; row/col ints."""
+  group = None
+  if spec.use_groups:
+    group = (qg == kvg) if spec.mode == "same_group" else (qg != kvg)
+  causal = (col <= row) if spec.mode == "causal" else None
+  valid = (kvv != 0) if spec.use_kv_valid else None
+  return _combine(group, causal, valid)
+
+
+def _where(mask, x, fill):
+  return x if mask is None else jnp.where(mask, x, fill)
+
+
+def _dot_nt(a, b):     # a [m, d] . b [n, d]^T -> [m, n], float32
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):        # a [m, k] . b [k, n] -> [m, n], float32
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _finalize(acc, m, l):
+  nonempty = l > 0
+  safe_l = jnp.where(nonempty, l, 1.0)
+  out = jnp.where(nonempty, acc / safe_l, 0.0)
+  lse = jnp.where(nonempty, m + jnp.log(safe_l), 0.0)
+  return out, lse
+
+
+# ----------------------------------------------------------------------------
+# TPU (Mosaic) kernels: grid with the reduction axis innermost, scalar prefetch.
+# ----------------------------------------------------------------------------
+
+def _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref):
+  bq, bk = spec.block_q, spec.block_kv
+  row = col = None
+  if spec.mode == "causal":
+    row = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    col = ki * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  return _block_mask(spec, qg_ref[...], kvg_ref[...], kvv_ref[...], row, col)
+
+
+def _tpu_fwd_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, qg_ref, kvg_ref,
+                    kvv_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, spec: KernelSpec):
+  b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  lo, hi = kv_block_range(spec, qi, qsplit_ref[b], kvsplit_ref[b], kvlen_ref[b])
+
+  @pl.when(ki == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when((ki >= lo) & (ki < hi))
+  def _compute():
+    v = v_ref[...]
+    s = _dot_nt(q_ref[...], k_ref[...]) * spec.scale
+    mask = _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref)
+    s = _where(mask, s, _NEG)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = _where(mask, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m_prev - m_new)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v)
+    m_sc[...] = m_new
+
+  @pl.when(ki == spec.nk - 1)
+  def _store():
+    out, lse = _finalize(acc_sc[...], m_sc[...], l_sc[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _tpu_dq_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                   delta_ref, qg_ref, kvg_ref, kvv_ref, dq_ref, dq_sc, *, spec: KernelSpec):
+  b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  lo, hi = kv_block_range(spec, qi, qsplit_ref[b], kvsplit_ref[b], kvlen_ref[b])
+
+  @pl.when(ki == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when((ki >= lo) & (ki < hi))
+  def _compute():
+    k = k_ref[...]
+    s = _dot_nt(q_ref[...], k) * spec.scale
+    mask = _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref)
+    p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse_ref[...]), 0.0)
+    dp = _dot_nt(do_ref[...], v_ref[...])
+    ds = p * (dp - delta_ref[...])
+    dq_sc[...] += _dot(ds.astype(k.dtype), k) * spec.scale
+
+  @pl.when(ki == spec.nk - 1)
+  def _store():
+    dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+
+
+def _tpu_dkv_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                    delta_ref, qg_ref, kvg_ref, kvv_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
+                    spec: KernelSpec):
+  b, ki, qi = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  lo, hi = q_block_range(spec, ki, qsplit_ref[b], kvsplit_ref[b], kvlen_ref[b])
+
+  @pl.when(qi == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when((qi >= lo) & (qi < hi))
+  def _compute():
+    q, do = q_ref[...], do_ref[...]
+    s = _dot_nt(q, k_ref[...]) * spec.scale
+    mask = _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref)
+    p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse_ref[...]), 0.0)
+    dv_sc[...] += _dot(p.astype(do.dtype).T, do)
+    dp = _dot_nt(do, v_ref[...])
+    ds = p * (dp - delta_ref[...])
+    dk_sc[...] += _dot(ds.astype(q.dtype).T, q) * spec.scale
+
+  @pl.when(qi == spec.nq - 1)
+  def _store():
+    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _tpu_params():
+  return pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _tpu_forward(spec, q, k, v, qg, kvg, kvv, meta):
+  B, H = q.shape[:2]
+  bq, bk, D = spec.block_q, spec.block_kv, spec.head_dim
+  scalars = (meta[:, 0], meta[:, 1], meta[:, 2])
+
+  def kv_index(b, h, qi, ki, qs, ks, kl):
+    lo, hi = kv_block_range(spec, qi, qs[b], ks[b], kl[b])
+    return _clamp(ki, lo, hi, spec.nk)
+
+  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, qi, ki, *_: (b, h, qi, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, D),
+                         lambda b, h, qi, ki, *s: (b, h, kv_index(b, h, qi, ki, *s), 0))
+  qvec_spec = pl.BlockSpec((None, bq, 1), lambda b, h, qi, ki, *_: (b, qi, 0))
+  kvec_spec = pl.BlockSpec((None, 1, bk),
+                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, h, qi, ki, *s)))
+  lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, qi, ki, *_: (b, h, qi, 0))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3, grid=(B, H, spec.nq, spec.nk),
+      in_specs=[q_spec, kv_spec, kv_spec, qvec_spec, kvec_spec, kvec_spec],
+      out_specs=[q_spec, lse_spec],
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, D), jnp.float32)])
+  o, lse = pl.pallas_call(
+      functools.partial(_tpu_fwd_kernel, spec=spec), grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((B, H, spec.q_len, 1), jnp.float32)],
+      compiler_params=_tpu_params(), interpret=spec.interpret_arg,
+      name="partition_attention_fwd")(
+          *scalars, q, k, v, qg[:, :, None], kvg[:, None, :], kvv[:, None, :])
+  return o, lse[..., 0]
+
+
+def _tpu_backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do):
+  B, H = q.shape[:2]
+  bq, bk, D = spec.block_q, spec.block_kv, spec.head_dim
+  scalars = (meta[:, 0], meta[:, 1], meta[:, 2])
+  qg3, kvg3, kvv3 = qg[:, :, None], kvg[:, None, :], kvv[:, None, :]
+  lse4, delta4 = lse[..., None], delta[..., None]
+  scratch = lambda n: pltpu.VMEM((n, D), jnp.float32)
+
+  # dq: grid (B, H, q blocks, kv blocks), kv innermost.
+  def kv_index(b, h, qi, ki, qs, ks, kl):
+    lo, hi = kv_block_range(spec, qi, qs[b], ks[b], kl[b])
+    return _clamp(ki, lo, hi, spec.nk)
+
+  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, qi, ki, *_: (b, h, qi, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, D),
+                         lambda b, h, qi, ki, *s: (b, h, kv_index(b, h, qi, ki, *s), 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, qi, ki, *_: (b, h, qi, 0))
+  qvec_spec = pl.BlockSpec((None, bq, 1), lambda b, h, qi, ki, *_: (b, qi, 0))
+  kvec_spec = pl.BlockSpec((None, 1, bk),
+                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, h, qi, ki, *s)))
+  dq = pl.pallas_call(
+      functools.partial(_tpu_dq_kernel, spec=spec),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3, grid=(B, H, spec.nq, spec.nk),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, qvec_spec,
+                    kvec_spec, kvec_spec],
+          out_specs=q_spec, scratch_shapes=[scratch(bq)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_tpu_params(), interpret=spec.interpret_arg,
+      name="partition_attention_dq")(*scalars, q, k, v, do, lse4, delta4, qg3, kvg3, kvv3)
+
+  # dk, dv: grid (B, H, kv blocks, q blocks), q innermost.
+  def q_index(b, h, ki, qi, qs, ks, kl):
+    lo, hi = q_block_range(spec, ki, qs[b], ks[b], kl[b])
+    return _clamp(qi, lo, hi, spec.nq)
+
+  q_spec2 = pl.BlockSpec((None, None, bq, D),
+                         lambda b, h, ki, qi, *s: (b, h, q_index(b, h, ki, qi, *s), 0))
+  kv_spec2 = pl.BlockSpec((None, None, bk, D), lambda b, h, ki, qi, *_: (b, h, ki, 0))
+  row_spec2 = pl.BlockSpec((None, None, bq, 1),
+                           lambda b, h, ki, qi, *s: (b, h, q_index(b, h, ki, qi, *s), 0))
+  qvec_spec2 = pl.BlockSpec((None, bq, 1),
+                            lambda b, h, ki, qi, *s: (b, q_index(b, h, ki, qi, *s), 0))
+  kvec_spec2 = pl.BlockSpec((None, 1, bk), lambda b, h, ki, qi, *_: (b, 0, ki))
+  dk, dv = pl.pallas_call(
+      functools.partial(_tpu_dkv_kernel, spec=spec),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3, grid=(B, H, spec.nk, spec.nq),
+          in_specs=[q_spec2, kv_spec2, kv_spec2, q_spec2, row_spec2, row_spec2, qvec_spec2,
+                    kvec_spec2, kvec_spec2],
+          out_specs=[kv_spec2, kv_spec2], scratch_shapes=[scratch(bk), scratch(bk)]),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_tpu_params(), interpret=spec.interpret_arg,
+      name="partition_attention_dkv")(*scalars, q, k, v, do, lse4, delta4, qg3, kvg3, kvv3)
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# GPU (Triton) kernels: one program per (b, h, block), fori_loop over live blocks.
+# ----------------------------------------------------------------------------
+
+def _gpu_masks(spec, qs, ks, qg, kvg, kvv):
+  row = col = None
+  if spec.mode == "causal":
+    row = (qs + jnp.arange(spec.block_q, dtype=jnp.int32))[:, None]
+    col = (ks + jnp.arange(spec.block_kv, dtype=jnp.int32))[None, :]
+  return _block_mask(spec, qg[:, None], kvg[None, :], kvv[None, :], row, col)
+
+
+def _gpu_fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qg_ref, kvg_ref, kvv_ref, o_ref, lse_ref, *,
+                    spec: KernelSpec):
+  bq, bk = spec.block_q, spec.block_kv
+  qi = pl.program_id(2)
+  lo, hi = kv_block_range(spec, qi, meta_ref[0], meta_ref[1], meta_ref[2])
+  q, qg = q_ref[...], qg_ref[...]
+
+  def body(ki, carry):
+    acc, m_prev, l_prev = carry
+    ks = ki * bk
+    sl = pl.ds(pl.multiple_of(ks, bk), bk)
+    v = v_ref[sl, :]
+    s = _dot_nt(q, k_ref[sl, :]) * spec.scale
+    mask = _gpu_masks(spec, qi * bq, ks, qg, kvg_ref[sl], kvv_ref[sl])
+    s = _where(mask, s, _NEG)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    p = _where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m_prev - m_new)
+    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l_new
+
+  init = (jnp.zeros((bq, spec.head_dim), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = lax.fori_loop(lo, hi, body, init)
+  out, lse = _finalize(acc, m[:, None], l[:, None])
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse[:, 0]
+
+
+def _gpu_dq_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qg_ref, kvg_ref,
+                   kvv_ref, dq_ref, *, spec: KernelSpec):
+  bq, bk = spec.block_q, spec.block_kv
+  qi = pl.program_id(2)
+  lo, hi = kv_block_range(spec, qi, meta_ref[0], meta_ref[1], meta_ref[2])
+  q, do, qg = q_ref[...], do_ref[...], qg_ref[...]
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+
+  def body(ki, dq):
+    ks = ki * bk
+    sl = pl.ds(pl.multiple_of(ks, bk), bk)
+    k = k_ref[sl, :]
+    s = _dot_nt(q, k) * spec.scale
+    mask = _gpu_masks(spec, qi * bq, ks, qg, kvg_ref[sl], kvv_ref[sl])
+    p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse), 0.0)
+    dp = _dot_nt(do, v_ref[sl, :])
+    ds = p * (dp - delta)
+    return dq + _dot(ds.astype(k.dtype), k) * spec.scale
+
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros((bq, spec.head_dim), jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _gpu_dkv_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qg_ref, kvg_ref,
+                    kvv_ref, dk_ref, dv_ref, *, spec: KernelSpec):
+  bq, bk = spec.block_q, spec.block_kv
+  ki = pl.program_id(2)
+  lo, hi = q_block_range(spec, ki, meta_ref[0], meta_ref[1], meta_ref[2])
+  k, v, kvg, kvv = k_ref[...], v_ref[...], kvg_ref[...], kvv_ref[...]
+
+  def body(qi, carry):
+    dk, dv = carry
+    qs = qi * bq
+    sl = pl.ds(pl.multiple_of(qs, bq), bq)
+    q, do = q_ref[sl, :], do_ref[sl, :]
+    s = _dot_nt(q, k) * spec.scale
+    mask = _gpu_masks(spec, qs, ki * bk, qg_ref[sl], kvg, kvv)
+    p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse_ref[sl][:, None]), 0.0)
+    dv = dv + _dot(p.astype(do.dtype).T, do)
+    dp = _dot_nt(do, v)
+    ds = p * (dp - delta_ref[sl][:, None])
+    dk = dk + _dot(ds.astype(q.dtype).T, q) * spec.scale
+    return dk, dv
+
+  zeros = jnp.zeros((bk, spec.head_dim), jnp.float32)
+  dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _gpu_params(spec):
+  return pltr.CompilerParams(num_warps=4 if spec.head_dim <= 64 else 8, num_stages=2)
+
+
+def _gpu_forward(spec, q, k, v, qg, kvg, kvv, meta):
+  B, H = q.shape[:2]
+  bq, D, Lq, Lk = spec.block_q, spec.head_dim, spec.q_len, spec.kv_len
+  o, lse = pl.pallas_call(
+      functools.partial(_gpu_fwd_kernel, spec=spec), grid=(B, H, spec.nq),
+      in_specs=[pl.BlockSpec((None, 4), lambda b, h, i: (b, 0)),
+                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
+                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0)),
+                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0))],
+      out_specs=[pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((B, H, Lq), jnp.float32)],
+      compiler_params=_gpu_params(spec), interpret=spec.interpret_arg,
+      name="partition_attention_fwd")(meta, q, k, v, qg, kvg, kvv)
+  return o, lse
+
+
+def _gpu_backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do):
+  B, H = q.shape[:2]
+  bq, bk, D, Lq, Lk = spec.block_q, spec.block_kv, spec.head_dim, spec.q_len, spec.kv_len
+  meta_spec = pl.BlockSpec((None, 4), lambda b, h, i: (b, 0))
+  dq = pl.pallas_call(
+      functools.partial(_gpu_dq_kernel, spec=spec), grid=(B, H, spec.nq),
+      in_specs=[meta_spec,
+                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+                pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
+                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0)),
+                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0))],
+      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_gpu_params(spec), interpret=spec.interpret_arg,
+      name="partition_attention_dq")(meta, q, k, v, do, lse, delta, qg, kvg, kvv)
+  full_q = pl.BlockSpec((None, None, Lq, D), lambda b, h, j: (b, h, 0, 0))
+  blk_kv = pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, h, j, 0))
+  full_row = pl.BlockSpec((None, None, Lq), lambda b, h, j: (b, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_gpu_dkv_kernel, spec=spec), grid=(B, H, spec.nk),
+      in_specs=[meta_spec, full_q, blk_kv, blk_kv, full_q, full_row, full_row,
+                pl.BlockSpec((None, Lq), lambda b, h, j: (b, 0)),
+                pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
+                pl.BlockSpec((None, bk), lambda b, h, j: (b, j))],
+      out_specs=[blk_kv, blk_kv],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_gpu_params(spec), interpret=spec.interpret_arg,
+      name="partition_attention_dkv")(meta, q, k, v, do, lse, delta, qg, kvg, kvv)
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp over the kernels (layout [B, H, L, D]).
+# ----------------------------------------------------------------------------
+
+def _forward(spec, *args):
+  return (_tpu_forward if spec.backend == "tpu" else _gpu_forward)(spec, *args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_attention(spec, q, k, v, qg, kvg, kvv, meta):
+  return _forward(spec, q, k, v, qg, kvg, kvv, meta)[0]
+
+
+def _flash_attention_fwd(spec, q, k, v, qg, kvg, kvv, meta):
+  o, lse = _forward(spec, q, k, v, qg, kvg, kvv, meta)
+  return o, (q, k, v, qg, kvg, kvv, meta, o, lse)
+
+
+def _flash_attention_bwd(spec, res, do):
+  q, k, v, qg, kvg, kvv, meta, o, lse = res
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)   # [B, H, Lq]
+  backward = _tpu_backward if spec.backend == "tpu" else _gpu_backward
+  dq, dk, dv = backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do)
+  int_zero = lambda x: np.zeros(x.shape, dtype=jax.dtypes.float0)
+  return dq, dk, dv, int_zero(qg), int_zero(kvg), int_zero(kvv), int_zero(meta)
+
+
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Entry point from `partition_attention` and the block-count report.
+# ----------------------------------------------------------------------------
+
+def default_backend() -> str:
+  """Kernel lowering for the current JAX backend (CPU runs the TPU kernels interpreted)."""
+  return "gpu" if jax.default_backend() == "gpu" else "tpu"
+
+
+def _interpret_mode(interpret) -> str:
+  if interpret is None:
+    return "generic" if jax.default_backend() == "cpu" else "none"
+  if isinstance(interpret, str):
+    if interpret not in INTERPRET_MODES:
+      raise ValueError(f"interpret must be one of {INTERPRET_MODES}, got {interpret!r}")
+    return interpret
+  if isinstance(interpret, pltpu.InterpretParams):
+    return "tpu"
+  return "generic" if interpret else "none"
+
+
+def make_spec(mask, q_len: int, kv_len: int, head_dim: int, *, block_q: int, block_kv: int,
+              backend: Optional[str] = None, interpret=None) -> KernelSpec:
+  backend = backend or default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f"pallas backend must be one of {BACKENDS}, got {backend!r}")
+  mode = _interpret_mode(interpret)
+  bq, bk = check_block_sizes(q_len, kv_len, block_q, block_kv, backend=backend,
+                             interpret=mode != "none")
+  groups = mask.kind in ("same_group", "other_group")
+  return KernelSpec(
+      mode=mask.kind, use_groups=groups,
+      use_kv_valid=mask.kv_valid is not None or mask.kv_length is not None,
+      skip_groups=groups and mask.group_sorted, block_q=bq, block_kv=bk, q_len=q_len,
+      kv_len=kv_len, head_dim=head_dim, backend=backend, interpret=mode)
+
+
+def _operands(mask, batch: int, q_len: int, kv_len: int):
+  """int32 qg [B, Lq], kvg [B, Lk], kvv [B, Lk] and meta [B, 4] = (q_split, kv_split, kv_len, 0)."""
+  i32 = jnp.int32
+  if mask.kind in ("same_group", "other_group"):
+    qg = jnp.broadcast_to(mask.q_group.astype(i32), (batch, q_len))
+    kvg = jnp.broadcast_to(mask.kv_group.astype(i32), (batch, kv_len))
+  else:
+    qg, kvg = jnp.zeros((batch, q_len), i32), jnp.zeros((batch, kv_len), i32)
+  kvv = jnp.ones((batch, kv_len), bool)
+  if mask.kv_valid is not None:
+    kvv = kvv & mask.kv_valid
+  kv_length = jnp.full((batch,), kv_len, i32)
+  if mask.kv_length is not None:
+    kv_length = jnp.broadcast_to(mask.kv_length.astype(i32), (batch,))
+    kvv = kvv & (jnp.arange(kv_len)[None, :] < kv_length[:, None])
+  if mask.group_sorted and mask.kind in ("same_group", "other_group"):
+    q_split = jnp.broadcast_to(mask.q_split.astype(i32), (batch,))
+    kv_split = jnp.broadcast_to(mask.kv_split.astype(i32), (batch,))
+  else:
+    q_split = jnp.zeros((batch,), i32)
+    kv_split = jnp.zeros((batch,), i32)
+  meta = jnp.stack([q_split, kv_split, kv_length, jnp.zeros((batch,), i32)], axis=1)
+  return qg, kvg, kvv.astype(i32), meta
+
+
+def pallas_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask, *, block_q: int = 128,
+                     block_kv: int = 128, backend: Optional[str] = None, interpret=None):
+  """Flash attention with block skipping; same contract as `partition_attention`.
+
+  backend: "tpu" (Mosaic) | "gpu" (Triton) | None (from jax.default_backend()).
+  interpret: None (interpret on CPU only), True/"generic", "tpu" or a
+    `pltpu.InterpretParams` (TPU interpreter), False/"none".
+  """
+  batch, q_len, _, head_dim = q_BxQxHxD.shape
+  kv_len = k_BxKxHxD.shape[1]
+  spec = make_spec(mask, q_len, kv_len, head_dim, block_q=block_q, block_kv=block_kv,
+                   backend=backend, interpret=interpret)
+  qg, kvg, kvv, meta = _operands(mask, batch, q_len, kv_len)
+  to_bhld = lambda x: jnp.swapaxes(x, 1, 2)
+  out = _flash_attention(spec, to_bhld(q_BxQxHxD), to_bhld(k_BxKxHxD), to_bhld(v_BxKxHxD),
+                         qg, kvg, kvv, meta)
+  return to_bhld(out)
+
+
+def block_counts(mask, batch: int, q_len: int, kv_len: int, *, block_q: int,
+                 block_kv: int) -> dict:
+  """Key blocks the kernels compute vs the dense count (per forward pass; dq and dk/dv
+  visit exactly the same (query block, key block) pairs)."""
+  spec = make_spec(mask, q_len, kv_len, 8, block_q=block_q, block_kv=block_kv,
+                   backend="tpu", interpret=True)
+  _, _, _, meta = _operands(mask, batch, q_len, kv_len)
+
+  def per_example(m):
+    qi = jnp.arange(spec.nq, dtype=jnp.int32)
+    lo, hi = jax.vmap(lambda i: kv_block_range(spec, i, m[0], m[1], m[2]))(qi)
+    return jnp.sum(jnp.maximum(hi - lo, 0))
+
+  per_b = np.asarray(jax.jit(jax.vmap(per_example))(meta))
+  dense = spec.nq * spec.nk
+  computed = int(per_b.sum())
+  return {"kind": mask.kind, "block_q": spec.block_q, "block_kv": spec.block_kv,
+          "computed": computed, "dense": dense * batch,
+          "fraction": computed / (dense * batch), "per_example": per_b.tolist()}
+
+
+def block_count_report(group_BxL, *, block_q: int, block_kv: int, kv_length_B=None) -> dict:
+  """Computed / dense block counts for each mask kind of one partition (sorted layout).
+
+  same_group / other_group: the training masks of `group_BxL` after `sort_by_group`.
+  packed: inference, keys valid below kv_length_B (default: the group-0 count, i.e. the
+  clean tokens packed first).
+  """
+  from pgm_jax.ops.attention import AttentionMask
+  from pgm_jax.ops.partition_layout import sort_by_group
+  group_BxL = jnp.asarray(group_BxL, jnp.int32)
+  batch, length = group_BxL.shape
+  layout = sort_by_group(group_BxL)
+  sorted_g = jnp.take_along_axis(group_BxL, layout.perm, axis=1)
+  report = {}
+  for kind in ("same_group", "other_group"):
+    mask = AttentionMask.sorted_groups(kind, sorted_g, layout.split)
+    report[kind] = block_counts(mask, batch, length, length, block_q=block_q,
+                                block_kv=block_kv)
+  lengths = layout.split if kv_length_B is None else jnp.asarray(kv_length_B, jnp.int32)
+  report["packed"] = block_counts(AttentionMask.packed(lengths, length), batch, length, length,
+                                  block_q=block_q, block_kv=block_kv)
+  report["full"] = block_counts(AttentionMask(), batch, length, length, block_q=block_q,
+                                block_kv=block_kv)
+  return report
+
+
+__all__ = ["KernelSpec", "check_block_sizes", "pallas_attention", "block_counts",
+           "block_count_report", "kv_block_range", "q_block_range", "default_backend",
+           "BACKENDS"]
