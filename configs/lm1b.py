@@ -46,17 +46,5 @@ def get_config(arg=None):
   c.sample.steps = 127
 
   if preset.runlocal:
-    c.model.hidden = 128
-    c.model.num_heads = 2
-    c.model.num_layers = 2
-    c.model.enc_layers = 1
-    c.model.dec_layers = 1
-    c.train.batch_size = 8
-    c.train.num_steps = 20
-    c.train.log_every = 5
-    c.train.eval_every = 10
-    c.eval.batch_size = 8
-    c.eval.max_batches = 2
-    c.ckpt.every_steps = 10
-    c.sample.steps = 8
+    config_lib.apply_runlocal(c)
   return c

@@ -11,6 +11,8 @@ Twelfth Night are held out for validation.
 Presets (comma separated after the colon):
   pgm        PartitionDiT, 2 encoder + 2 decoder layers, H = 128 (default).
   mdlm       MDLM DiT, 4 layers, H = 128: the same parameter count within 5%.
+  ar         the same DiT with causal attention (next-token prediction): the third
+             row of every comparison and the offline judge for generative perplexity.
   tiny       a 2-layer, 64-wide model and 20 steps, for smoke tests.
   steps=N    number of training steps.
 """
@@ -18,9 +20,9 @@ from pgm_jax import config_lib
 
 
 def get_config(arg=None):
-  preset = config_lib.parse_arg(arg, pgm=False, mdlm=False, tiny=False, steps=0)
-  if preset.pgm and preset.mdlm:
-    raise ValueError("config presets 'pgm' and 'mdlm' are mutually exclusive")
+  preset = config_lib.parse_arg(arg, pgm=False, mdlm=False, ar=False, tiny=False, steps=0)
+  if preset.pgm + preset.mdlm + preset.ar > 1:
+    raise ValueError("config presets 'pgm', 'mdlm' and 'ar' are mutually exclusive")
   c = config_lib.base_config()
   c.seed = 0
 
@@ -30,7 +32,7 @@ def get_config(arg=None):
   c.data.seq_len = 128
   c.data.val_plays = ("hamlet", "tempest", "twelfth_night")
 
-  c.model.kind = "mdlm" if preset.mdlm else "pgm"
+  c.model.kind = "mdlm" if preset.mdlm else "ar" if preset.ar else "pgm"
   # Sized for about 10 minutes of training on 2 CPU cores (about 1.5 steps/s).
   c.model.hidden = 128
   c.model.num_heads = 2             # head_dim 64, as in the paper
@@ -57,22 +59,9 @@ def get_config(arg=None):
   c.sample.steps = 64
 
   if preset.tiny:
-    c.model.hidden = 64
-    c.model.num_heads = 2
-    c.model.cond_dim = 32
-    c.model.num_layers = 2
-    c.model.enc_layers = 1
-    c.model.dec_layers = 1
-    c.data.seq_len = 32
-    c.train.batch_size = 8
-    c.train.num_steps = 20
-    c.train.log_every = 5
-    c.train.eval_every = 10
+    config_lib.apply_runlocal(c, hidden=64, cond_dim=32, seq_len=32, eval_batch_size=16,
+                              eval_max_batches=4)
     c.train.num_final_samples = 2
-    c.eval.batch_size = 16
-    c.eval.max_batches = 4
-    c.ckpt.every_steps = 10
-    c.sample.steps = 8
   if preset.steps:
     c.train.num_steps = preset.steps
   return c

@@ -99,3 +99,15 @@ def subs_log_probs(logits_BxLxV, x_t_BxL, mask_id: int):
   unmasked = (x_t_BxL != mask_id)[..., None]
   carry = jnp.where(jax.nn.one_hot(x_t_BxL, logits.shape[-1], dtype=bool), 0.0, NEG_INF_MDLM)
   return jnp.where(unmasked, carry, logp)
+
+
+def ar_loss_terms(logits_BxLxV, tokens_BxL, valid_BxL, mask_id: int):
+  """Autoregressive baseline: logits[:, i] predicts tokens[:, i+1] (BOS is not scored).
+
+  MASK is never predicted (logit -inf). A target counts where it is valid.
+  """
+  nll_BxLm1 = -token_log_probs(logits_BxLxV[:, :-1], tokens_BxL[:, 1:], mask_id,
+                               mask_logit=-jnp.inf)
+  counted = valid_BxL[:, 1:].astype(bool)
+  nll_sum = jnp.sum(jnp.where(counted, nll_BxLm1, 0.0))
+  return LossTerms(nll_sum, nll_sum, counted.astype(jnp.float32).sum())

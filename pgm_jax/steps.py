@@ -88,6 +88,9 @@ def loss_terms(params, batch, t_B, noise_u_BxL, dropout_rng, *, model, mask_id: 
   if kind == "pgm":
     logits = model.apply({"params": params}, tokens, group, valid, train=train, rngs=rngs)
     return objectives.pgm_loss_terms(logits, tokens, group, t_B, valid, mask_id)
+  if kind == "ar":  # no noise: next-token prediction on the clean sequence
+    logits = model.apply({"params": params}, tokens, valid, train=train, rngs=rngs)
+    return objectives.ar_loss_terms(logits, tokens, valid, mask_id)
   is_masked = group.astype(bool)
   x_t = jnp.where(is_masked, mask_id, tokens)
   logits = model.apply({"params": params}, x_t, valid, train=train, rngs=rngs)

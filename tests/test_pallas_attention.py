@@ -16,7 +16,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from conftest import load_config
 from pgm_jax import objectives, train
-from pgm_jax.models import layers as layers_mod
 from pgm_jax.models import pgm as pgm_mod
 from pgm_jax.ops import AttentionMask, partition_attention, permute, sort_by_group
 from pgm_jax.ops import pallas_attention as pa

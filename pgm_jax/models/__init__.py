@@ -5,7 +5,7 @@ from pgm_jax.models.dit import DiT
 from pgm_jax.models.layers import ModelConfig
 from pgm_jax.models.pgm import QUERY_MODES, PartitionDiT
 
-MODEL_KINDS = ("pgm", "mdlm")
+MODEL_KINDS = ("pgm", "mdlm", "ar")
 
 
 def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:

@@ -20,20 +20,29 @@ from pgm_jax.ops import AttentionMask
 
 
 class DiT(nn.Module):
-  """Bidirectional transformer over the full (partially masked) sequence."""
+  """Bidirectional transformer over the full (partially masked) sequence (MDLM), or,
+  with config.kind == "ar", the same network with causal attention (the AR baseline)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, valid_BxL: Optional[jax.Array] = None, *,
-               train: bool = False, causal: bool = False) -> jax.Array:
-    """Returns float32 logits [B, L, V] (no SUBS; see objectives.mdlm_*)."""
+               train: bool = False, causal: bool = False, decode: bool = False,
+               positions_BxL: Optional[jax.Array] = None) -> jax.Array:
+    """Float32 logits [B, L, V] (no SUBS; see objectives).
+
+    causal (or kind "ar"): position i attends to positions <= i. decode: one token per
+    call against the "cache" collection (see DiTBlock); positions_BxL then gives the
+    token's position.
+    """
     cfg = self.config
     batch, length = tokens_BxL.shape
     x_BxLxH = VocabEmbedding(cfg.vocab_size, cfg.hidden, name="vocab_embed")(tokens_BxL)
     cond_BxC = conditioning(cfg, batch)
-    positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    causal = causal or cfg.kind == "ar"
     mask = AttentionMask(kind="causal" if causal else "full", kv_valid=valid_BxL)
     for i in range(cfg.num_layers):
       x_BxLxH = DiTBlock(cfg, name=f"blocks_{i}")(x_BxLxH, cond_BxC, positions_BxL, mask,
-                                                 train=train)
+                                                 train=train, decode=decode)
     return FinalLayer(cfg, name="output_layer")(x_BxLxH, cond_BxC)

@@ -233,17 +233,37 @@ def merge_heads(x_BxLxHxD):
 # Transformer blocks.
 # ----------------------------------------------------------------------------
 
+def attention_out_and_mlp(cfg: ModelConfig, skip_BxLxH, att_BxLxHxD, mods_Bx1x6H, *,
+                          train: bool):
+  """The tail every block shares (call inside a compact method; creates the submodules
+  `attn_out`, `norm2`, `mlp`): W_out, gated residual, then the adaLN-modulated MLP branch.
+  """
+  _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods_Bx1x6H, 6, -1)
+  att = Linear(cfg.hidden, "heads_dim", "embed", use_bias=False, dtype=cfg.compute_dtype,
+               name="attn_out")(merge_heads(att_BxLxHxD))
+  att = nn.Dropout(cfg.dropout, deterministic=not train)(att)
+  x = skip_BxLxH + gate_msa * att.astype(jnp.float32)
+  h = modulate(ScaleLayerNorm(name="norm2")(x), shift_mlp, scale_mlp)
+  h = MLP(cfg.hidden, cfg.mlp_ratio, cfg.compute_dtype, name="mlp")(h)
+  h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
+  return x + gate_mlp * h.astype(jnp.float32)
+
+
 class DiTBlock(nn.Module):
   """MDLM DDiT block (also the PGM encoder block): adaLN-modulated self-attention + MLP."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxH, cond_BxC, positions_BxL, mask: AttentionMask, *, train: bool):
+  def __call__(self, x_BxLxH, cond_BxC, positions_BxL, mask: AttentionMask, *, train: bool,
+               decode: bool = False):
+    """With decode=True (autoregressive sampling) k/v are appended to a "cache"
+    collection of full length (created by an init call on a full-length input) and
+    the new queries attend to every cached key up to and including their own."""
     cfg = self.config
     dt = cfg.compute_dtype
     mods = Linear(6 * cfg.hidden, "cond", "adaln", zero_init=True,
                   name="adaLN_modulation")(cond_BxC)[:, None, :]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, -1)
+    shift_msa, scale_msa = jnp.split(mods, 6, -1)[:2]
 
     skip = x_BxLxH
     h = modulate(ScaleLayerNorm(name="norm1")(x_BxLxH), shift_msa, scale_msa)
@@ -251,16 +271,30 @@ class DiTBlock(nn.Module):
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q = apply_rope(split_heads(q, cfg.num_heads), positions_BxL, cfg.rope_base)
     k = apply_rope(split_heads(k, cfg.num_heads), positions_BxL, cfg.rope_base)
-    att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
-    att = Linear(cfg.hidden, "heads_dim", "embed", use_bias=False, dtype=dt,
-                 name="attn_out")(merge_heads(att))
-    att = nn.Dropout(cfg.dropout, deterministic=not train)(att)
-    x = skip + gate_msa * att.astype(jnp.float32)
+    v = split_heads(v, cfg.num_heads)
+    if decode:
+      k, v, mask = self._update_cache(k, v)
+    att = cfg.attention(q, k, v, mask)
+    return attention_out_and_mlp(cfg, skip, att, mods, train=train)
 
-    h = modulate(ScaleLayerNorm(name="norm2")(x), shift_mlp, scale_mlp)
-    h = MLP(cfg.hidden, cfg.mlp_ratio, dt, name="mlp")(h)
-    h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
-    return x + gate_mlp * h.astype(jnp.float32)
+  def _update_cache(self, k_BxNxHxD, v_BxNxHxD):
+    initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxNxHxD.shape, k_BxNxHxD.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxNxHxD.shape,
+                             v_BxNxHxD.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    batch, max_len = cached_k.value.shape[:2]
+    if not initialized:  # the init call: full-length shapes, causal over the input
+      return k_BxNxHxD, v_BxNxHxD, AttentionMask(kind="causal")
+    i, n = index.value, k_BxNxHxD.shape[1]
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxNxHxD, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxNxHxD, (0, i, 0, 0))
+    index.value = i + n
+    # n new queries at cache slots i..i+n-1; each sees the keys up to its own slot.
+    if n != 1:
+      raise ValueError("decode=True feeds one token per call")
+    mask = AttentionMask.packed(jnp.full((batch,), i + 1, jnp.int32), max_len)
+    return cached_k.value, cached_v.value, mask
 
 
 class FinalLayer(nn.Module):

@@ -25,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgm_jax.models.layers import (MLP, AffineLayerNorm, DiTBlock, FinalLayer, Linear,
-                                   ModelConfig, ScaleLayerNorm, TimestepEmbedder, VocabEmbedding, apply_rope,
-                                   conditioning, logical, merge_heads, modulate,
+from pgm_jax.models.layers import (AffineLayerNorm, DiTBlock, FinalLayer, Linear, ModelConfig,
+                                   ScaleLayerNorm, TimestepEmbedder, VocabEmbedding, apply_rope,
+                                   attention_out_and_mlp, logical, merge_heads, modulate,
                                    sinusoidal_embedding, split_heads)
 from pgm_jax.ops import AttentionMask
 from pgm_jax.ops.partition_layout import permute, sort_by_group
@@ -111,7 +111,7 @@ class DecoderBlock(nn.Module):
     dt = cfg.compute_dtype
     mods = Linear(6 * cfg.hidden, "cond", "adaln", zero_init=True,
                   name="adaLN_modulation")(cond_BxC)[:, None, :]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, -1)
+    shift_msa, scale_msa = jnp.split(mods, 6, -1)[:2]
 
     skip = x_BxQxH
     xq = modulate(ScaleLayerNorm(name="q_norm1")(x_BxQxH), shift_msa, scale_msa)
@@ -122,15 +122,7 @@ class DecoderBlock(nn.Module):
     q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
     k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
     att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
-    att = Linear(cfg.hidden, "heads_dim", "embed", use_bias=False, dtype=dt,
-                 name="attn_out")(merge_heads(att))
-    att = nn.Dropout(cfg.dropout, deterministic=not train)(att)
-    x = skip + gate_msa * att.astype(jnp.float32)
-
-    h = modulate(ScaleLayerNorm(name="norm2")(x), shift_mlp, scale_mlp)
-    h = MLP(cfg.hidden, cfg.mlp_ratio, dt, name="mlp")(h)
-    h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
-    return x + gate_mlp * h.astype(jnp.float32)
+    return attention_out_and_mlp(cfg, skip, att, mods, train=train)
 
 
 class Encoder(nn.Module):
