@@ -26,7 +26,14 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    # torch (CPU wheel) and safetensors build reference checkpoints in tests/test_convert.py;
+    # matplotlib runs the Colab notebook's plotting cell in tests/test_notebook.py.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "safetensors==0.8.0",
+             "matplotlib==3.10.8"],
+    "notebook": ["matplotlib==3.10.8"],
+    # `python -m pgm_jax.convert` on pickled PyTorch checkpoints (.ckpt/.pt) needs torch;
+    # .safetensors files need neither.
+    "convert": ["torch==2.13.0"],
 }
 
 setuptools.setup(

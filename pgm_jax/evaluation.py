@@ -1,0 +1,214 @@
+"""Sample-quality metrics: generative perplexity under a judge, and unigram entropy.
+
+Generative perplexity (gen PPL) scores generated text with a separate autoregressive
+judge: exp(mean NLL per judged token). The paper's judge is GPT-2 Large, which cannot
+be downloaded here. Our offline judge is the AR baseline trained by this codebase
+(`configs/shakespeare.py:ar`). It is loaded from its workdir: the `config.json` the
+trainer writes there, plus the EMA weights of its latest checkpoint.
+
+Two scorings, as in the reference:
+  * re-tokenised: decode each sample to text, encode it with the judge's tokenizer,
+    and score [BOS] + tokens (truncated to the judge's seq_len);
+  * raw tokens: score the sample's token ids directly, without BOS/EOS-stripping.
+    Only valid when the sampler's and the judge's tokenizers are the same.
+Entropy: the Shannon entropy (nats) of each sample's empirical token distribution,
+averaged over samples. Mode collapse shows up as low entropy. A constant sequence has
+entropy 0; n uniform draws from V tokens approach log V when n >> V.
+"""
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pgm_jax import objectives
+
+
+def unigram_entropy(token_ids) -> float:
+  """Shannon entropy (nats) of the empirical distribution of one sample's tokens."""
+  ids = np.asarray(token_ids).ravel()
+  if ids.size == 0:
+    return 0.0
+  _, counts = np.unique(ids, return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def mean_entropy(samples) -> float:
+  return float(np.mean([unigram_entropy(s) for s in samples])) if len(samples) else 0.0
+
+
+class _Judge:
+  """Scores token rows (each starting with the judge's BOS) with a causal LM."""
+  tokenizer = None
+  seq_len = 0
+  params = None
+  step = None
+
+  def _nll(self, params, tokens, valid):
+    raise NotImplementedError
+
+  def _score_rows(self, rows, batch_size: int):
+    """rows: lists of token ids starting with BOS. Returns (nll_sum, predicted tokens)."""
+    total, count = 0.0, 0.0
+    pad = self.tokenizer.pad_id
+    for first in range(0, len(rows), batch_size):
+      chunk = rows[first:first + batch_size]
+      tokens = np.full((batch_size, self.seq_len), pad, np.int32)
+      valid = np.zeros((batch_size, self.seq_len), bool)
+      for i, row in enumerate(chunk):
+        row = row[:self.seq_len]
+        tokens[i, :len(row)] = row
+        valid[i, :len(row)] = True
+      s, c = jax.device_get(self._nll(self.params, jnp.asarray(tokens), jnp.asarray(valid)))
+      total, count = total + float(s), count + float(c)
+    return total, count
+
+  def score_texts(self, texts, batch_size: int = 16) -> dict:
+    """Re-tokenised gen PPL of decoded texts: [BOS] + judge tokens, truncated to seq_len."""
+    rows = [[self.tokenizer.bos_id] + self.tokenizer.encode(t) for t in texts]
+    total, count = self._score_rows(rows, batch_size)
+    nll = total / max(count, 1.0)
+    return {"gen_ppl": float(np.exp(nll)), "gen_nll": nll, "gen_tokens": count}
+
+  def score_tokens(self, token_rows, batch_size: int = 16) -> dict:
+    """Raw-token gen PPL (same tokenizer): each row is scored from its first token."""
+    total, count = self._score_rows([list(map(int, r)) for r in token_rows], batch_size)
+    nll = total / max(count, 1.0)
+    return {"gen_ppl_raw": float(np.exp(nll)), "gen_nll_raw": nll}
+
+  def same_tokenizer(self, tokenizer) -> bool:
+    return (getattr(tokenizer, "name", None) == getattr(self.tokenizer, "name", None)
+            and tokenizer.bos_id == self.tokenizer.bos_id)
+
+
+class ARJudge(_Judge):
+  """An AR baseline checkpoint (configs/shakespeare.py:ar) as the judge."""
+
+  def __init__(self, workdir: str):
+    from pgm_jax import train  # pylint: disable=g-import-not-at-top
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+      raise ValueError(f"config.eval.judge_workdir: {path} not found (train a judge with "
+                       f"configs/shakespeare.py:ar, or convert GPT-2 weights with "
+                       f"`python -m pgm_jax.evaluation convert_gpt2`)")
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    if config.model.kind != "ar":
+      raise ValueError(f"config.eval.judge_workdir: {workdir} holds a {config.model.kind!r} "
+                       f"model; the judge must be an 'ar' model")
+    self.setup = train.make_setup(config)
+    self.step, self.params = train.restore_eval_params(self.setup, workdir)
+    self.tokenizer = self.setup.tokenizer
+    self.seq_len = config.data.seq_len
+    model, mask_id = self.setup.model, self.setup.mask_id
+
+    @jax.jit
+    def nll(params, tokens, valid):
+      logits = model.apply({"params": params}, tokens, valid)
+      terms = objectives.ar_loss_terms(logits, tokens, valid, mask_id)
+      return terms.nll_sum, terms.num_tokens
+
+    self._nll = nll
+
+
+class GPT2Judge(_Judge):
+  """GPT-2 weights converted by `convert_gpt2` (the paper's judge is GPT-2 Large)."""
+
+  def __init__(self, directory: str):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from pgm_jax.models import gpt2  # pylint: disable=g-import-not-at-top
+    from pgm_jax.tokenizers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(directory, "judge.json")) as f:
+      meta = json.load(f)
+    cfg = gpt2.GPT2Config(**meta["config"])
+    model = gpt2.GPT2(cfg)
+    target = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    self.params = ocp.StandardCheckpointer().restore(
+        os.path.join(os.path.abspath(directory), "params"), target)
+    self.tokenizer = GPT2Tokenizer()
+    self.seq_len = cfg.n_positions
+    self.step = meta.get("source")
+
+    @jax.jit
+    def nll(params, tokens, valid):
+      logp = jax.nn.log_softmax(model.apply({"params": params}, tokens, valid), axis=-1)
+      target = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+      counted = valid[:, 1:]
+      return -jnp.sum(jnp.where(counted, target, 0.0)), counted.sum().astype(jnp.float32)
+
+    self._nll = nll
+
+
+def load_state_dict(path: str) -> dict:
+  """numpy state dict from a .safetensors file, a pytorch_model.bin, or an HF folder."""
+  if os.path.isdir(path):
+    for name in ("model.safetensors", "pytorch_model.bin"):
+      if os.path.exists(os.path.join(path, name)):
+        return load_state_dict(os.path.join(path, name))
+    raise ValueError(f"--from: no model.safetensors or pytorch_model.bin in {path}")
+  from pgm_jax import convert  # pylint: disable=g-import-not-at-top
+  if path.endswith(".safetensors"):
+    return convert.read_safetensors(path)
+  # A pickle: torch.load(weights_only=True) via the checkpoint converter's safe loader.
+  state, _ = convert.read_torch(path)
+  return {k: np.asarray(convert._to_numpy(v), np.float32) for k, v in state.items()}  # pylint: disable=protected-access
+
+
+def convert_gpt2(src: str, out: str, n_head: int | None = None) -> dict:
+  """HF GPT-2 weights -> OUT/params (Orbax) + OUT/judge.json. Returns the config."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from pgm_jax.models import gpt2  # pylint: disable=g-import-not-at-top
+  state = load_state_dict(src)
+  hf_config = os.path.join(src, "config.json") if os.path.isdir(src) else None
+  if n_head is None and hf_config and os.path.exists(hf_config):
+    n_head = json.load(open(hf_config)).get("n_head")
+  cfg = gpt2.config_from_state(state, n_head)
+  params = gpt2.hf_to_flax(state, cfg)
+  out = os.path.abspath(out)
+  os.makedirs(out, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out, "params"), params, force=True)
+  checkpointer.wait_until_finished()
+  meta = {"kind": "gpt2", "config": dataclasses.asdict(cfg), "source": os.path.abspath(src)}
+  with open(os.path.join(out, "judge.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  return meta
+
+
+@functools.lru_cache(maxsize=4)
+def load_judge(directory: str) -> _Judge:
+  """A converted GPT-2 (folder with judge.json) or an AR baseline workdir."""
+  if os.path.exists(os.path.join(directory, "judge.json")):
+    return GPT2Judge(directory)
+  return ARJudge(directory)
+
+
+def main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m pgm_jax.evaluation",
+      description="Convert Hugging Face GPT-2 weights into a gen-PPL judge for "
+                  "config.eval.judge_workdir. A pytorch_model.bin is a pickle and is loaded "
+                  "with torch.load(weights_only=True); prefer model.safetensors.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  conv = sub.add_parser("convert_gpt2")
+  conv.add_argument("--from", dest="src", required=True,
+                    help="HF folder, model.safetensors or pytorch_model.bin")
+  conv.add_argument("--to", dest="out", required=True, help="output folder (the judge dir)")
+  conv.add_argument("--n_head", type=int, default=None)
+  args = parser.parse_args(argv)
+  try:
+    meta = convert_gpt2(args.src, args.out, args.n_head)
+  except ValueError as e:
+    raise SystemExit(f"pgm_jax.evaluation: error: {e}")
+  print(f"GPT-2 judge written to {args.out}: {meta['config']}")
+
+
+if __name__ == "__main__":
+  main()
