@@ -21,7 +21,9 @@ from etils import epath
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  # URLs (gs://bucket/run) stay as they are: every host must write to the same place.
+  base = workdir if "://" in workdir else os.path.abspath(workdir)
+  return os.path.join(base, "checkpoints")
 
 
 def make_manager(directory: str, ckpt_config=None, *, read_only: bool = False
@@ -121,7 +123,7 @@ def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
 
 
 def latest_step(directory: str) -> Optional[int]:
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return None
   return make_manager(directory, read_only=True).latest_step()
 

@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- model: architecture (spec section 3). -------------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.kind = "pgm"              # "pgm" (PartitionDiT) | "mdlm" (DiT baseline)
+  c.model.kind = "pgm"              # "pgm" (PartitionDiT) | "mdlm" (DiT baseline) |
+                                    # "ar" (the same DiT, causal: the offline judge)
   c.model.hidden = 768              # H
   c.model.num_heads = 12            # head_dim = H / num_heads (64 in the paper)
   c.model.cond_dim = 128            # adaLN conditioning width c
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.max_batches = placeholder(int)  # None = the whole validation split
   c.eval.seed = 1234                # fixed, so val PPL is reproducible
+  c.eval.gen_ppl = False            # --mode=eval also samples and scores: gen PPL + entropy
+  c.eval.judge_workdir = placeholder(str)  # workdir of a trained "ar" model (the judge)
+  c.eval.gen_num_samples = 16       # samples scored (config.sample.* picks sampler, steps)
 
   # --- opt: AdamW, warmup then constant, clipping, EMA. ---------------------------
   c.opt = ml_collections.ConfigDict()
@@ -109,6 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt.restore_from = placeholder(str)     # full state, if the workdir has none
   c.ckpt.init_params_from = placeholder(str)  # params only (fresh optimizer)
 
+  # --- plan: --mode=plan (ahead-of-time compile of the train step; pgm_jax/plan.py). --
+  c.plan = ml_collections.ConfigDict()
+  c.plan.num_devices = placeholder(int)  # mesh size to plan for; None = product of
+                                         # config.mesh.shape (or the local devices if -1).
+                                         # On CPU, more than are here -> virtual devices.
+  c.plan.device_memory_gib = placeholder(float)  # e.g. 32 (TPU v4), 16 (v5e), 80 (H100)
+
   # --- sample: samplers (--mode=sample and end-of-training samples). -------------
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "auto"         # auto | PGM: efficient-uniform, efficient-non-uniform,
@@ -144,8 +155,27 @@ def resolve_sampler(config) -> str:
   """config.sample.sampler with "auto" resolved by config.model.kind."""
   sampler = config.sample.sampler
   if sampler == "auto":
-    return "efficient-uniform" if config.model.kind == "pgm" else "ddpm_cache"
+    return {"pgm": "efficient-uniform", "mdlm": "ddpm_cache", "ar": "ar"}.get(
+        config.model.kind, sampler)
   return sampler
+
+
+def apply_runlocal(c, *, hidden: int = 128, cond_dim: int | None = None,
+                   seq_len: int | None = None, eval_batch_size: int = 8,
+                   eval_max_batches: int = 2):
+  """Shrinks a config in place for a CPU smoke run: 2 heads, MDLM 2 layers, PGM 1 + 1,
+  batch 8, 20 steps (log every 5, eval and checkpoint every 10), 8 sampling steps."""
+  c.model.update(dict(hidden=hidden, num_heads=2, num_layers=2, enc_layers=1, dec_layers=1))
+  if cond_dim is not None:
+    c.model.cond_dim = cond_dim
+  if seq_len is not None:
+    c.data.seq_len = seq_len
+  c.train.update(dict(batch_size=8, num_steps=20, log_every=5, eval_every=10))
+  c.eval.batch_size = eval_batch_size
+  c.eval.max_batches = eval_max_batches
+  c.ckpt.every_steps = 10
+  c.sample.steps = 8
+  return c
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -177,9 +207,27 @@ def parse_arg(arg: str | None, **defaults):
   return result
 
 
-def validate(config, *, num_devices: int, data_parallel: int) -> None:
-  """Start-up checks with errors that name the config key."""
+def validate(config, *, num_devices: int, data_parallel: int, mesh_shape=None) -> None:
+  """Start-up checks with errors that name the config key.
+
+  `mesh_shape` ({axis: size} of the resolved mesh) enables the mesh checks: rules
+  that name unknown mesh axes, and heads vs the tensor-parallel size.
+  """
   t, d, m = config.train, config.data, config.model
+  if mesh_shape is not None:
+    mesh_shape = dict(mesh_shape)
+    if len(set(config.mesh.axes)) != len(tuple(config.mesh.axes)):
+      raise ValueError(f"config.mesh.axes={tuple(config.mesh.axes)} has a repeated name")
+    for name, axes in config.mesh.logical_axis_rules:
+      axes = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
+      unknown = [a for a in axes if a is not None and a not in mesh_shape]
+      if unknown:
+        raise ValueError(f"config.mesh.logical_axis_rules maps {name!r} to mesh axes "
+                         f"{unknown} that are not in config.mesh.axes={tuple(mesh_shape)}")
+    tensor = mesh_shape.get("tensor", 1)
+    if m.num_heads % tensor:
+      raise ValueError(f"config.model.num_heads={m.num_heads} must be divisible by the "
+                       f"tensor-parallel size {tensor} (config.mesh.shape)")
   if t.batch_size <= 0:
     raise ValueError(f"config.train.batch_size must be positive, got {t.batch_size}")
   if t.grad_accum_steps <= 0 or t.batch_size % t.grad_accum_steps:

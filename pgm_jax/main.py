@@ -15,16 +15,20 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pgm_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with presets: configs/x.py:preset1,preset2.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample", "bench"],
+    "mode", "train", ["train", "eval", "sample", "bench", "plan"],
     "train: train (resuming from WORKDIR). eval: validation PPL of the latest checkpoint's "
     "EMA weights -> WORKDIR/eval.json. sample: config.sample.num_samples samples from the "
     "latest checkpoint -> WORKDIR/samples.jsonl. bench: sampling throughput and FLOPs, PGM "
-    "vs MDLM (configs/bench.py) -> WORKDIR/bench.json.")
+    "vs MDLM (configs/bench.py) -> WORKDIR/bench.json. plan: compile (not run) the train step on "
+    "config.mesh.shape over config.plan.num_devices (virtual CPU devices if needed) -> "
+    "per-device memory and FLOPs in WORKDIR/plan.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,7 +55,7 @@ def main(argv):
     config = _CONFIG.value
     config.get("model")  # config files load lazily: surface a bad path here
   except OSError as e:
-    print(f"pgm_jax: error: --config: {_one_line(e)}", file=sys.stderr)
+    print(f"pgm_jax: error: --config: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(2)
   try:
     if _MODE.value == "train":
@@ -59,10 +63,16 @@ def main(argv):
     elif _MODE.value == "eval":
       result = train.evaluate(config, _WORKDIR.value)
       print(f"val_ppl={result['val_ppl']:.6f}")
+      for key in ("gen_ppl", "gen_ppl_raw", "entropy"):
+        if key in result:
+          print(f"{key}={result[key]:.6f}")
     elif _MODE.value == "sample":
       for s in train.sample(config, _WORKDIR.value)[:4]:
         print(f"--- sample {s['index']} ({s['sampler']}, {s['steps']} steps, seed {s['seed']})")
         print(s["text"])
+    elif _MODE.value == "plan":
+      from pgm_jax import plan  # pylint: disable=g-import-not-at-top
+      plan.run_plan(config, _WORKDIR.value)
     else:
       from pgm_jax import bench  # pylint: disable=g-import-not-at-top
       bench.run_bench(config, _WORKDIR.value)
@@ -73,26 +83,5 @@ def main(argv):
     sys.exit(1)
 
 
-def _one_line(error: BaseException) -> str:
-  """The first line of an error, plus its last line when a traceback is embedded."""
-  lines = [l.strip() for l in str(error).replace("\\n", "\n").splitlines() if l.strip()]
-  if not lines:
-    return type(error).__name__
-  text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-  return text.strip("'\"")
-
-
-def parse_flags(argv):
-  """absl flag parsing, with bad config presets/keys reported as one line (exit 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = _one_line(e)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    message = f"bad --config override: {_one_line(e)}"
-  print(f"pgm_jax: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser("pgm_jax"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -55,9 +56,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shardings_from_boxed(abstract_boxed_tree, mesh: Mesh, rules):
-  """NamedShardings for a tree whose leaves carry logical axis metadata."""
+  """NamedShardings for a tree whose leaves carry logical axis metadata.
+
+  A dimension that its mesh axes do not divide (e.g. a vocabulary of 2049 over
+  tensor=2) is replicated along those axes instead (logged once per name).
+  """
   specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shapes = nn.meta.unbox(abstract_boxed_tree)
+  return jax.tree.map(lambda x, s: fit_sharding(s, x.shape), shapes, shardings)
+
+
+_WARNED = set()
+
+
+def fit_sharding(named: NamedSharding, shape) -> NamedSharding:
+  """`named` with the mesh axes of every dimension they do not divide dropped."""
+  spec = tuple(named.spec) + (None,) * (len(shape) - len(named.spec))
+  fitted = []
+  for dim, axes in zip(shape, spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(named.mesh.shape[a] for a in names)
+    if names and dim % size:
+      if (dim, names) not in _WARNED:
+        _WARNED.add((dim, names))
+        logging.warning("dimension %d is not divisible by mesh axes %s (size %d): "
+                        "replicated along them", dim, names, size)
+      fitted.append(None)
+    else:
+      fitted.append(axes)
+  return NamedSharding(named.mesh, P(*fitted))
 
 
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from pgm_jax import checkpointing, config_lib, sampling, sharding, steps
 from pgm_jax import input_pipeline, tokenizers
@@ -49,17 +50,18 @@ class Setup:
     return self.tokenizer.mask_id
 
 
-def make_setup(config) -> Setup:
-  """Validates the config and builds the model, optimizer, mesh and shardings."""
-  mesh = sharding.make_mesh(config.mesh)
+def make_setup(config, devices=None) -> Setup:
+  """Validates the config and builds the model, optimizer, mesh and shardings.
+
+  `devices`: the devices of the mesh (default: all, `jax.devices()`).
+  """
+  mesh = sharding.make_mesh(config.mesh, devices)
   data_parallel = sharding.data_parallel_size(mesh)
-  config_lib.validate(config, num_devices=mesh.size, data_parallel=data_parallel)
+  config_lib.validate(config, num_devices=mesh.size, data_parallel=data_parallel,
+                      mesh_shape=dict(mesh.shape))
   tokenizer = tokenizers.get_tokenizer(config.data)
   model_cfg = model_config_from(config, vocab_size=tokenizer.vocab_size,
                                 mask_id=tokenizer.mask_id)
-  if config.model.num_heads % mesh.shape.get("tensor", 1):
-    raise ValueError(f"config.model.num_heads={config.model.num_heads} must be divisible by "
-                     f"the tensor-parallel size {mesh.shape['tensor']} (config.mesh.shape)")
   if not 1 <= config.sample.steps <= config.data.seq_len - 1:
     raise ValueError(f"config.sample.steps={config.sample.steps} must be in "
                      f"[1, config.data.seq_len - 1 = {config.data.seq_len - 1}]")
@@ -68,7 +70,8 @@ def make_setup(config) -> Setup:
     pallas_attention.check_block_sizes(config.data.seq_len, config.data.seq_len,
                                        config.attn.block_q, config.attn.block_kv)
   sampler = config_lib.resolve_sampler(config)
-  allowed = sampling.PGM_SAMPLERS if model_cfg.kind == "pgm" else sampling.MDLM_SAMPLERS
+  allowed = {"pgm": sampling.PGM_SAMPLERS, "mdlm": sampling.MDLM_SAMPLERS,
+             "ar": sampling.AR_SAMPLERS}[model_cfg.kind]
   if sampler not in allowed:
     raise ValueError(f"config.sample.sampler={sampler!r} is not a {model_cfg.kind} sampler; "
                      f"use one of {allowed} or 'auto'")
@@ -85,6 +88,46 @@ def make_setup(config) -> Setup:
   return Setup(config=config, tokenizer=tokenizer, mesh=mesh, model_cfg=model_cfg, model=model,
                tx=tx, state_shardings=state_shardings, abstract_state=abstract_state,
                batch_sharding=sharding.batch_sharding(mesh), data_parallel=data_parallel)
+
+
+def _abspath(path: str) -> str:
+  """Absolute local path; URLs (gs://...) are left alone (they are shared by all hosts)."""
+  return path if "://" in path else os.path.abspath(path)
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes a small file (local or gs://). Call it from process 0 only."""
+  epath.Path(path).write_text(text, encoding="utf-8")
+
+
+def _any_process(flag: bool) -> bool:
+  """True if `flag` is set on any process (every process must call this together)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def make_train_step(setup: Setup):
+  """The train step jitted with explicit in/out shardings, donating the state.
+
+  Also what `--mode=plan` lowers and compiles ahead of time (pgm_jax/plan.py).
+  """
+  return jax.jit(
+      functools.partial(steps.train_step, model=setup.model, tx=setup.tx, config=setup.config,
+                        mask_id=setup.mask_id),
+      in_shardings=(setup.state_shardings, setup.batch_sharding,
+                    sharding.replicated(setup.mesh)),
+      out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+      donate_argnums=(0,))
+
+
+def abstract_batch(setup: Setup, batch_size: int | None = None) -> dict:
+  """ShapeDtypeStructs (with the batch sharding) of one global training batch."""
+  b = setup.config.train.batch_size if batch_size is None else batch_size
+  shape = (b, setup.config.data.seq_len)
+  return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
+          "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=setup.batch_sharding)}
 
 
 def init_state(setup: Setup, rng):
@@ -107,7 +150,8 @@ def make_eval_fn(setup: Setup):
   fn = functools.partial(steps.eval_step, model=setup.model, config=setup.config,
                          mask_id=setup.mask_id, data_parallel=setup.data_parallel)
   return jax.jit(fn, in_shardings=(setup.state_shardings.params, setup.batch_sharding,
-                                   sharding.replicated(setup.mesh)))
+                                   sharding.replicated(setup.mesh)),
+                 out_shardings=sharding.replicated(setup.mesh))  # host-readable everywhere
 
 
 def run_validation(setup: Setup, params, eval_fn=None) -> dict:
@@ -156,6 +200,8 @@ def generate_samples(setup: Setup, params, *, num_samples: int, num_steps: int, 
     if setup.model_cfg.kind == "pgm":
       result = sampling.pgm_sample(params, prompt, bucket_size=cfg.sample.bucket_size,
                                    progress=progress, **common)
+    elif setup.model_cfg.kind == "ar":
+      result = sampling.ar_sample(params, prompt, **common)
     else:
       result = sampling.mdlm_sample(params, prompt, **common)
     for i, row in enumerate(result.tokens):
@@ -212,9 +258,8 @@ def sample(config, workdir: str) -> list[dict]:
   seconds = time.time() - started
   if jax.process_index() == 0:
     path = os.path.join(workdir, "samples.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-      for s in samples:
-        f.write(json.dumps(dict(s, checkpoint_step=step)) + "\n")
+    _write_text(path, "".join(json.dumps(dict(s, checkpoint_step=step)) + "\n"
+                              for s in samples))
     logging.info("%d samples (%s, %d steps) in %.1fs written to %s", len(samples), sampler,
                  config.sample.steps, seconds, path)
   return samples
@@ -259,9 +304,9 @@ def restore_or_init(setup: Setup, manager, train_iter, rng):
     return state
   if ckpt.get("restore_from"):
     src_dir = ckpt.restore_from
-    if not os.path.isdir(src_dir):
+    if not epath.Path(src_dir).is_dir():
       raise ValueError(f"config.ckpt.restore_from: {src_dir} does not exist")
-    if os.path.isdir(os.path.join(src_dir, "checkpoints")):
+    if (epath.Path(src_dir) / "checkpoints").is_dir():
       src_dir = os.path.join(src_dir, "checkpoints")
     src = checkpointing.make_manager(src_dir, read_only=True)
     step = src.latest_step()
@@ -273,7 +318,7 @@ def restore_or_init(setup: Setup, manager, train_iter, rng):
   state = init_state(setup, rng)
   if ckpt.get("init_params_from"):
     src_dir = ckpt.init_params_from
-    if not os.path.isdir(src_dir):
+    if not epath.Path(src_dir).is_dir():
       raise ValueError(f"config.ckpt.init_params_from: {src_dir} does not exist")
     params = checkpointing.restore_params(src_dir, setup.abstract_state.params)
     logging.info("Initialised params (EMA weights) from %s", src_dir)
@@ -286,20 +331,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming automatically) and returns final metrics."""
   setup = make_setup(config)
   t_cfg = config.train
-  workdir = os.path.abspath(workdir)
+  workdir = _abspath(workdir)
   is_host0 = jax.process_index() == 0
   train_iter = input_pipeline.build_train_iterator(
       config.data, setup.tokenizer, seed=config.seed, batch_size=t_cfg.batch_size,
       process_index=jax.process_index(), process_count=_process_count())
-  os.makedirs(workdir, exist_ok=True)
+  if is_host0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config.ckpt)
   rng = jax.random.key(config.seed)
   state = restore_or_init(setup, manager, train_iter, jax.random.fold_in(rng, 0))
-  train_rng = jax.random.fold_in(rng, 1)
+  # A global, replicated key (made by a jitted fn, so it is valid on multi-host meshes too):
+  # a single-device key would need a transfer into the step, which the guard forbids.
+  train_rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1),
+                      out_shardings=sharding.replicated(setup.mesh))()
   start_step = int(jax.device_get(state.step))
   if is_host0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    _write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   writer = MetricWriter(workdir, just_logging=not is_host0)
   if start_step == 0:
@@ -309,13 +357,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                config.model.kind, n_params / 1e6, setup.tokenizer.vocab_size,
                config.data.seq_len, setup.mesh.size, dict(setup.mesh.shape))
 
-  step_fn = jax.jit(
-      functools.partial(steps.train_step, model=setup.model, tx=setup.tx, config=config,
-                        mask_id=setup.mask_id),
-      in_shardings=(setup.state_shardings, setup.batch_sharding,
-                    sharding.replicated(setup.mesh)),
-      out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-      donate_argnums=(0,))
+  step_fn = make_train_step(setup)
   eval_fn = make_eval_fn(setup)
 
   last_saved = manager.latest_step()
@@ -384,7 +426,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         if step % config.ckpt.every_steps == 0 or step == t_cfg.num_steps:
           save(step, metrics)
-        if preemption.requested:
+        # SIGTERM may reach only some hosts: agree on it (a host all-gather, so on pods
+        # only at log boundaries) before anyone saves and stops, or the others hang.
+        stop = (preemption.requested if jax.process_count() == 1 else
+                step % t_cfg.log_every == 0 and _any_process(preemption.requested))
+        if stop:
           save(step, metrics)
           manager.wait_until_finished()
           logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
@@ -396,15 +442,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
       save(step, None)
     manager.wait_until_finished()
 
-    if config.train.num_final_samples > 0 and is_host0:
+    if config.train.num_final_samples > 0:
+      # Every process runs the sampler (params are global arrays); only process 0 writes.
       samples = generate_samples(setup, eval_params(state),
                                  num_samples=config.train.num_final_samples,
                                  num_steps=config.sample.steps, seed=config.sample.seed)
       path = os.path.join(workdir, f"samples_step{step}.txt")
-      with open(path, "w", encoding="utf-8") as f:
-        for i, s in enumerate(samples):
-          f.write(f"=== sample {i} ({config.model.kind}, {s['sampler']}, {s['steps']} steps) "
-                  f"===\n{s['text']}\n\n")
+      if is_host0:
+        _write_text(path, "".join(
+            f"=== sample {i} ({config.model.kind}, {s['sampler']}, {s['steps']} steps) "
+            f"===\n{s['text']}\n\n" for i, s in enumerate(samples)))
       writer.write_texts(step, {f"samples/{i}": s["text"] for i, s in enumerate(samples)})
       for i, s in enumerate(samples):
         logging.info("sample %d: %s", i, s["text"][:500].replace("\n", " / "))
@@ -421,13 +468,45 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def evaluate(config, workdir: str) -> dict:
   """Restores the latest checkpoint's EMA weights and computes validation perplexity."""
   setup = make_setup(config)
+  if config.eval.gen_ppl and not config.eval.get("judge_workdir"):
+    raise ValueError("config.eval.gen_ppl=True needs config.eval.judge_workdir (the workdir "
+                     "of a trained AR judge, e.g. configs/shakespeare.py:ar)")
   step, params = restore_eval_params(setup, workdir)
   result = run_validation(setup, params)
   result.update(step=step, model=config.model.kind, seq_len=config.data.seq_len)
+  if config.eval.gen_ppl:
+    result.update(generation_metrics(setup, params, config.eval.judge_workdir))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    _write_text(os.path.join(workdir, "eval.json"), json.dumps(result, indent=2))
   return result
+
+
+def generation_metrics(setup: Setup, params, judge_workdir: str) -> dict:
+  """Samples config.eval.gen_num_samples sequences and scores them (gen PPL, entropy).
+
+  Throughput is measured on a second pass over the same work, after compilation.
+  """
+  from pgm_jax import evaluation  # pylint: disable=g-import-not-at-top
+  cfg = setup.config
+  judge = evaluation.load_judge(judge_workdir)
+  sampler = config_lib.resolve_sampler(cfg)
+  kw = dict(num_samples=cfg.eval.gen_num_samples, num_steps=cfg.sample.steps,
+            seed=cfg.sample.seed, sampler=sampler)
+  generate_samples(setup, params, **dict(kw, num_samples=min(kw["num_samples"],
+                                                              cfg.sample.batch_size)))
+  started = time.perf_counter()
+  samples = generate_samples(setup, params, **kw)
+  seconds = time.perf_counter() - started
+  texts = [s["text"] for s in samples]
+  out = {"sampler": sampler, "steps": cfg.sample.steps, "gen_num_samples": len(samples),
+         "judge_workdir": judge_workdir, "judge_step": judge.step,
+         "entropy": evaluation.mean_entropy([s["tokens"] for s in samples]),
+         "throughput": len(samples) * (cfg.data.seq_len - 1) / seconds,
+         "throughput_unit": "generated tokens/s (after compilation)"}
+  out.update(judge.score_texts(texts))
+  if judge.same_tokenizer(setup.tokenizer):
+    out.update(judge.score_tokens([s["tokens"] for s in samples]))
+  return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
