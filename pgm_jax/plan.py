@@ -75,7 +75,9 @@ def compile_plan(config, devices=None) -> dict:
     per_device["peak_estimate_bytes"] = (
         per_device["argument_size_in_bytes"] + per_device["output_size_in_bytes"]
         - per_device["alias_size_in_bytes"] + per_device["temp_size_in_bytes"])
-  flops = float(cost.get("flops", 0.0))
+  # XLA's cost analysis counts a loop body once: the gradient-accumulation scan runs
+  # grad_accum_steps times (the optimizer update, counted as many times, is negligible).
+  flops = float(cost.get("flops", 0.0)) * int(config.train.grad_accum_steps)
   result = {
       "model": config.model.kind,
       "backend": jax.default_backend(),

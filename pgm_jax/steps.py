@@ -97,6 +97,21 @@ def loss_terms(params, batch, t_B, noise_u_BxL, dropout_rng, *, model, mask_id: 
   return objectives.mdlm_loss_terms(logits, tokens, is_masked, t_B, valid, mask_id)
 
 
+def _keep_batch_sharded(x_AxBx):
+  """Microbatches [accum, B/accum, ...]: keep dim 1 sharded over the batch mesh axes.
+
+  Without the constraint the partitioner may shard the reshaped leading (accumulation)
+  dimension instead, so that each device holds whole microbatches and accumulation
+  saves no memory. No-op outside a mesh context (see `train.with_mesh`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in ("data", "fsdp") if a in (mesh.axis_names or ()))
+  if not axes:
+    return x_AxBx
+  spec = jax.sharding.PartitionSpec(None, axes, *([None] * (x_AxBx.ndim - 2)))
+  return jax.lax.with_sharding_constraint(x_AxBx, spec)
+
+
 def ema_decay(decay: float, num_updates):
   """The reference's warm-up: min(decay, (1 + n) / (10 + n))."""
   n = num_updates.astype(jnp.float32)
@@ -126,7 +141,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
     return terms.loss_sum / denom, terms.nll_sum / denom
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-  split = lambda x: x.reshape((accum, batch_size // accum) + x.shape[1:])
+  split = lambda x: _keep_batch_sharded(x.reshape((accum, batch_size // accum) + x.shape[1:]))
   inputs = (jnp.arange(accum), jax.tree.map(split, batch), split(t_B), split(noise_u_BxL))
 
   def body(carry, inputs):

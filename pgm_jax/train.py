@@ -108,14 +108,26 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def with_mesh(mesh, fn):
+  """`fn` traced under `mesh` as the abstract mesh, so that the attention op can wrap its
+  Pallas kernels in `jax.shard_map` (batch over data/fsdp, heads over tensor)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
 def make_train_step(setup: Setup):
   """The train step jitted with explicit in/out shardings, donating the state.
 
   Also what `--mode=plan` lowers and compiles ahead of time (pgm_jax/plan.py).
   """
   return jax.jit(
-      functools.partial(steps.train_step, model=setup.model, tx=setup.tx, config=setup.config,
-                        mask_id=setup.mask_id),
+      with_mesh(setup.mesh, functools.partial(steps.train_step, model=setup.model, tx=setup.tx,
+                                               config=setup.config, mask_id=setup.mask_id)),
       in_shardings=(setup.state_shardings, setup.batch_sharding,
                     sharding.replicated(setup.mesh)),
       out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
@@ -149,8 +161,9 @@ def _process_count():
 def make_eval_fn(setup: Setup):
   fn = functools.partial(steps.eval_step, model=setup.model, config=setup.config,
                          mask_id=setup.mask_id, data_parallel=setup.data_parallel)
-  return jax.jit(fn, in_shardings=(setup.state_shardings.params, setup.batch_sharding,
-                                   sharding.replicated(setup.mesh)),
+  return jax.jit(with_mesh(setup.mesh, fn),
+                 in_shardings=(setup.state_shardings.params, setup.batch_sharding,
+                               sharding.replicated(setup.mesh)),
                  out_shardings=sharding.replicated(setup.mesh))  # host-readable everywhere
 
 

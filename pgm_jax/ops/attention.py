@@ -24,8 +24,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from flax import struct
 
 MASK_KINDS = ("full", "same_group", "other_group", "causal")
@@ -152,6 +156,10 @@ def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: j
     raise ValueError(
         f"partition_attention: bad shapes q={q_BxQxHxD.shape} k={k_BxKxHxD.shape} "
         f"v={v_BxKxHxD.shape}; expected [batch, seq, heads, head_dim]")
+  if impl != "xla":
+    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
+      if not isinstance(block, int) or block <= 0:
+        raise ValueError(f"config.attn.{name} must be a positive integer, got {block!r}")
   if resolved == "pallas":
     from pgm_jax.ops import pallas_attention as pa  # pylint: disable=g-import-not-at-top
     try:
@@ -162,9 +170,40 @@ def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: j
       # "auto": shapes the blocks do not tile (e.g. the sampler's short query sets)
       # take the dense path instead of failing.
       return _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
-    return pa.pallas_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask, block_q=block_q,
-                               block_kv=block_kv)
+    kernel = functools.partial(pa.pallas_attention, block_q=block_q, block_kv=block_kv)
+    return _shard_over_mesh(kernel, q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
   return _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
+
+
+BATCH_MESH_AXES = ("data", "fsdp")
+HEAD_MESH_AXIS = "tensor"
+
+
+def _shard_over_mesh(kernel, q, k, v, mask: AttentionMask):
+  """Runs a Pallas kernel per shard under `jax.shard_map` when a mesh is set
+  (`jax.set_mesh`, as the train/eval/sample steps do): batch over data/fsdp, heads
+  over tensor. XLA cannot partition a Pallas call by itself. Without a mesh, or when
+  the batch/heads do not divide the mesh axes, the kernel runs unpartitioned.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh.axis_names else {}
+  batch_axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+  head_axis = HEAD_MESH_AXIS if sizes.get(HEAD_MESH_AXIS, 1) > 1 else None
+  dp = math.prod(sizes[a] for a in batch_axes)
+  if (not batch_axes and head_axis is None) or q.shape[0] % dp or (
+      head_axis is not None and q.shape[2] % sizes[head_axis]):
+    return kernel(q, k, v, mask)
+  batch_spec = batch_axes or None
+  qkv_spec = P(batch_spec, None, head_axis, None)
+  # Every mask leaf (groups, validity, splits, lengths) is per example: shard its batch.
+  mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
+
+  def per_shard(q, k, v, *leaves):
+    return kernel(q, k, v, jax.tree_util.tree_unflatten(mask_def, leaves))
+
+  specs = (qkv_spec,) * 3 + (P(batch_spec),) * len(mask_leaves)
+  return jax.shard_map(per_shard, in_specs=specs, out_specs=qkv_spec,
+                       check_vma=False)(q, k, v, *mask_leaves)
 
 
 __all__ = ["AttentionMask", "partition_attention", "resolve_impl", "MASK_KINDS", "IMPLS"]
