@@ -137,7 +137,7 @@ def format_table(report: dict) -> str:
   lines = [f"bench {s['name']}: B={s['batch_size']} L={s['seq_len']} S={s['steps']} "
            f"V={s['vocab_size']} on {s['backend']} ({s['device']})",
            f"{'model':<18}{'tokens/s':>12}{'GFLOP/seq':>12}{'pad ovh':>9}{'compiles':>9}"
-           f"{'passes':>8}{'thru x':>8}{'FLOP x':>8}"]
+           f"{'passes':>8}{'thru x':>8}{'FLOP x':>8}{'exact x':>8}"]
 
   def row(name, e, thru=None, flop=None, exact=None):
     tps = "-" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:.1f}"
