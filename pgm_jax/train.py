@@ -77,9 +77,7 @@ def make_setup(config, devices=None) -> Setup:
                      f"use one of {allowed} or 'auto'")
   model = build_model(model_cfg)
   tx = steps.make_optimizer(config.opt)
-  init_fn = functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
-                              seq_len=min(config.data.seq_len, 8), kind=model_cfg.kind)
-  boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  boxed = jax.eval_shape(_boxed_init_fn(model, tx, config), jax.random.key(0))
   rules = sharding.logical_rules(config.mesh)
   state_shardings = sharding.shardings_from_boxed(boxed, mesh, rules)
   abstract_state = jax.tree.map(
@@ -142,20 +140,21 @@ def abstract_batch(setup: Setup, batch_size: int | None = None) -> dict:
           "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=setup.batch_sharding)}
 
 
+def _boxed_init_fn(model, tx, config):
+  """rng -> boxed (logically partitioned) TrainState; shapes do not depend on the
+  dummy input length (RoPE, no position table), so 8 tokens keep init cheap."""
+  return functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
+                           seq_len=min(config.data.seq_len, 8), kind=config.model.kind)
+
+
 def init_state(setup: Setup, rng):
   """Sharded fresh init: abstract shapes -> shardings -> jit(init, out_shardings)."""
-  init_fn = functools.partial(steps.init_state, model=setup.model, tx=setup.tx, batch_size=1,
-                              seq_len=min(setup.config.data.seq_len, 8),
-                              kind=setup.model_cfg.kind)
+  init_fn = _boxed_init_fn(setup.model, setup.tx, setup.config)
   return jax.jit(lambda r: steps.unbox(init_fn(r)), out_shardings=setup.state_shardings)(rng)
 
 
 def eval_params(state) -> Any:
   return state.ema_params
-
-
-def _process_count():
-  return jax.process_count()
 
 
 def make_eval_fn(setup: Setup):
@@ -173,7 +172,7 @@ def run_validation(setup: Setup, params, eval_fn=None) -> dict:
   eval_fn = eval_fn or make_eval_fn(setup)
   it = input_pipeline.build_eval_iterator(
       config.data, setup.tokenizer, batch_size=config.eval.batch_size,
-      process_index=jax.process_index(), process_count=_process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(),
       max_batches=config.eval.get("max_batches"))
   base = jax.random.key(config.eval.seed)
   nll_total, tokens_total, batches = 0.0, 0.0, 0
@@ -348,7 +347,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   is_host0 = jax.process_index() == 0
   train_iter = input_pipeline.build_train_iterator(
       config.data, setup.tokenizer, seed=config.seed, batch_size=t_cfg.batch_size,
-      process_index=jax.process_index(), process_count=_process_count())
+      process_index=jax.process_index(), process_count=jax.process_count())
   if is_host0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config.ckpt)
