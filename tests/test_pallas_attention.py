@@ -263,20 +263,112 @@ def test_block_count_report_near_half():
 def test_op_impls_and_block_size_errors():
   x = jnp.zeros((1, 64, 1, 8))
   mask = AttentionMask()
-  with pytest.raises(ValueError, match="config.attn.block_q"):
-    partition_attention(x, x, x, mask, impl="pallas", block_q=24)
+  for bad in (0, -8, 1.5, "128", True):
+    with pytest.raises(ValueError, match="config.attn.block_q"):
+      partition_attention(x, x, x, mask, impl="pallas", block_q=bad)
   with pytest.raises(ValueError, match="config.attn.block_kv"):
     partition_attention(x, x, x, mask, impl="auto", block_kv=0)
   with pytest.raises(ValueError, match="config.attn.block_kv"):
-    pa.check_block_sizes(64, 256, 64, 64, backend="tpu", interpret=False)
-  with pytest.raises(ValueError, match="config.attn.block_q"):
-    pa.check_block_sizes(96, 96, 48, 32, backend="gpu", interpret=False)
-  assert pa.check_block_sizes(64, 16, 128, 128) == (64, 16)   # clipped to the lengths
+    pa.check_block_sizes(64, 256, 64, -1)
   with pytest.raises(ValueError, match="config.attn.impl"):
     partition_attention(x, x, x, mask, impl="triton")
+  # Every shape is served: blocks are upper bounds, rounded to the hardware tile, and
+  # the lengths padded to a multiple of them.
+  t = lambda *a, **k: tuple(pa.tiling(*a, **k))
+  assert pa.check_block_sizes(64, 16, 128, 128) == (64, 16)
+  assert t(7, 24, 128, 128, backend="tpu", interpret=False) == (8, 128, 8, 128)
+  assert t(192, 192, 128, 128, backend="tpu", interpret=False) == (96, 128, 192, 256)
+  assert t(64, 256, 64, 64, backend="tpu", interpret=False) == (64, 128, 64, 256)
+  assert t(7, 24, 128, 128, backend="gpu", interpret=False) == (16, 32, 16, 32)
+  assert t(96, 192, 48, 128, backend="gpu", interpret=False) == (64, 128, 128, 256)
+  assert t(7, 24, 128, 128, backend="tpu", interpret=True) == (8, 24, 8, 24)
+  assert t(7, 24, 4, 16, backend="tpu", interpret=True) == (8, 16, 8, 32)
   if jax.default_backend() == "cpu":
     from pgm_jax.ops import resolve_impl
     assert resolve_impl("auto") == "xla"
+
+
+# ----------------------------------------------------------------------------
+# Padding inside the op: awkward lengths (sampler query counts, encoder buckets).
+# ----------------------------------------------------------------------------
+
+def _op(impl, **kw):
+  return lambda q, k, v, m: partition_attention(q, k, v, m, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("lq,lk,bq,bk", [(7, 24, 128, 128), (8, 48, 128, 16), (7, 24, 4, 16)])
+def test_op_pads_sampler_shapes(lq, lk, bq, bk):
+  """The op with impl=pallas (TPU lowering, interpreted) at the sampler's decode shapes:
+  7 or 8 queries against packed keys (kv_length 0, short, full), blocks that do not
+  tile the lengths: forward and dq/dk/dv == the dense oracle."""
+  rng = np.random.default_rng(lq * lk)
+  q, k, v, ct = qkv(rng, 3, lq, lk, 2, 16)
+  mask = AttentionMask.packed(jnp.asarray([0, 5, lk], jnp.int32), lk)
+  out, grads = _value_and_grads(q, k, v, ct, mask, _op("pallas", block_q=bq, block_kv=bk))
+  ref_out, ref_grads = _value_and_grads(q, k, v, ct, mask, _xla_attention)
+  assert out.shape == ref_out.shape and rel_err(out, ref_out) < RTOL
+  for name, g, r in zip("qkv", grads, ref_grads):
+    assert g.shape == r.shape and rel_err(g, r) < RTOL, f"d{name}: {rel_err(g, r)}"
+  assert np.all(np.asarray(out[0]) == 0.0)
+
+
+@pytest.mark.parametrize("backend,kind,length,interpret", [
+    ("tpu", "same_group", 40, True),      # generic interpreter: 40 -> 48 (blocks 16)
+    ("tpu", "other_group", 192, "tpu"),   # TPU interpreter, TPU tiles: keys 192 -> 256
+    ("gpu", "other_group", 192, True),    # Triton tiles: 192 -> 256 (queries and keys)
+])
+def test_sorted_groups_with_padding(backend, kind, length, interpret):
+  """Sorted-layout group masks at lengths the blocks do not tile: padded queries and
+  keys join group 1 (after the split), so block skipping stays exact; padded keys are
+  invalid. Includes empty groups and scattered padding (kv_valid)."""
+  rng = np.random.default_rng(length)
+  g = partitions(length, 16, rng)[[0, 1, 3]]
+  valid = jnp.asarray(rng.random(g.shape) < 0.9)
+  mask = sorted_mask(kind, g, valid)
+  block = 16 if length == 40 else 128
+  interp = pltpu.InterpretParams() if interpret == "tpu" else interpret
+  spec = pa.make_spec(mask, length, length, 32, block_q=block, block_kv=block, backend=backend,
+                      interpret=interp)
+  assert spec.kv_len > length and spec.use_kv_valid
+  q, k, v, ct = qkv(rng, 3, length, length, 1, 32)
+  check_against_oracle(q, k, v, ct, mask, block_q=block, block_kv=block, backend=backend,
+                       interpret=interp)
+
+
+def test_auto_resolves_for_the_compile_target(caplog):
+  """`auto` under compile_target("gpu"/"tpu") picks the kernel (interpret off) and serves
+  the sampler's 7 queries by padding (no ValueError); a call the kernel cannot serve
+  (Triton needs a power-of-two head_dim) falls back to XLA with one logged reason."""
+  from pgm_jax.ops import compile_target, resolve_impl, target_platform
+  q7 = jnp.zeros((2, 7, 2, 16), jnp.bfloat16)
+  k = jnp.zeros((2, 24, 2, 16), jnp.bfloat16)
+  mask = AttentionMask.packed(jnp.asarray([3, 24], jnp.int32), 24)
+
+  def loss(q, k, v):
+    return jnp.sum(partition_attention(q, k, v, mask, impl="auto").astype(jnp.float32))
+
+  for platform, marker in (("gpu", "triton"), ("tpu", "tpu_custom_call")):
+    with compile_target(platform):
+      assert target_platform() == platform and resolve_impl("auto") == "pallas"
+      assert pa.default_backend() == platform and pa._interpret_mode(None) == "none"
+      lowering = "cuda" if platform == "gpu" else "tpu"
+      text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q7, k, k).lower(
+          lowering_platforms=(lowering,)).as_text()
+      assert marker in text
+  assert target_platform() == jax.default_backend()     # outside: as before
+  with pytest.raises(ValueError, match="compile_target"):
+    with compile_target("cuda"):
+      pass
+  q_odd = jnp.zeros((2, 7, 2, 24), jnp.float32)
+  k_odd = jnp.zeros((2, 24, 2, 24), jnp.float32)
+  with compile_target("gpu"), caplog.at_level("WARNING"):
+    for _ in range(2):
+      text = jax.jit(lambda q, k: partition_attention(q, k, k, mask, impl="auto")).trace(
+          q_odd, k_odd).lower(lowering_platforms=("cuda",)).as_text()
+      assert "triton" not in text
+    with pytest.raises(ValueError, match="head_dim"):
+      partition_attention(q_odd, k_odd, k_odd, mask, impl="pallas")
+  assert sum("dense XLA path" in r.getMessage() for r in caplog.records) == 1
 
 
 # ----------------------------------------------------------------------------
@@ -362,7 +454,9 @@ def test_pgm_sorted_layout_and_pallas_match_xla():
 def test_whole_train_step_pallas_matches_xla():
   """`steps.train_step` (optimizer, clipping, EMA included) with config.attn.impl=pallas and
   the sorted layout vs impl=xla: same loss (rtol 1e-5) and updated parameters (atol 1e-6:
-  one Adam step moves each parameter by at most lr, so this checks the update direction)."""
+  one Adam step moves each parameter by at most lr, so this checks the update direction).
+  The batch is 30 tokens long with blocks 8: the op pads queries and keys to 32 inside
+  (padded keys invalid, padded queries sliced), so gradients must stay exact."""
   from pgm_jax import steps
   outs = []
   batch = None
@@ -372,6 +466,7 @@ def test_whole_train_step_pallas_matches_xla():
     state = state.replace(params=perturbed(state.params))
     if batch is None:
       batch, _, _ = pgm_inputs(setup)
+      batch = jax.tree.map(lambda x: x[:, :30], batch)
     fn = jax.jit(functools.partial(steps.train_step, model=setup.model, tx=setup.tx,
                                    config=setup.config, mask_id=setup.mask_id))
     outs.append(jax.device_get(fn(state, batch, jax.random.key(3))))
@@ -418,13 +513,22 @@ assert "shard_map" in jaxpr, "the Pallas kernel was not wrapped in shard_map"
 np.testing.assert_allclose(np.asarray(out_p), np.asarray(out_x), rtol=1e-5, atol=1e-6)
 for a, c in zip(g_p, g_x):
   np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-6)
+# Batch 3 / 3 heads divide no mesh axis: still one shard_map (replicated), same values.
+q3, k3, v3 = (jax.device_put(x[:3, :30, :3], NamedSharding(mesh, P())) for x in (q, k, v))
+mask3 = AttentionMask.packed(jnp.asarray([0, 7, 30], jnp.int32), 30)
+f3 = lambda impl: jax.jit(with_mesh(mesh, jax.grad(lambda q, k, v: jnp.sum(jnp.sin(
+    partition_attention(q, k, v, mask3, impl=impl, block_q=8, block_kv=8))), argnums=(0, 1, 2))))
+assert "shard_map" in str(jax.make_jaxpr(f3("pallas"))(q3, k3, v3))
+for a, c in zip(f3("pallas")(q3, k3, v3), f3("xla")(q3, k3, v3)):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-5)
 print("SHARDED_OK", out_p.sharding.spec)
 """
 
 
 def test_pallas_under_shard_map_on_a_mesh(tmp_path):
   """On an 8-device (2, 2, 2) mesh the kernel runs per shard under jax.shard_map (batch
-  over data/fsdp, heads over tensor) and matches the dense oracle, forward and grads."""
+  over data/fsdp, heads over tensor) and matches the dense oracle, forward and grads;
+  a batch / head count that divides no mesh axis runs replicated in the shard_map."""
   import subprocess
   import sys
   from conftest import REPO_ROOT
@@ -435,3 +539,38 @@ def test_pallas_under_shard_map_on_a_mesh(tmp_path):
                        timeout=600, env=env, cwd=REPO_ROOT)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "SHARDED_OK" in res.stdout
+
+
+def test_efficient_sampler_pallas_matches_xla():
+  """The efficient PGM samplers with attn_impl="pallas" (interpreted, blocks 16) give
+  the same tokens as with "xla" at a scaled-down paper bucket pattern: L = 48, encoder
+  buckets of 24 tokens (24 keys padded to 32 with blocks 16), S = 6 steps, so the
+  uniform sampler decodes 7 or 8 queries (padded to 8) and the non-uniform one powers
+  of two. (One encoder and one decoder layer: every program compiles 3 interpreted
+  kernels, the test's cost.)"""
+  from pgm_jax import sampling
+  from pgm_jax.models import ModelConfig, PartitionDiT
+  length, vocab = 48, 30
+  mask_id, bos = vocab - 1, 0
+  base = ModelConfig("pgm", vocab, mask_id, hidden=32, num_heads=2, cond_dim=16,
+                     num_layers=2, enc_layers=1, dec_layers=1, dropout=0.0, dtype="float32",
+                     block_q=16, block_kv=16)
+  xla_model = PartitionDiT(base)
+  pallas_model = PartitionDiT(dataclasses.replace(base, attn_impl="pallas"))
+  tokens = jnp.zeros((1, length), jnp.int32)
+  params = jax.tree.map(lambda x: getattr(x, "value", x),
+                        xla_model.init(jax.random.key(0), tokens, tokens)["params"],
+                        is_leaf=lambda x: hasattr(x, "value"))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = treedef.unflatten([0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  prompt = sampling.unconditional_prompt(2, length, bos)
+  prompt.tokens[1, 20:23] = [3, 4, 5]
+  prompt.known[1, 20:23] = True
+  for sampler in ("efficient-uniform", "efficient-non-uniform"):
+    kw = dict(sampler=sampler, steps=6, seed=4, mask_id=mask_id, bucket_size=24)
+    ref = sampling.pgm_sample(params, prompt, model=xla_model, **kw)
+    got = sampling.pgm_sample(params, prompt, model=pallas_model, **kw)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    assert not (got.tokens == mask_id).any()
+    print(sampler, "programs", got.compiles)

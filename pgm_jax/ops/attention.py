@@ -22,18 +22,68 @@ uniformly and leak information across groups.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.sharding import PartitionSpec as P
 from flax import struct
 
 MASK_KINDS = ("full", "same_group", "other_group", "causal")
 IMPLS = ("xla", "pallas", "auto")
+PLATFORMS = ("tpu", "gpu", "cpu")
+
+# ----------------------------------------------------------------------------
+# Compile target: the platform kernels are built for (default: jax.default_backend()).
+# ----------------------------------------------------------------------------
+
+# A JAX config state (part of the jit cache / trace context key, so a function traced
+# for one target is retraced for another); a plain context variable if that internal
+# API is missing.
+try:
+  from jax._src import config as _jax_config  # pylint: disable=g-import-not-at-top
+  _TARGET_STATE = _jax_config.optional_enum_state(
+      name="pgm_jax_compile_target", enum_values=list(PLATFORMS), default=None,
+      help="pgm_jax attention: platform the kernels are built for (compile_target).",
+      include_in_jit_key=True, include_in_trace_context=True)
+except Exception:  # pylint: disable=broad-except
+  _TARGET_STATE = None
+_TARGET_VAR = contextvars.ContextVar("pgm_jax_compile_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(platform: str) -> Iterator[None]:
+  """Builds attention for `platform` ("tpu" | "gpu" | "cpu") instead of the local backend.
+
+  Inside the context `resolve_impl("auto")` resolves for `platform` and the Pallas
+  kernels are lowered for it with interpret off ("tpu" -> Mosaic, "gpu" -> Triton);
+  "cpu" gives the local CPU behaviour (auto -> xla, pallas interpreted). Trace (jit,
+  lower) inside the context, e.g. to compile for TPU devices from
+  `jax.experimental.topologies.get_topology_desc` on a CPU machine:
+    with compile_target("tpu"): jax.jit(step).lower(...).compile()
+  """
+  if platform not in PLATFORMS:
+    raise ValueError(f"compile_target platform must be one of {PLATFORMS}, got {platform!r}")
+  if _TARGET_STATE is not None:
+    with _TARGET_STATE(platform):
+      yield
+  else:
+    token = _TARGET_VAR.set(platform)
+    try:
+      yield
+    finally:
+      _TARGET_VAR.reset(token)
+
+
+def target_platform() -> str:
+  """"tpu" | "gpu" | "cpu": the `compile_target` if set, else jax.default_backend()."""
+  value = _TARGET_STATE.value if _TARGET_STATE is not None else _TARGET_VAR.get()
+  return value or jax.default_backend()
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -124,12 +174,26 @@ def _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask: AttentionMask):
 
 
 def resolve_impl(impl: str) -> str:
-  """"auto" -> "pallas" on TPU/GPU backends, "xla" on CPU."""
+  """"auto" -> "pallas" when the target platform (`compile_target`, else
+  jax.default_backend()) is TPU/GPU, "xla" on CPU."""
   if impl not in IMPLS:
     raise ValueError(f"config.attn.impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    return "pallas" if target_platform() in ("tpu", "gpu") else "xla"
   return impl
+
+
+_LOGGED_FALLBACKS: set = set()
+
+
+def _kernel_unsupported(q_shape, kv_shape, backend: str) -> Optional[str]:
+  """Why the Pallas kernel cannot serve this call (after padding), or None."""
+  if q_shape[1] == 0 or kv_shape[1] == 0:
+    return "empty query or key sequence"
+  head_dim = q_shape[-1]
+  if backend == "gpu" and (head_dim < 16 or head_dim & (head_dim - 1)):
+    return f"head_dim {head_dim} is not a power of two >= 16 (Triton)"
+  return None
 
 
 def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: jax.Array,
@@ -143,10 +207,13 @@ def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: j
     v_BxKxHxD: values, [batch, kv_len, heads, head_dim].
     mask: an `AttentionMask`.
     impl: "xla" (dense reference), "pallas" (flash kernels that skip masked blocks;
-      interpreted on CPU) or "auto" (pallas on TPU/GPU backends, xla on CPU).
-    block_q, block_kv: kernel block sizes (config.attn.block_q / block_kv); each is
-      clipped to its sequence length and must divide it: a ValueError for "pallas";
-      "auto" falls back to the dense path for shapes the blocks do not tile.
+      interpreted when the target platform is CPU) or "auto" (pallas when the target
+      platform, see `compile_target`, is TPU/GPU, else xla; falls back to xla, with a
+      logged reason, for calls the kernel cannot serve).
+    block_q, block_kv: kernel block sizes (config.attn.block_q / block_kv), upper
+      bounds: any q_len / kv_len is padded to the kernel tiling
+      (`pallas_attention.tiling`) and the result sliced. A ValueError names the config
+      key for values that are not positive integers (pallas and auto).
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype; rows with no valid key are 0.
@@ -158,17 +225,21 @@ def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: j
         f"v={v_BxKxHxD.shape}; expected [batch, seq, heads, head_dim]")
   if impl != "xla":
     for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-      if not isinstance(block, int) or block <= 0:
+      if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
         raise ValueError(f"config.attn.{name} must be a positive integer, got {block!r}")
   if resolved == "pallas":
     from pgm_jax.ops import pallas_attention as pa  # pylint: disable=g-import-not-at-top
-    try:
-      pa.check_block_sizes(q_BxQxHxD.shape[1], k_BxKxHxD.shape[1], block_q, block_kv)
-    except ValueError:
+    backend = pa.default_backend()
+    reason = _kernel_unsupported(q_BxQxHxD.shape, k_BxKxHxD.shape, backend)
+    if reason is not None:
       if impl == "pallas":
-        raise
-      # "auto": shapes the blocks do not tile (e.g. the sampler's short query sets)
-      # take the dense path instead of failing.
+        raise ValueError(f"partition_attention(impl='pallas'): {reason}; "
+                         f"q {q_BxQxHxD.shape}, k {k_BxKxHxD.shape}")
+      key = (target_platform(), q_BxQxHxD.shape, k_BxKxHxD.shape, reason)
+      if key not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(key)
+        logging.warning("partition_attention(impl='auto'): dense XLA path for q %s, k %s "
+                        "on %s: %s", q_BxQxHxD.shape, k_BxKxHxD.shape, key[0], reason)
       return _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
     kernel = functools.partial(pa.pallas_attention, block_q=block_q, block_kv=block_kv)
     return _shard_over_mesh(kernel, q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask)
@@ -180,20 +251,33 @@ HEAD_MESH_AXIS = "tensor"
 
 
 def _shard_over_mesh(kernel, q, k, v, mask: AttentionMask):
-  """Runs a Pallas kernel per shard under `jax.shard_map` when a mesh is set
-  (`jax.set_mesh`, as the train/eval/sample steps do): batch over data/fsdp, heads
-  over tensor. XLA cannot partition a Pallas call by itself. Without a mesh, or when
-  the batch/heads do not divide the mesh axes, the kernel runs unpartitioned.
+  """Runs a Pallas kernel per shard under `jax.shard_map` whenever a mesh is set
+  (`jax.set_mesh` / `use_abstract_mesh`, as the train/eval/sample steps do): XLA cannot
+  partition a Pallas call by itself, and Mosaic refuses to compile one outside a
+  shard_map that is manual over every mesh axis (even for a 1-device mesh, or when the
+  jit runs on several devices). The batch is sharded over the data/fsdp axes that
+  divide it, the heads over tensor if it divides them; every other mesh axis (and every
+  axis for a batch/head count that divides none) holds a replicated copy: each of those
+  devices runs the whole kernel on its input (redundant, but correct and compilable).
+  Axes that are already manual (inside an outer shard_map) are left alone. Without a
+  mesh the kernel runs unpartitioned.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh.axis_names else {}
-  batch_axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
-  head_axis = HEAD_MESH_AXIS if sizes.get(HEAD_MESH_AXIS, 1) > 1 else None
-  dp = math.prod(sizes[a] for a in batch_axes)
-  if (not batch_axes and head_axis is None) or q.shape[0] % dp or (
-      head_axis is not None and q.shape[2] % sizes[head_axis]):
+  if not mesh.axis_names:
     return kernel(q, k, v, mask)
-  batch_spec = batch_axes or None
+  manual = set(getattr(mesh, "manual_axes", ()))
+  free = tuple(a for a in mesh.axis_names if a not in manual)
+  if not free:
+    return kernel(q, k, v, mask)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  batch_axes, dp = [], 1
+  for a in BATCH_MESH_AXES:
+    if a in free and sizes[a] > 1 and q.shape[0] % (dp * sizes[a]) == 0:
+      batch_axes.append(a)
+      dp *= sizes[a]
+  head_axis = HEAD_MESH_AXIS if (HEAD_MESH_AXIS in free and sizes[HEAD_MESH_AXIS] > 1 and
+                                 q.shape[2] % sizes[HEAD_MESH_AXIS] == 0) else None
+  batch_spec = tuple(batch_axes) or None
   qkv_spec = P(batch_spec, None, head_axis, None)
   # Every mask leaf (groups, validity, splits, lengths) is per example: shard its batch.
   mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
@@ -202,8 +286,10 @@ def _shard_over_mesh(kernel, q, k, v, mask: AttentionMask):
     return kernel(q, k, v, jax.tree_util.tree_unflatten(mask_def, leaves))
 
   specs = (qkv_spec,) * 3 + (P(batch_spec),) * len(mask_leaves)
-  return jax.shard_map(per_shard, in_specs=specs, out_specs=qkv_spec,
-                       check_vma=False)(q, k, v, *mask_leaves)
+  axis_names = {"axis_names": set(free)} if manual else {}
+  return jax.shard_map(per_shard, in_specs=specs, out_specs=qkv_spec, check_vma=False,
+                       **axis_names)(q, k, v, *mask_leaves)
 
 
-__all__ = ["AttentionMask", "partition_attention", "resolve_impl", "MASK_KINDS", "IMPLS"]
+__all__ = ["AttentionMask", "partition_attention", "resolve_impl", "compile_target",
+           "target_platform", "MASK_KINDS", "IMPLS", "PLATFORMS"]

@@ -28,12 +28,16 @@ hold at least one allowed (query, key) pair when the mask is in sorted/packed fo
 (tested), so the count in `block_counts` is both safe and tight.
 
 Rows with no valid key return 0 and get zero gradients (as the dense oracle).
+
+Any q_len / kv_len: `tiling` picks balanced blocks (<= block_q / block_kv, rounded to the
+hardware tile) and `pallas_attention` pads queries (group 1, sliced off) and keys
+(invalid) to a multiple of them, so values and gradients are those of the unpadded call.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -86,33 +90,79 @@ class KernelSpec:
 # Block sizes.
 # ----------------------------------------------------------------------------
 
-def check_block_sizes(q_len: int, kv_len: int, block_q: int, block_kv: int, *,
-                      backend: Optional[str] = None, interpret: bool = True) -> tuple[int, int]:
-  """Effective (block_q, block_kv): each is min(block, length) and must divide the length.
+class Tiling(NamedTuple):
+  """Effective kernel blocks and the padded lengths they tile (see `tiling`)."""
+  block_q: int
+  block_kv: int
+  q_len: int      # padded query length (a multiple of block_q)
+  kv_len: int     # padded key length (a multiple of block_kv)
 
-  Compiled (non-interpret) kernels also need hardware tiles: TPU block_q % 8 == 0 and
-  block_kv % 128 == 0 (or the whole length); GPU (Triton) powers of two >= 16.
-  Raises ValueError naming config.attn.block_q / config.attn.block_kv.
+
+def _check_block_value(name: str, block) -> int:
+  if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block <= 0:
+    raise ValueError(f"config.attn.{name} must be a positive integer, got {block!r}")
+  return int(block)
+
+
+def _tile_rules(backend: Optional[str], interpret) -> tuple[int, int, bool]:
+  """(query tile, key tile, power-of-two blocks) for a lowering and interpret mode.
+
+  Compiled kernels and the TPU interpreter follow the hardware: TPU (Mosaic) blocks
+  are multiples of 8 sublanes (queries) and 128 lanes (keys; the key validity / group
+  rows are [1, block_kv]); GPU (Triton) blocks are powers of two >= 16. The generic
+  interpreter on the TPU lowering only rounds to 8 (so tests can use small blocks).
   """
-  out = []
-  for name, block, length in (("block_q", block_q, q_len), ("block_kv", block_kv, kv_len)):
-    if not isinstance(block, (int, np.integer)) or block <= 0:
-      raise ValueError(f"config.attn.{name} must be a positive integer, got {block!r}")
-    eff = min(int(block), length)
-    if length % eff:
-      raise ValueError(
-          f"config.attn.{name}={block} does not divide the {'query' if name == 'block_q' else 'key'}"
-          f" sequence length {length}: use a divisor of {length} (or a value >= it)")
-    if not interpret and backend == "tpu" and eff != length:
-      tile = 8 if name == "block_q" else 128
-      if eff % tile:
-        raise ValueError(f"config.attn.{name}={block}: the TPU kernel needs a multiple of "
-                         f"{tile} (or the whole length {length})")
-    if not interpret and backend == "gpu" and (eff < 16 or eff & (eff - 1)):
-      raise ValueError(f"config.attn.{name}={block}: the GPU (Triton) kernel needs a power "
-                       f"of two >= 16 (effective block {eff} for length {length})")
-    out.append(eff)
-  return out[0], out[1]
+  backend = backend or default_backend()
+  mode = _interpret_mode(interpret)
+  if backend == "gpu":
+    return 16, 16, True
+  if mode == "generic":
+    return 8, 8, False
+  return 8, 128, False
+
+
+def _block_and_length(length: int, block: int, tile: int, pow2: bool) -> tuple[int, int]:
+  """Balanced blocks: ceil(length / block) blocks of equal size, rounded up to the tile
+  (or the next power of two >= tile); the length is padded to a multiple of it."""
+  length = max(int(length), 1)
+  n = -(-length // block)
+  eff = -(-length // n)
+  if pow2:
+    eff = max(tile, 1 << (eff - 1).bit_length())
+  else:
+    eff = -(-eff // tile) * tile
+  return eff, -(-length // eff) * eff
+
+
+def tiling(q_len: int, kv_len: int, block_q: int, block_kv: int, *,
+           backend: Optional[str] = None, interpret=None) -> Tiling:
+  """Effective blocks and padded lengths for one call (never raises for a shape).
+
+  block_q / block_kv are upper bounds (config.attn.block_q / block_kv): a length L
+  gets ceil(L / block) equal blocks, each rounded up to the hardware tile (see
+  `_tile_rules`), and L is padded to a multiple of the block. E.g. TPU: 7 queries ->
+  one block of 8; 192 keys with block 128 -> 2 x 128 (padded to 256); 192 queries with
+  block 128 -> 2 x 96. GPU: 7 queries -> 16; 24 keys -> 32.
+  Raises ValueError naming config.attn.block_q / block_kv only for values that are
+  not positive integers.
+  """
+  block_q = _check_block_value("block_q", block_q)
+  block_kv = _check_block_value("block_kv", block_kv)
+  tile_q, tile_kv, pow2 = _tile_rules(backend, interpret)
+  bq, q_pad = _block_and_length(q_len, block_q, tile_q, pow2)
+  bk, kv_pad = _block_and_length(kv_len, block_kv, tile_kv, pow2)
+  return Tiling(bq, bk, q_pad, kv_pad)
+
+
+def check_block_sizes(q_len: int, kv_len: int, block_q: int, block_kv: int, *,
+                      backend: Optional[str] = None, interpret=True) -> tuple[int, int]:
+  """Effective (block_q, block_kv) of `tiling` (the lengths are padded to them).
+
+  Raises ValueError naming config.attn.block_q / config.attn.block_kv for values that
+  are not positive integers; every shape is served (by padding).
+  """
+  t = tiling(q_len, kv_len, block_q, block_kv, backend=backend, interpret=interpret)
+  return t.block_q, t.block_kv
 
 
 # ----------------------------------------------------------------------------
@@ -586,14 +636,21 @@ _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 # Entry point from `partition_attention` and the block-count report.
 # ----------------------------------------------------------------------------
 
+def _platform() -> str:
+  """The platform kernels are built for: `attention.compile_target` if set, else JAX's."""
+  from pgm_jax.ops import attention  # pylint: disable=g-import-not-at-top
+  return attention.target_platform()
+
+
 def default_backend() -> str:
-  """Kernel lowering for the current JAX backend (CPU runs the TPU kernels interpreted)."""
-  return "gpu" if jax.default_backend() == "gpu" else "tpu"
+  """Kernel lowering for the target platform (`attention.compile_target`, else
+  jax.default_backend()): "gpu" -> Triton, else Mosaic (CPU runs it interpreted)."""
+  return "gpu" if _platform() == "gpu" else "tpu"
 
 
 def _interpret_mode(interpret) -> str:
   if interpret is None:
-    return "generic" if jax.default_backend() == "cpu" else "none"
+    return "generic" if _platform() == "cpu" else "none"
   if isinstance(interpret, str):
     if interpret not in INTERPRET_MODES:
       raise ValueError(f"interpret must be one of {INTERPRET_MODES}, got {interpret!r}")
@@ -605,23 +662,31 @@ def _interpret_mode(interpret) -> str:
 
 def make_spec(mask, q_len: int, kv_len: int, head_dim: int, *, block_q: int, block_kv: int,
               backend: Optional[str] = None, interpret=None) -> KernelSpec:
+  """KernelSpec for the PADDED problem (`tiling`): spec.q_len / kv_len are padded."""
   backend = backend or default_backend()
   if backend not in BACKENDS:
     raise ValueError(f"pallas backend must be one of {BACKENDS}, got {backend!r}")
   mode = _interpret_mode(interpret)
-  bq, bk = check_block_sizes(q_len, kv_len, block_q, block_kv, backend=backend,
-                             interpret=mode != "none")
+  t = tiling(q_len, kv_len, block_q, block_kv, backend=backend, interpret=mode)
   groups = mask.kind in ("same_group", "other_group")
   return KernelSpec(
       mode=mask.kind, use_groups=groups,
-      use_kv_valid=mask.kv_valid is not None or mask.kv_length is not None,
-      skip_groups=groups and mask.group_sorted, block_q=bq, block_kv=bk, q_len=q_len,
-      kv_len=kv_len, head_dim=head_dim, backend=backend, interpret=mode)
+      use_kv_valid=(mask.kv_valid is not None or mask.kv_length is not None
+                    or t.kv_len != kv_len),
+      skip_groups=groups and mask.group_sorted, block_q=t.block_q, block_kv=t.block_kv,
+      q_len=t.q_len, kv_len=t.kv_len, head_dim=head_dim, backend=backend, interpret=mode)
 
 
-def _operands(mask, batch: int, q_len: int, kv_len: int):
-  """int32 qg [B, Lq], kvg [B, Lk], kvv [B, Lk] and meta [B, 4] = (q_split, kv_split, kv_len, 0)."""
+def _operands(mask, batch: int, q_len: int, kv_len: int, q_pad: Optional[int] = None,
+              kv_pad: Optional[int] = None):
+  """int32 qg [B, Lq'], kvg [B, Lk'], kvv [B, Lk'] and meta [B, 4] = (q_split, kv_split,
+  kv_length, 0), padded to Lq' = q_pad, Lk' = kv_pad. Padded queries and keys get
+  group 1 (consistent with the sorted layout: positions >= the split), padded keys are
+  invalid, and kv_length is clamped to the real kv_len (so all-padding key blocks are
+  skipped)."""
   i32 = jnp.int32
+  q_pad = q_len if q_pad is None else q_pad
+  kv_pad = kv_len if kv_pad is None else kv_pad
   if mask.kind in ("same_group", "other_group"):
     qg = jnp.broadcast_to(mask.q_group.astype(i32), (batch, q_len))
     kvg = jnp.broadcast_to(mask.kv_group.astype(i32), (batch, kv_len))
@@ -632,7 +697,7 @@ def _operands(mask, batch: int, q_len: int, kv_len: int):
     kvv = kvv & mask.kv_valid
   kv_length = jnp.full((batch,), kv_len, i32)
   if mask.kv_length is not None:
-    kv_length = jnp.broadcast_to(mask.kv_length.astype(i32), (batch,))
+    kv_length = jnp.minimum(jnp.broadcast_to(mask.kv_length.astype(i32), (batch,)), kv_len)
     kvv = kvv & (jnp.arange(kv_len)[None, :] < kv_length[:, None])
   if mask.group_sorted and mask.kind in ("same_group", "other_group"):
     q_split = jnp.broadcast_to(mask.q_split.astype(i32), (batch,))
@@ -641,26 +706,40 @@ def _operands(mask, batch: int, q_len: int, kv_len: int):
     q_split = jnp.zeros((batch,), i32)
     kv_split = jnp.zeros((batch,), i32)
   meta = jnp.stack([q_split, kv_split, kv_length, jnp.zeros((batch,), i32)], axis=1)
-  return qg, kvg, kvv.astype(i32), meta
+  kvv = kvv.astype(i32)
+  if q_pad > q_len:
+    qg = jnp.pad(qg, ((0, 0), (0, q_pad - q_len)), constant_values=1)
+  if kv_pad > kv_len:
+    kvg = jnp.pad(kvg, ((0, 0), (0, kv_pad - kv_len)), constant_values=1)
+    kvv = jnp.pad(kvv, ((0, 0), (0, kv_pad - kv_len)), constant_values=0)
+  return qg, kvg, kvv, meta
 
 
 def pallas_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask, *, block_q: int = 128,
                      block_kv: int = 128, backend: Optional[str] = None, interpret=None):
   """Flash attention with block skipping; same contract as `partition_attention`.
 
-  backend: "tpu" (Mosaic) | "gpu" (Triton) | None (from jax.default_backend()).
-  interpret: None (interpret on CPU only), True/"generic", "tpu" or a
-    `pltpu.InterpretParams` (TPU interpreter), False/"none".
+  Any q_len / kv_len: both are padded to the kernel tiling (`tiling`); padded queries
+  (group 1) are sliced off the output, padded keys are invalid (never attended), so
+  values and gradients are those of the unpadded call.
+
+  backend: "tpu" (Mosaic) | "gpu" (Triton) | None (the target platform:
+    `attention.compile_target`, else jax.default_backend()).
+  interpret: None (interpret iff the target platform is CPU), True/"generic", "tpu" or
+    a `pltpu.InterpretParams` (TPU interpreter), False/"none".
   """
   batch, q_len, _, head_dim = q_BxQxHxD.shape
   kv_len = k_BxKxHxD.shape[1]
   spec = make_spec(mask, q_len, kv_len, head_dim, block_q=block_q, block_kv=block_kv,
                    backend=backend, interpret=interpret)
-  qg, kvg, kvv, meta = _operands(mask, batch, q_len, kv_len)
+  qg, kvg, kvv, meta = _operands(mask, batch, q_len, kv_len, spec.q_len, spec.kv_len)
+  pad = lambda x, n: x if n == x.shape[1] else jnp.pad(
+      x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   to_bhld = lambda x: jnp.swapaxes(x, 1, 2)
-  out = _flash_attention(spec, to_bhld(q_BxQxHxD), to_bhld(k_BxKxHxD), to_bhld(v_BxKxHxD),
-                         qg, kvg, kvv, meta)
-  return to_bhld(out)
+  out = _flash_attention(spec, to_bhld(pad(q_BxQxHxD, spec.q_len)),
+                         to_bhld(pad(k_BxKxHxD, spec.kv_len)),
+                         to_bhld(pad(v_BxKxHxD, spec.kv_len)), qg, kvg, kvv, meta)
+  return to_bhld(out)[:, :q_len]
 
 
 def block_counts(mask, batch: int, q_len: int, kv_len: int, *, block_q: int,
@@ -669,7 +748,7 @@ def block_counts(mask, batch: int, q_len: int, kv_len: int, *, block_q: int,
   visit exactly the same (query block, key block) pairs)."""
   spec = make_spec(mask, q_len, kv_len, 8, block_q=block_q, block_kv=block_kv,
                    backend="tpu", interpret=True)
-  _, _, _, meta = _operands(mask, batch, q_len, kv_len)
+  _, _, _, meta = _operands(mask, batch, q_len, kv_len, spec.q_len, spec.kv_len)
 
   def per_example(m):
     qi = jnp.arange(spec.nq, dtype=jnp.int32)
@@ -710,6 +789,6 @@ def block_count_report(group_BxL, *, block_q: int, block_kv: int, kv_length_B=No
   return report
 
 
-__all__ = ["KernelSpec", "check_block_sizes", "pallas_attention", "block_counts",
+__all__ = ["KernelSpec", "Tiling", "tiling", "check_block_sizes", "pallas_attention", "block_counts",
            "block_count_report", "kv_block_range", "q_block_range", "default_backend",
            "BACKENDS"]
