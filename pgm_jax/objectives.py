@@ -67,7 +67,13 @@ def pgm_loss_terms(logits_BxLxV, tokens_BxL, group_BxL, t_B, valid_BxL, mask_id:
   (two ELBO estimates per sequence). The NLL (eval) counts group-1 tokens only,
   which is exactly MDLM's estimator, so perplexities are comparable.
   """
-  nll_BxL = -token_log_probs(logits_BxLxV, tokens_BxL, mask_id, mask_logit=-jnp.inf)
+  logp_BxL = token_log_probs(logits_BxLxV, tokens_BxL, mask_id, mask_logit=-jnp.inf)
+  return pgm_loss_terms_from_log_probs(logp_BxL, group_BxL, t_B, valid_BxL)
+
+
+def pgm_loss_terms_from_log_probs(logp_BxL, group_BxL, t_B, valid_BxL):
+  """`pgm_loss_terms` from log p(x0_i) [B, L] (the model's chunked output path)."""
+  nll_BxL = -logp_BxL
   valid = valid_BxL.astype(jnp.float32)
   in_group1 = group_BxL.astype(bool)
   t_Bx1 = t_B[:, None]
@@ -86,7 +92,14 @@ def mdlm_noise(rng, tokens_BxL, t_B, mask_id: int, eps: float = 1e-3):
 
 def mdlm_loss_terms(logits_BxLxV, tokens_BxL, is_masked_BxL, t_B, valid_BxL, mask_id: int):
   """MDLM SUBS objective: (1/t) (-log p(x0)) at masked positions; 0 (carry-over) elsewhere."""
-  nll_BxL = -token_log_probs(logits_BxLxV, tokens_BxL, mask_id, mask_logit=NEG_INF_MDLM)
+  logp_BxL = token_log_probs(logits_BxLxV, tokens_BxL, mask_id, mask_logit=NEG_INF_MDLM)
+  return mdlm_loss_terms_from_log_probs(logp_BxL, is_masked_BxL, t_B, valid_BxL)
+
+
+def mdlm_loss_terms_from_log_probs(logp_BxL, is_masked_BxL, t_B, valid_BxL):
+  """`mdlm_loss_terms` from log p(x0_i | x_t) [B, L] at logit[MASK] = -1e6. The
+  carry-over of SUBS makes unmasked positions contribute 0, so only masked ones count."""
+  nll_BxL = -logp_BxL
   counted = is_masked_BxL & valid_BxL.astype(bool)
   nll_sum = jnp.sum(jnp.where(counted, nll_BxL / t_B[:, None], 0.0))
   return LossTerms(nll_sum, nll_sum, valid_BxL.astype(jnp.float32).sum())
@@ -106,8 +119,19 @@ def ar_loss_terms(logits_BxLxV, tokens_BxL, valid_BxL, mask_id: int):
 
   MASK is never predicted (logit -inf). A target counts where it is valid.
   """
-  nll_BxLm1 = -token_log_probs(logits_BxLxV[:, :-1], tokens_BxL[:, 1:], mask_id,
+  logp_BxLm1 = token_log_probs(logits_BxLxV[:, :-1], tokens_BxL[:, 1:], mask_id,
                                mask_logit=-jnp.inf)
+  return ar_loss_terms_from_log_probs(logp_BxLm1, valid_BxL)
+
+
+def next_token_targets(tokens_BxL):
+  """Targets of an AR model's positions: tokens[:, i+1] (the last one is never scored)."""
+  return jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, -1:]], axis=1)
+
+
+def ar_loss_terms_from_log_probs(logp_BxLm1, valid_BxL):
+  """`ar_loss_terms` from log p(tokens[:, i+1] | tokens[:, :i+1]) [B, L-1]."""
+  nll_BxLm1 = -logp_BxLm1
   counted = valid_BxL[:, 1:].astype(bool)
   nll_sum = jnp.sum(jnp.where(counted, nll_BxLm1, 0.0))
   return LossTerms(nll_sum, nll_sum, counted.astype(jnp.float32).sum())

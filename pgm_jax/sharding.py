@@ -55,6 +55,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def put_replicated(x, mesh: Mesh) -> jax.Array:
+  """A host value (numpy array or PRNG key, the same on every process) -> a global array
+  replicated over `mesh`: what a jitted program whose other arguments span several
+  processes may take (a host-local array would need an implicit cross-host transfer)."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = put_replicated(np.asarray(jax.random.key_data(x)), mesh)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.make_array_from_process_local_data(replicated(mesh), np.asarray(x))
+
+
+def host_value(x) -> np.ndarray:
+  """A jax.Array as a numpy array on every process: a value that spans processes and is
+  not replicated is all-gathered first (every process must call this together then)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def shardings_from_boxed(abstract_boxed_tree, mesh: Mesh, rules):
   """NamedShardings for a tree whose leaves carry logical axis metadata.
 
@@ -92,3 +111,27 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """Per-host numpy batch -> global jax.Arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def with_logical_constraint(x: jax.Array, logical_names, rules) -> jax.Array:
+  """States the sharding of an activation by logical axis names (e.g. ("batch",
+  "length", "act_embed")), mapped to mesh axes by `rules` (config.mesh.logical_axis_rules).
+
+  Applied under the abstract mesh that the train / eval steps are traced with
+  (`train.with_mesh`); a no-op outside one (samplers, plain `model.apply`). Mesh axes that
+  the mesh lacks, or whose size does not divide the dimension, are dropped (replicated).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.axis_names or not rules:
+    return x
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  spec = nn.logical_to_mesh_axes(tuple(logical_names), rules)
+  fitted = []
+  for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = tuple(a for a in names if a in sizes)
+    size = math.prod(sizes[a] for a in names)
+    fitted.append(names if names and dim % size == 0 else None)
+  if all(a is None for a in fitted):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*fitted))

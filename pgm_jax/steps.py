@@ -85,16 +85,23 @@ def loss_terms(params, batch, t_B, noise_u_BxL, dropout_rng, *, model, mask_id: 
   tokens, valid = batch["tokens"], batch["valid"]
   group = objectives.groups_from_uniform(noise_u_BxL, t_B, sampling_eps)
   rngs = {"dropout": dropout_rng} if train else {}
+  # The models return log p(target) [B, L] directly (`targets_BxL`): the float32
+  # [B, L, V] logits are never materialised (chunked by config.model.loss_chunk_len);
+  # logit[MASK] is the model config's mask_id (the same id as `mask_id`).
   if kind == "pgm":
-    logits = model.apply({"params": params}, tokens, group, valid, train=train, rngs=rngs)
-    return objectives.pgm_loss_terms(logits, tokens, group, t_B, valid, mask_id)
+    logp = model.apply({"params": params}, tokens, group, valid, train=train, rngs=rngs,
+                       targets_BxL=tokens, mask_logit=-jnp.inf)
+    return objectives.pgm_loss_terms_from_log_probs(logp, group, t_B, valid)
   if kind == "ar":  # no noise: next-token prediction on the clean sequence
-    logits = model.apply({"params": params}, tokens, valid, train=train, rngs=rngs)
-    return objectives.ar_loss_terms(logits, tokens, valid, mask_id)
+    logp = model.apply({"params": params}, tokens, valid, train=train, rngs=rngs,
+                       targets_BxL=objectives.next_token_targets(tokens),
+                       mask_logit=-jnp.inf)
+    return objectives.ar_loss_terms_from_log_probs(logp[:, :-1], valid)
   is_masked = group.astype(bool)
   x_t = jnp.where(is_masked, mask_id, tokens)
-  logits = model.apply({"params": params}, x_t, valid, train=train, rngs=rngs)
-  return objectives.mdlm_loss_terms(logits, tokens, is_masked, t_B, valid, mask_id)
+  logp = model.apply({"params": params}, x_t, valid, train=train, rngs=rngs,
+                     targets_BxL=tokens, mask_logit=objectives.NEG_INF_MDLM)
+  return objectives.mdlm_loss_terms_from_log_probs(logp, is_masked, t_B, valid)
 
 
 def _keep_batch_sharded(x_AxBx):

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from pgm_jax.models.dit import DiT
-from pgm_jax.models.layers import ModelConfig
+from pgm_jax.models.layers import ModelConfig, remat_policy
+from pgm_jax.sharding import logical_rules
 from pgm_jax.models.pgm import QUERY_MODES, PartitionDiT
 
 MODEL_KINDS = ("pgm", "mdlm", "ar")
@@ -24,13 +25,18 @@ def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:
   if m.query_mode not in QUERY_MODES:
     raise ValueError(f"config.model.query_mode must be one of {QUERY_MODES}, "
                      f"got {m.query_mode!r}")
+  remat_policy(m.get("remat", "none"))  # a clear error for an unknown policy name
+  if int(m.get("loss_chunk_len", 0) or 0) < 0:
+    raise ValueError(f"config.model.loss_chunk_len must be >= 0, got {m.loss_chunk_len}")
   return ModelConfig(
       kind=m.kind, vocab_size=vocab_size, mask_id=mask_id, hidden=m.hidden,
       num_heads=m.num_heads, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
       num_layers=m.num_layers, enc_layers=m.enc_layers, dec_layers=m.dec_layers,
       query_mode=m.query_mode, dropout=m.dropout, dtype=m.dtype,
       attn_impl=config.attn.impl, block_q=config.attn.block_q,
-      block_kv=config.attn.block_kv, sorted_layout=config.attn.sorted_layout)
+      block_kv=config.attn.block_kv, sorted_layout=config.attn.sorted_layout,
+      remat=m.get("remat", "none"), loss_chunk_len=int(m.get("loss_chunk_len", 0) or 0),
+      logical_axis_rules=logical_rules(config.mesh))
 
 
 def build_model(cfg: ModelConfig):

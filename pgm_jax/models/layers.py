@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pgm_jax import objectives, sharding
 from pgm_jax.ops import AttentionMask, partition_attention
 
 Dtype = Any
@@ -45,6 +46,9 @@ class ModelConfig:
   block_q: int = 128            # config.attn.block_q (Pallas kernel)
   block_kv: int = 128           # config.attn.block_kv
   sorted_layout: bool = False   # config.attn.sorted_layout: PGM training in group-sorted order
+  remat: str = "none"           # config.model.remat: jax.checkpoint policy of every block
+  loss_chunk_len: int = 0       # config.model.loss_chunk_len: positions per output chunk
+  logical_axis_rules: tuple = ()  # config.mesh.logical_axis_rules (activation constraints)
 
   @property
   def head_dim(self) -> int:
@@ -58,6 +62,41 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  def constrain(self, x_BxLxH):
+    """States the [batch, length, hidden] sharding of a block's activations."""
+    return sharding.with_logical_constraint(x_BxLxH, ("batch", "length", "act_embed"),
+                                            self.logical_axis_rules)
+
+
+REMAT_ALIASES = {"full": "nothing_saveable"}
+
+
+def remat_policy(name: str):
+  """None for "none", else the `jax.checkpoint_policies` policy called `name`."""
+  if name == "none":
+    return None
+  attr = REMAT_ALIASES.get(name, name)
+  policy = getattr(jax.checkpoint_policies, attr, None)
+  # Policies take (prim, *args, **params); factories (save_only_these_names, ...) need
+  # arguments we cannot take from a string.
+  if policy is None or attr.startswith(("save_", "offload", "save_and_offload")):
+    known = ["none", "full"] + sorted(
+        n for n in dir(jax.checkpoint_policies) if n.endswith("saveable"))
+    raise ValueError(f"config.model.remat={name!r}: expected one of {known}")
+  return policy
+
+
+def maybe_remat(block_cls, cfg: ModelConfig, static_argnums: tuple[int, ...]):
+  """`block_cls`, rematerialised with cfg.remat's policy (same parameter names).
+
+  `static_argnums` count `self` as 0 (flax's convention) and must cover the Python
+  flags (train, decode), which the block then has to receive positionally.
+  """
+  policy = remat_policy(cfg.remat)
+  if policy is None:
+    return block_cls
+  return nn.remat(block_cls, policy=policy, prevent_cse=True, static_argnums=static_argnums)
 
 
 # ----------------------------------------------------------------------------
@@ -100,13 +139,20 @@ class Linear(nn.Module):
       kernel_init, bias_init = torch_linear_kernel_init(), torch_linear_bias_init(fan_in)
     kernel = self.param("kernel", logical(kernel_init, (self.in_axis, self.out_axis)),
                         (fan_in, self.features), jnp.float32)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32).astype(self.dtype)
+    bias = None
     if self.use_bias:
       bias = self.param("bias", logical(bias_init, (self.out_axis,)), (self.features,),
                         jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+    return dense(x, kernel, bias, self.dtype)
+
+
+def dense(x, kernel, bias, dtype):
+  """x @ kernel (+ bias) in `dtype` with float32 accumulation (every Linear's numerics)."""
+  y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype),
+                 preferred_element_type=jnp.float32).astype(dtype)
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  return y
 
 
 class ScaleLayerNorm(nn.Module):
@@ -254,7 +300,7 @@ class DiTBlock(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxH, cond_BxC, positions_BxL, mask: AttentionMask, *, train: bool,
+  def __call__(self, x_BxLxH, cond_BxC, positions_BxL, mask: AttentionMask, train: bool,
                decode: bool = False):
     """With decode=True (autoregressive sampling) k/v are appended to a "cache"
     collection of full length (created by an init call on a full-length input) and
@@ -275,7 +321,7 @@ class DiTBlock(nn.Module):
     if decode:
       k, v, mask = self._update_cache(k, v)
     att = cfg.attention(q, k, v, mask)
-    return attention_out_and_mlp(cfg, skip, att, mods, train=train)
+    return cfg.constrain(attention_out_and_mlp(cfg, skip, att, mods, train=train))
 
   def _update_cache(self, k_BxNxHxD, v_BxNxHxD):
     initialized = self.has_variable("cache", "cached_key")
@@ -297,20 +343,71 @@ class DiTBlock(nn.Module):
     return cached_k.value, cached_v.value, mask
 
 
+class VocabProjection(nn.Module):
+  """`output_layer.linear`: Linear(H, V) with bias, zero init (same parameters as `Linear`).
+
+  `__call__` gives float32 logits [B, L, V]. `target_log_probs` gives only
+  log p(target) [B, L]: the projection, logit[MASK] = mask_logit, the float32
+  log-softmax and the gather run over chunks of `loss_chunk_len` positions under
+  `jax.checkpoint`, so neither the forward nor the backward pass ever holds more than
+  one float32 [B, chunk, V] block (6.6 GB at B 32, L 1024, V 50258 otherwise).
+  """
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    zeros = nn.initializers.zeros_init()
+    self.kernel = self.param("kernel", logical(zeros, ("embed", "vocab")),
+                             (cfg.hidden, cfg.vocab_size), jnp.float32)
+    self.bias = self.param("bias", logical(zeros, ("vocab",)), (cfg.vocab_size,), jnp.float32)
+
+  def __call__(self, h_BxLxH):
+    return dense(h_BxLxH, self.kernel, self.bias, self.config.compute_dtype).astype(jnp.float32)
+
+  def target_log_probs(self, h_BxLxH, targets_BxL, mask_logit: float):
+    cfg = self.config
+    kernel, bias = self.kernel, self.bias
+
+    def chunk_log_probs(h, targets):
+      logits = dense(h, kernel, bias, cfg.compute_dtype)
+      return objectives.token_log_probs(logits, targets, cfg.mask_id, mask_logit=mask_logit)
+
+    batch, length, hidden = h_BxLxH.shape
+    chunk = cfg.loss_chunk_len
+    if chunk <= 0 or chunk >= length:
+      return chunk_log_probs(h_BxLxH, targets_BxL)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    if pad:
+      h_BxLxH = jnp.pad(h_BxLxH, ((0, 0), (0, pad), (0, 0)))
+      targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+    h_NxBxCxH = h_BxLxH.reshape(batch, num_chunks, chunk, hidden).swapaxes(0, 1)
+    t_NxBxC = targets_BxL.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+    # The kernel and bias are closed over: their cotangents accumulate across chunks.
+    step = jax.checkpoint(chunk_log_probs)
+    logp_NxBxC = jax.lax.map(lambda args: step(*args), (h_NxBxCxH, t_NxBxC))
+    return logp_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
+
+
 class FinalLayer(nn.Module):
-  """`output_layer`: LN, modulate([shift, scale]), Linear(H, V) (zero init)."""
+  """`output_layer`: LN, modulate([shift, scale]), Linear(H, V) (zero init).
+
+  Returns float32 logits [B, L, V], or, given `targets_BxL`, float32 log p(target)
+  [B, L] after logit[MASK] = `mask_logit` (see `VocabProjection.target_log_probs`).
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxH, cond_BxC):
+  def __call__(self, x_BxLxH, cond_BxC, targets_BxL=None, mask_logit: float = -jnp.inf):
     cfg = self.config
     mods = Linear(2 * cfg.hidden, "cond", "adaln", zero_init=True,
                   name="adaLN_modulation")(cond_BxC)[:, None, :]
     shift, scale = jnp.split(mods, 2, -1)
     h = modulate(ScaleLayerNorm(name="norm_final")(x_BxLxH), shift, scale)
-    logits = Linear(cfg.vocab_size, "embed", "vocab", zero_init=True,
-                    dtype=cfg.compute_dtype, name="linear")(h)
-    return logits.astype(jnp.float32)
+    projection = VocabProjection(cfg, name="linear")
+    if targets_BxL is None:
+      return projection(h)
+    return projection.target_log_probs(h, targets_BxL, mask_logit)
 
 
 def conditioning(cfg: ModelConfig, batch: int, name: str = "sigma_map"):

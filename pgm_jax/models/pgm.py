@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from pgm_jax.models.layers import (AffineLayerNorm, DiTBlock, FinalLayer, Linear, ModelConfig,
                                    ScaleLayerNorm, TimestepEmbedder, VocabEmbedding, apply_rope,
-                                   attention_out_and_mlp, logical, merge_heads, modulate,
-                                   sinusoidal_embedding, split_heads)
+                                   attention_out_and_mlp, logical, maybe_remat, merge_heads,
+                                   modulate, sinusoidal_embedding, split_heads)
 from pgm_jax.ops import AttentionMask
 from pgm_jax.ops.partition_layout import permute, sort_by_group
 
@@ -106,7 +106,7 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK,
-               mask: AttentionMask, *, train: bool):
+               mask: AttentionMask, train: bool):
     cfg = self.config
     dt = cfg.compute_dtype
     mods = Linear(6 * cfg.hidden, "cond", "adaln", zero_init=True,
@@ -122,7 +122,7 @@ class DecoderBlock(nn.Module):
     q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
     k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
     att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
-    return attention_out_and_mlp(cfg, skip, att, mods, train=train)
+    return cfg.constrain(attention_out_and_mlp(cfg, skip, att, mods, train=train))
 
 
 class Encoder(nn.Module):
@@ -130,9 +130,11 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxNxH, cond_BxC, positions_BxN, mask: AttentionMask, *, train: bool):
+    # Rematerialise only where there is a backward pass (training).
+    block_cls = maybe_remat(DiTBlock, self.config, static_argnums=(5, 6)) if train else DiTBlock
     for i in range(self.config.enc_layers):
-      x_BxNxH = DiTBlock(self.config, name=f"blocks_{i}")(x_BxNxH, cond_BxC, positions_BxN,
-                                                         mask, train=train)
+      x_BxNxH = block_cls(self.config, name=f"blocks_{i}")(x_BxNxH, cond_BxC, positions_BxN,
+                                                          mask, train, False)
     return x_BxNxH
 
 
@@ -144,9 +146,12 @@ class Decoder(nn.Module):
                train: bool):
     x_BxQxH = GroupSwap(self.config, name="group_swap")(enc_BxKxH, kv_pos_BxK, query_pos_BxQ,
                                                         mask)
+    x_BxQxH = self.config.constrain(x_BxQxH)
+    block_cls = (maybe_remat(DecoderBlock, self.config, static_argnums=(7,)) if train
+                 else DecoderBlock)
     for j in range(self.config.dec_layers):
-      x_BxQxH = DecoderBlock(self.config, name=f"layers_{j}")(
-          x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK, mask, train=train)
+      x_BxQxH = block_cls(self.config, name=f"layers_{j}")(
+          x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK, mask, train)
     return x_BxQxH
 
 
@@ -168,19 +173,23 @@ class PartitionDiT(nn.Module):
   def encode(self, tokens_BxN, positions_BxN, mask: AttentionMask, *, train: bool = False):
     """Encoder outputs (float32 [B, N, H]) for tokens at their ORIGINAL positions."""
     cond_BxC = self._cond(tokens_BxN.shape[0])
-    x_BxNxH = self.vocab_embed(tokens_BxN)
+    x_BxNxH = self.config.constrain(self.vocab_embed(tokens_BxN))
     return self.encoder(x_BxNxH, cond_BxC, positions_BxN, mask, train=train)
 
   def decode(self, enc_BxKxH, kv_pos_BxK, query_pos_BxQ, mask: AttentionMask, *,
-             train: bool = False):
-    """Float32 logits [B, Q, V] for the queried positions (MASK not yet excluded)."""
+             train: bool = False, targets_BxQ: Optional[jax.Array] = None,
+             mask_logit: float = -jnp.inf):
+    """Float32 logits [B, Q, V] for the queried positions (MASK not yet excluded), or,
+    with `targets_BxQ`, float32 log p(targets) [B, Q] after logit[MASK] = mask_logit
+    (computed chunk by chunk, see `FinalLayer`)."""
     cond_BxC = self._cond(enc_BxKxH.shape[0])
     x_BxQxH = self.decoder(enc_BxKxH, cond_BxC, kv_pos_BxK, query_pos_BxQ, mask, train=train)
-    return self.output_layer(x_BxQxH, cond_BxC)
+    return self.output_layer(x_BxQxH, cond_BxC, targets_BxQ, mask_logit)
 
   def __call__(self, tokens_BxL: jax.Array, group_BxL: jax.Array,
                valid_BxL: Optional[jax.Array] = None, *, train: bool = False,
-               sorted_layout: Optional[bool] = None) -> jax.Array:
+               sorted_layout: Optional[bool] = None, targets_BxL: Optional[jax.Array] = None,
+               mask_logit: float = -jnp.inf) -> jax.Array:
     """Training layout. Every position is predicted from the other group's tokens.
 
     Args:
@@ -194,22 +203,29 @@ class PartitionDiT(nn.Module):
         function (to float tolerance; with dropout active the dropout masks land on
         permuted positions, an equally distributed draw). None: the config's
         `sorted_layout` attribute if it has one, else False.
+      targets_BxL: if given, return float32 log p(targets) [B, L] (logit[MASK] =
+        mask_logit, float32 log-softmax) instead of the logits; the [B, L, V] logits are
+        then never materialised (see `FinalLayer`), and in the sorted layout the targets
+        are permuted, not the logits.
     Returns:
-      float32 logits [B, L, V].
+      float32 logits [B, L, V], or log-probabilities [B, L] (targets_BxL given).
     """
     if sorted_layout is None:
       sorted_layout = bool(getattr(self.config, "sorted_layout", False))
     if sorted_layout:
-      return self._sorted_call(tokens_BxL, group_BxL, valid_BxL, train=train)
+      return self._sorted_call(tokens_BxL, group_BxL, valid_BxL, train=train,
+                               targets_BxL=targets_BxL, mask_logit=mask_logit)
     batch, length = tokens_BxL.shape
     group_BxL = group_BxL.astype(jnp.int32)
     positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
     same = AttentionMask("same_group", group_BxL, group_BxL, valid_BxL)
     other = AttentionMask("other_group", group_BxL, group_BxL, valid_BxL)
     enc_BxLxH = self.encode(tokens_BxL, positions_BxL, same, train=train)
-    return self.decode(enc_BxLxH, positions_BxL, positions_BxL, other, train=train)
+    return self.decode(enc_BxLxH, positions_BxL, positions_BxL, other, train=train,
+                       targets_BxQ=targets_BxL, mask_logit=mask_logit)
 
-  def _sorted_call(self, tokens_BxL, group_BxL, valid_BxL, *, train: bool):
+  def _sorted_call(self, tokens_BxL, group_BxL, valid_BxL, *, train: bool, targets_BxL=None,
+                   mask_logit: float = -jnp.inf):
     """`__call__` in the group-sorted layout (block-diagonal / anti-diagonal masks)."""
     layout = sort_by_group(group_BxL)
     tokens_s = permute(tokens_BxL, layout.perm)
@@ -219,5 +235,7 @@ class PartitionDiT(nn.Module):
     same = AttentionMask.sorted_groups("same_group", group_s, layout.split, valid_s)
     other = AttentionMask.sorted_groups("other_group", group_s, layout.split, valid_s)
     enc_BxLxH = self.encode(tokens_s, positions_s, same, train=train)
-    logits_s = self.decode(enc_BxLxH, positions_s, positions_s, other, train=train)
-    return permute(logits_s, layout.inv)
+    targets_s = None if targets_BxL is None else permute(targets_BxL, layout.perm)
+    out_s = self.decode(enc_BxLxH, positions_s, positions_s, other, train=train,
+                        targets_BxQ=targets_s, mask_logit=mask_logit)
+    return permute(out_s, layout.inv)  # [B, L, V] logits or [B, L] log-probs
