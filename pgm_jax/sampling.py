@@ -35,6 +35,7 @@ written in log space so that small probabilities do not underflow.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Optional, Sequence
@@ -43,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgm_jax import objectives
+from pgm_jax import objectives, sharding
 from pgm_jax.ops import AttentionMask
 
 PGM_SAMPLERS = ("efficient-uniform", "efficient-non-uniform", "naive")
@@ -242,7 +243,29 @@ _pgm_efficient_step_jit = jax.jit(_pgm_efficient_step, static_argnames=_STATIC,
                                   donate_argnames=("st",))
 
 
-def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int) -> PGMState:
+def _device_put_fn(params) -> Callable:
+  """How the samplers put host values (numpy arrays, keys) on devices: `jnp.asarray` on one
+  process; with several, global arrays replicated over the params' mesh (every process
+  computes the same host values), so no program mixes host-local and global inputs."""
+  shard = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  if jax.process_count() == 1 or not isinstance(shard, jax.sharding.NamedSharding):
+    return jnp.asarray
+  return lambda x: sharding.put_replicated(x, shard.mesh)
+
+
+def params_mesh_context(params):
+  """The params' device mesh as the abstract mesh while the sampler programs are traced
+  (when they span several devices), so that the attention op wraps its Pallas kernels in
+  `jax.shard_map`: Mosaic compiles a kernel in a multi-device program only that way.
+  A no-op for single-device params (and on CPU, where attention is dense XLA)."""
+  shard = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  if not isinstance(shard, jax.sharding.NamedSharding) or shard.mesh.size == 1:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(shard.mesh.abstract_mesh)
+
+
+def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int,
+                   put: Callable = jnp.asarray) -> PGMState:
   batch, length = prompt.known.shape
   clean_tok = np.zeros((batch, length), np.int32)
   clean_pos = np.zeros((batch, length), np.int32)
@@ -251,10 +274,10 @@ def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int) -> PGMState:
     clean_tok[b, :len(pos)] = prompt.tokens[b, pos]
     clean_pos[b, :len(pos)] = pos
   canvas = np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32)
-  return PGMState(canvas=jnp.asarray(canvas), clean_tok=jnp.asarray(clean_tok),
-                  clean_pos=jnp.asarray(clean_pos),
-                  clean_len=jnp.asarray(prompt.known.sum(1), jnp.int32),
-                  order=jnp.asarray(order), cursor=jnp.zeros((batch,), jnp.int32))
+  return PGMState(canvas=put(canvas), clean_tok=put(clean_tok), clean_pos=put(clean_pos),
+                  clean_len=put(prompt.known.sum(1).astype(np.int32)),
+                  order=put(np.asarray(order, np.int32)),
+                  cursor=put(np.zeros((batch,), np.int32)))
 
 
 @dataclasses.dataclass
@@ -301,24 +324,30 @@ def pgm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed:
   key = jax.random.key(seed)
   traces_before = dict(TRACE_COUNTS)
   start = time.perf_counter()
-  if sampler == "naive":
-    tokens, flops, exact, passes = _pgm_naive_run(params, prompt, order, counts, key,
-                                                  model=model, mask_id=mask_id, top_p=top_p,
-                                                  temperature=temperature,
-                                                  measure_flops=measure_flops,
-                                                  progress=progress)
-  else:
-    tokens, flops, exact, passes = _pgm_efficient_run(
-        params, prompt, order, counts, key, model=model, mask_id=mask_id, top_p=top_p,
-        temperature=temperature, bucket=bucket, uniform=(sampler == "efficient-uniform"),
-        measure_flops=measure_flops, exact_flops=exact_flops, execute=execute,
-        progress=progress)
+  with params_mesh_context(params):
+    tokens, flops, exact, passes = _pgm_run(
+        params, prompt, order, counts, key, sampler=sampler, model=model, mask_id=mask_id,
+        top_p=top_p, temperature=temperature, bucket=bucket, measure_flops=measure_flops,
+        exact_flops=exact_flops, execute=execute, progress=progress)
   seconds = time.perf_counter() - start
   compiles = sum(TRACE_COUNTS[k] - traces_before[k] for k in TRACE_COUNTS)
   return SampleResult(tokens=tokens, sampler=sampler, steps=steps, passes=passes,
                       compiles=compiles, flops_per_seq=None if flops is None else flops / batch,
                       exact_flops_per_seq=None if exact is None else exact / batch,
                       seconds=seconds)
+
+
+def _pgm_run(params, prompt, order, counts, key, *, sampler, model, mask_id, top_p,
+             temperature, bucket, measure_flops, exact_flops, execute, progress):
+  if sampler == "naive":
+    return _pgm_naive_run(params, prompt, order, counts, key, model=model, mask_id=mask_id,
+                          top_p=top_p, temperature=temperature,
+                          measure_flops=measure_flops, progress=progress)
+  return _pgm_efficient_run(
+      params, prompt, order, counts, key, model=model, mask_id=mask_id, top_p=top_p,
+      temperature=temperature, bucket=bucket, uniform=(sampler == "efficient-uniform"),
+      measure_flops=measure_flops, exact_flops=exact_flops, execute=execute,
+      progress=progress)
 
 
 def _flops(jitted, *args, **static) -> float:
@@ -348,7 +377,9 @@ def _pgm_efficient_run(params, prompt, order, counts, key, *, model, mask_id, to
                        temperature, bucket, uniform, measure_flops, exact_flops, execute,
                        progress):
   batch, length = prompt.known.shape
-  st = _initial_state(prompt, order, mask_id)
+  put = _device_put_fn(params)
+  st = _initial_state(prompt, order, mask_id, put)
+  key = put(key)
   clean_len = prompt.known.sum(1).astype(np.int64)
   flops = 0.0 if measure_flops else None
   exact = 0.0 if exact_flops else None
@@ -363,7 +394,7 @@ def _pgm_efficient_run(params, prompt, order, counts, key, *, model, mask_id, to
     n_query = max_count if uniform else _pow2(max_count, length)
     static = dict(model=model, n_enc=n_enc, n_query=n_query, mask_id=mask_id, top_p=top_p,
                   temperature=temperature)
-    counts_dev = jnp.asarray(counts_k)
+    counts_dev = put(counts_k)
     step_key = jax.random.fold_in(key, k)
     if measure_flops:
       if (n_enc, n_query) not in cost_cache:
@@ -383,7 +414,7 @@ def _pgm_efficient_run(params, prompt, order, counts, key, *, model, mask_id, to
     passes += 1
     if progress is not None:
       progress(k + 1, len(counts))
-  tokens = np.asarray(jax.device_get(st.canvas))
+  tokens = sharding.host_value(st.canvas)
   return tokens, flops, exact, passes
 
 
@@ -412,13 +443,15 @@ _pgm_naive_step_jit = jax.jit(_pgm_naive_step,
 def _pgm_naive_run(params, prompt, order, counts, key, *, model, mask_id, top_p, temperature,
                    measure_flops, progress):
   batch, length = prompt.known.shape
-  canvas = jnp.asarray(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
+  put = _device_put_fn(params)
+  canvas = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
   ranks = np.full((batch, length), length, np.int32)
   n_unknown = (~prompt.known).sum(1)
   for b in range(batch):
     ranks[b, order[b, :n_unknown[b]]] = np.arange(n_unknown[b])
-  ranks_dev = jnp.asarray(ranks)
-  cursor = jnp.zeros((batch,), jnp.int32)
+  ranks_dev = put(ranks)
+  cursor = put(np.zeros((batch,), np.int32))
+  key = put(key)
   static = dict(model=model, mask_id=mask_id, top_p=top_p, temperature=temperature)
   flops = 0.0 if measure_flops else None
   per_step = None
@@ -426,7 +459,7 @@ def _pgm_naive_run(params, prompt, order, counts, key, *, model, mask_id, top_p,
   for k, counts_k in enumerate(counts):
     if int(counts_k.max()) == 0:
       continue
-    counts_dev, step_key = jnp.asarray(counts_k), jax.random.fold_in(key, k)
+    counts_dev, step_key = put(counts_k), jax.random.fold_in(key, k)
     if measure_flops:
       if per_step is None:
         per_step = _flops(_pgm_naive_step_jit, params, canvas, ranks_dev, cursor, counts_dev,
@@ -437,27 +470,43 @@ def _pgm_naive_run(params, prompt, order, counts, key, *, model, mask_id, top_p,
     passes += 1
     if progress is not None:
       progress(k + 1, len(counts))
-  return np.asarray(jax.device_get(canvas)), flops, None, passes
+  return sharding.host_value(canvas), flops, None, passes
 
 
 # ----------------------------------------------------------------------------
 # MDLM: ancestral sampling with an optional p(x0) cache.
 # ----------------------------------------------------------------------------
 
-def _mdlm_denoise(params, x, *, model, mask_id: int, top_p: float, temperature: float):
+def _mdlm_logits(params, x, *, model):
+  """The denoiser's logits in the model's compute dtype: that is the dtype they are
+  computed in (the output projection runs in it), so the cast loses nothing, and the
+  `ddpm_cache` cache is half the size of a float32 one (3.3 GB instead of 6.6 GB at
+  B 32, L 1024, V 50258)."""
   logits = model.apply({"params": params}, x, train=False)
-  logp = objectives.subs_log_probs(logits, x, mask_id)
-  if top_p < 1.0 or temperature != 1.0:
-    # Filter only where masked; unmasked rows are carry-over one-hots.
-    filtered = filtered_log_probs(logp, mask_id, top_p=top_p, temperature=temperature)
-    logp = jnp.where((x == mask_id)[..., None], filtered, logp)
-  return logp
+  return logits.astype(model.config.compute_dtype)
 
 
-def _mdlm_update(x, logp, key, k, reveal_prob, *, mask_id: int):
-  """One ancestral update: draw x0 everywhere, reveal each MASK w.p. reveal_prob."""
-  gumbel = jax.random.gumbel(jax.random.fold_in(key, 2 * k), logp.shape, jnp.float32)
-  draw = jnp.argmax(logp + gumbel, axis=-1).astype(jnp.int32)
+def _mdlm_update(x, logits, key, k, reveal_prob, *, mask_id: int, top_p: float = 1.0,
+                 temperature: float = 1.0):
+  """One ancestral update: draw x0 everywhere from SUBS p(x0 | x), reveal each MASK w.p.
+  reveal_prob.
+
+  The float32 log-probabilities and the Gumbel noise are made one sequence at a time
+  (`lax.map`), so the update holds [L, V], not [B, L, V], float32 temporaries.
+  """
+  base = jax.random.fold_in(key, 2 * k)
+
+  def draw_one(args):
+    b, x_L, logits_LxV = args
+    logp = objectives.subs_log_probs(logits_LxV[None], x_L[None], mask_id)[0]
+    if top_p < 1.0 or temperature != 1.0:
+      # Filter only where masked; unmasked rows are carry-over one-hots.
+      filtered = filtered_log_probs(logp, mask_id, top_p=top_p, temperature=temperature)
+      logp = jnp.where((x_L == mask_id)[:, None], filtered, logp)
+    gumbel = jax.random.gumbel(jax.random.fold_in(base, b), logp.shape, jnp.float32)
+    return jnp.argmax(logp + gumbel, axis=-1).astype(jnp.int32)
+
+  draw = jax.lax.map(draw_one, (jnp.arange(x.shape[0]), x, logits))
   u = jax.random.uniform(jax.random.fold_in(key, 2 * k + 1), x.shape)
   reveal = (x == mask_id) & (u < reveal_prob)
   return jnp.where(reveal, draw, x)
@@ -468,37 +517,35 @@ def _mdlm_run(params, x0, key, *, model, steps: int, cache: bool, mask_id: int, 
   TRACE_COUNTS["mdlm"] += 1
   batch, length = x0.shape
   timesteps = jnp.linspace(1.0, eps, steps + 1)
-  denoise = lambda x: _mdlm_denoise(params, x, model=model, mask_id=mask_id, top_p=top_p,
-                                    temperature=temperature)
-
-  update = lambda x, logp, k, p: _mdlm_update(x, logp, key, k, p, mask_id=mask_id)
+  denoise = lambda x: _mdlm_logits(params, x, model=model)
+  update = lambda x, logits, k, p: _mdlm_update(x, logits, key, k, p, mask_id=mask_id,
+                                                top_p=top_p, temperature=temperature)
 
   def body(k, carry):
-    x, logp_cache, fresh, passes = carry
+    x, logits_cache, fresh, passes = carry
     recompute = jnp.logical_or(~fresh, not cache)
-    logp = jax.lax.cond(recompute, denoise, lambda _: logp_cache, x)
+    logits = jax.lax.cond(recompute, denoise, lambda _: logits_cache, x)
     t, s = timesteps[k], timesteps[k + 1]
     a_t, a_s = objectives.alpha(t), objectives.alpha(s)
-    x_new = update(x, logp, k, (a_s - a_t) / (1.0 - a_t))
+    x_new = update(x, logits, k, (a_s - a_t) / (1.0 - a_t))
     unchanged = jnp.all(x_new == x)
-    return x_new, logp, unchanged, passes + recompute.astype(jnp.int32)
+    return x_new, logits, unchanged, passes + recompute.astype(jnp.int32)
 
   vocab = model.config.vocab_size
-  init = (x0, jnp.zeros((batch, length, vocab), jnp.float32), jnp.array(False),
+  init = (x0, jnp.zeros((batch, length, vocab), model.config.compute_dtype), jnp.array(False),
           jnp.array(0, jnp.int32))
-  x, logp_cache, fresh, passes = jax.lax.fori_loop(0, steps, body, init)
+  x, logits_cache, fresh, passes = jax.lax.fori_loop(0, steps, body, init)
   # Final reveal step (alpha_s = 1): every remaining MASK is drawn.
   recompute = jnp.logical_or(~fresh, not cache)
-  logp = jax.lax.cond(recompute, denoise, lambda _: logp_cache, x)
-  x = update(x, logp, steps, 1.0)
+  logits = jax.lax.cond(recompute, denoise, lambda _: logits_cache, x)
+  x = update(x, logits, steps, 1.0)
   return x, passes + recompute.astype(jnp.int32)
 
 
 _mdlm_run_jit = jax.jit(_mdlm_run, static_argnames=("model", "steps", "cache", "mask_id", "eps",
                                                      "top_p", "temperature"))
-_mdlm_update_jit = jax.jit(_mdlm_update, static_argnames=("mask_id",))
-_mdlm_denoise_jit = jax.jit(_mdlm_denoise,
-                            static_argnames=("model", "mask_id", "top_p", "temperature"))
+_mdlm_update_jit = jax.jit(_mdlm_update, static_argnames=("mask_id", "top_p", "temperature"))
+_mdlm_logits_jit = jax.jit(_mdlm_logits, static_argnames=("model",))
 
 
 def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed: int,
@@ -514,27 +561,29 @@ def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed
     raise ValueError(f"config.sample.sampler must be one of {MDLM_SAMPLERS} for MDLM, "
                      f"got {sampler!r}")
   batch = prompt.known.shape[0]
-  x0 = jnp.asarray(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
+  put = _device_put_fn(params)
+  x0 = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
   traces_before = TRACE_COUNTS["mdlm"]
   static = dict(model=model, steps=steps, cache=sampler == "ddpm_cache", mask_id=mask_id,
                 eps=eps, top_p=top_p, temperature=temperature)
   start = time.perf_counter()
   if execute:
-    x, passes = _mdlm_run_jit(params, x0, jax.random.key(seed), **static)
-    tokens, passes = jax.device_get((x, passes))
+    with params_mesh_context(params):
+      x, passes = _mdlm_run_jit(params, x0, put(jax.random.key(seed)), **static)
+    tokens, passes = sharding.host_value(x), int(sharding.host_value(passes))
   else:
-    tokens = np.asarray(x0)
+    tokens = np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32)
     passes = mdlm_passes(prompt.known, steps, seed, static["cache"], eps)
   seconds = time.perf_counter() - start
   flops = None
   if measure_flops:
     # Denoiser passes x cost of one pass, plus the sampling work of every step.
-    pass_flops = _flops(_mdlm_denoise_jit, params, x0, model=model, mask_id=mask_id,
-                        top_p=top_p, temperature=temperature)
+    pass_flops = _flops(_mdlm_logits_jit, params, x0, model=model)
     vocab = model.config.vocab_size
-    logp = jax.ShapeDtypeStruct(x0.shape + (vocab,), jnp.float32)
-    update_flops = _flops(_mdlm_update_jit, x0, logp, jax.random.key(seed), 0, 0.5,
-                          mask_id=mask_id)
+    logits = jax.ShapeDtypeStruct((1,) + x0.shape[1:] + (vocab,), model.config.compute_dtype)
+    # The update loops over sequences and XLA costs a loop body once: cost one sequence.
+    update_flops = batch * _flops(_mdlm_update_jit, x0[:1], logits, jax.random.key(seed), 0,
+                                  0.5, mask_id=mask_id, top_p=top_p, temperature=temperature)
     flops = (int(passes) * pass_flops + (steps + 1) * update_flops) / batch
   return SampleResult(tokens=np.asarray(tokens), sampler=sampler, steps=steps,
                       passes=int(passes), compiles=TRACE_COUNTS["mdlm"] - traces_before,
@@ -609,12 +658,14 @@ def ar_sample(params, prompt: Prompt, *, model, sampler: str = "ar", steps: int 
     raise ValueError(f"config.sample.sampler must be one of {AR_SAMPLERS} for the AR "
                      f"baseline, got {sampler!r}")
   batch, length = prompt.known.shape
-  x0 = jnp.asarray(np.where(prompt.known, prompt.tokens, 0).astype(np.int32))
+  put = _device_put_fn(params)
+  x0 = put(np.where(prompt.known, prompt.tokens, 0).astype(np.int32))
   before = TRACE_COUNTS["ar"]
   start = time.perf_counter()
-  x = _ar_run_jit(params, x0, jnp.asarray(prompt.known), jax.random.key(seed), model=model,
-                  mask_id=mask_id, top_p=top_p, temperature=temperature)
-  tokens = np.asarray(jax.device_get(x))
+  with params_mesh_context(params):
+    x = _ar_run_jit(params, x0, put(prompt.known), put(jax.random.key(seed)), model=model,
+                    mask_id=mask_id, top_p=top_p, temperature=temperature)
+  tokens = sharding.host_value(x)
   return SampleResult(tokens=tokens, sampler=sampler, steps=length - 1, passes=length - 1,
                       compiles=TRACE_COUNTS["ar"] - before,
                       seconds=time.perf_counter() - start)
