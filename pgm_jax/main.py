@@ -6,7 +6,13 @@ r"""Command-line entry point.
       --config.opt.lr=3e-4
 
 Set PGM_JAX_DISTRIBUTED=1 (the launch scripts do) to call
-`jax.distributed.initialize()` on multi-host pods.
+`jax.distributed.initialize()` on multi-host pods (cluster auto-detection). Or name the
+coordinator explicitly (any cluster, or several processes on one machine):
+
+  PGM_JAX_COORDINATOR=127.0.0.1:12345 PGM_JAX_NUM_PROCESSES=2 PGM_JAX_PROCESS_ID=0 \
+      python -m pgm_jax.main ...    # and PGM_JAX_PROCESS_ID=1 in a second process
+
+(CPU collectives then use gloo; tests/test_multiprocess.py runs this.)
 """
 import os
 import sys
@@ -41,13 +47,46 @@ class _QuietLibraries:
     return not any(s in record.pathname for s in ("/orbax/", "xla_bridge", "/grain/"))
 
 
+def init_distributed(env) -> None:
+  """`jax.distributed.initialize` from environment variables (before any other JAX call).
+
+  PGM_JAX_COORDINATOR=HOST:PORT with PGM_JAX_NUM_PROCESSES and PGM_JAX_PROCESS_ID: an
+  explicit coordinator (process 0 serves it; bound to that address if it is a loopback one).
+  Cross-process CPU collectives use gloo. Else PGM_JAX_DISTRIBUTED=1: auto-detection
+  (Cloud TPU, SLURM, ...). Else a single process.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  coordinator = env.get("PGM_JAX_COORDINATOR")
+  if coordinator:
+    try:
+      num_processes = int(env["PGM_JAX_NUM_PROCESSES"])
+      process_id = int(env["PGM_JAX_PROCESS_ID"])
+    except (KeyError, ValueError) as e:
+      raise ValueError("PGM_JAX_COORDINATOR needs integer PGM_JAX_NUM_PROCESSES and "
+                       f"PGM_JAX_PROCESS_ID ({e!r})") from None
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"PGM_JAX_PROCESS_ID={process_id} must be in [0, "
+                       f"PGM_JAX_NUM_PROCESSES={num_processes})")
+    host = coordinator.rsplit(":", 1)[0].strip("[]")
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id,
+                               coordinator_bind_address=coordinator if loopback else None)
+  elif env.get("PGM_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get("PGM_JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  try:
+    init_distributed(os.environ)
+  except ValueError as e:
+    print(f"pgm_jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
   from pgm_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())

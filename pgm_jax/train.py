@@ -98,12 +98,31 @@ def _write_text(path: str, text: str) -> None:
   epath.Path(path).write_text(text, encoding="utf-8")
 
 
-def _any_process(flag: bool) -> bool:
-  """True if `flag` is set on any process (every process must call this together)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+class _StopAgreement:
+  """Agrees across processes on SIGTERM (which may reach only some hosts), without a
+  blocking all-gather.
+
+  Called once per step, right after the train step is dispatched, with this process's
+  flag: it dispatches a tiny jitted max of every process's flag (one element per device,
+  replicated result) and returns the result dispatched one step earlier. That result is
+  ready by then (it was queued behind the previous step, whose loss the loop reads
+  anyway) and it is the same on every process, so all processes stop after the same step,
+  at most two steps after the signal.
+  """
+
+  def __init__(self, mesh):
+    self._sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+    self._shape = (mesh.size,)
+    self._any = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
+    self._pending = None
+
+  def __call__(self, requested: bool) -> bool:
+    previous = self._pending
+    local = np.full((1,), requested, np.int32)
+    flags = jax.make_array_from_callback(self._shape, self._sharding, lambda _: local)
+    self._pending = self._any(flags)
+    return previous is not None and bool(jax.device_get(previous))
 
 
 def with_mesh(mesh, fn):
@@ -175,6 +194,8 @@ def run_validation(setup: Setup, params, eval_fn=None) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count(),
       max_batches=config.eval.get("max_batches"))
   base = jax.random.key(config.eval.seed)
+  if jax.process_count() > 1:  # a global key: the params span processes
+    base = sharding.put_replicated(base, setup.mesh)
   nll_total, tokens_total, batches = 0.0, 0.0, 0
   pending = []
   for i, local in enumerate(it):
@@ -334,8 +355,13 @@ def restore_or_init(setup: Setup, manager, train_iter, rng):
       raise ValueError(f"config.ckpt.init_params_from: {src_dir} does not exist")
     params = checkpointing.restore_params(src_dir, setup.abstract_state.params)
     logging.info("Initialised params (EMA weights) from %s", src_dir)
-    state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
-                          opt_state=setup.tx.init(params))
+    # Jitted with the state's shardings: an eager tx.init would put Optax's `count` on one
+    # device, and the train step may not transfer it.
+    ema_params, opt_state = jax.jit(
+        lambda p: (jax.tree.map(jnp.copy, p), setup.tx.init(p)),
+        out_shardings=(setup.state_shardings.ema_params, setup.state_shardings.opt_state))(
+            params)
+    state = state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
   return state
 
 
@@ -395,6 +421,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointing.save(manager, at_step, state, train_iter)
     last_saved = at_step
 
+  agree_to_stop = _StopAgreement(setup.mesh) if jax.process_count() > 1 else None
   try:
     with _Preemption() as preemption:
       while step < t_cfg.num_steps:
@@ -438,12 +465,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         if step % config.ckpt.every_steps == 0 or step == t_cfg.num_steps:
           save(step, metrics)
-        # SIGTERM may reach only some hosts: agree on it (a host all-gather, so on pods
-        # only at log boundaries) before anyone saves and stops, or the others hang.
-        stop = (preemption.requested if jax.process_count() == 1 else
-                step % t_cfg.log_every == 0 and _any_process(preemption.requested))
+        # SIGTERM may reach only some hosts: agree on it before anyone saves and stops, or
+        # the others hang (one step late, without blocking: see _StopAgreement).
+        stop = (preemption.requested if agree_to_stop is None else
+                agree_to_stop(preemption.requested))
         if stop:
-          save(step, metrics)
+          if last_saved != step:  # not if this step was a checkpoint step anyway
+            save(step, metrics)
           manager.wait_until_finished()
           logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
           history["preempted"] = True

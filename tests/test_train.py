@@ -96,7 +96,7 @@ def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
     ({"model.num_heads": 3}, r"config\.model\.num_heads"),
     ({"model.kind": "gpt"}, r"config\.model\.kind"),
     ({"sample.steps": 100}, r"config\.sample\.steps"),
-    ({"attn.impl": "pallas", "attn.block_q": 24}, r"config\.attn\.block_q"),
+    ({"attn.impl": "pallas", "attn.block_q": 0}, r"config\.attn\.block_q"),
     ({"attn.impl": "cuda"}, r"config\.attn\.impl"),
     ({"sample.sampler": "ddpm"}, r"config\.sample\.sampler"),
 ])
@@ -206,3 +206,21 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
   assert "after SIGTERM" in err
   step = checkpointing.latest_step(checkpointing.checkpoint_dir(workdir))
   assert step is not None and step >= 3
+
+
+def test_sigterm_on_a_checkpoint_step_saves_once(tmp_path, monkeypatch):
+  """SIGTERM handled on a step that is saved anyway: no second save of that step
+  (Orbax refuses it: 'Checkpoint for step 2 already exists'), a clean stop."""
+  workdir = str(tmp_path / "term_ckpt")
+  real_save = checkpointing.save
+
+  def save_then_sigterm(manager, step, *args, **kwargs):
+    real_save(manager, step, *args, **kwargs)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(checkpointing, "save", save_then_sigterm)
+  history = train.train_and_evaluate(
+      tiny_config(**{"train.num_steps": 6, "ckpt.every_steps": 2}), workdir)
+  assert history.get("preempted")
+  assert checkpointing.latest_step(checkpointing.checkpoint_dir(workdir)) == 2

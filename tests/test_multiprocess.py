@@ -1,0 +1,434 @@
+"""Multi-host for real: 2 processes x 2 CPU devices (one global mesh of 4) on localhost.
+
+The CLI runs in 2 processes (`jax.distributed` with a coordinator on a free loopback port,
+gloo CPU collectives; PGM_JAX_COORDINATOR / PGM_JAX_NUM_PROCESSES / PGM_JAX_PROCESS_ID)
+on the tiny config with config.mesh.shape=(1, 2, 2): `fsdp` spans the two processes (each
+holds half of most parameters), `tensor` is inside a process. One workdir goes through
+
+  A. train; once a checkpoint exists, SIGKILL both processes;
+  B. resume; SIGTERM to process 1 only -> both save the same step and exit 0;
+  C. resume to step N, validation PPL at N and 2 samples (every process runs eval and the
+     sampler; process 0 writes).
+
+The reference is one process with 4 virtual devices and the same mesh shape, trained
+straight to N by the train library, fed the same global batches: its input pipeline is
+the two per-host Grain shards concatenated (what `make_array_from_process_local_data`
+assembles from the two hosts). The same child also runs `config.ckpt.restore_from` and
+`config.ckpt.init_params_from` on its 4-device mesh.
+
+Tolerance: rtol 1e-6. Same programs on the same mesh, same data; the only difference is
+how cross-process all-reduces run (gloo between the processes vs XLA's in-process CPU
+collectives): partial sums of more than two devices may be added in another order, a float32
+rounding difference. Observed: losses, grad norms and val PPL bitwise equal; a few parameter
+elements differ by an ulp or so after 12 steps (max |diff| / max |leaf| 3.3e-7). Logged
+losses / grad norms / val PPL: rtol 1e-6; every parameter / EMA / optimizer leaf at N: rtol
+1e-6 plus atol 1e-6 x the leaf's largest magnitude; sample texts and tokens: exact.
+restore_from and init_params_from (one process, no gloo) are compared exactly.
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+MESH = (1, 2, 2)
+NUM_PROCESSES, LOCAL_DEVICES = 2, 2
+CKPT_EVERY = 2
+N = 12         # final step: A is killed at its first checkpoint, B stops 1-3 steps after it
+TIMEOUT = 400  # seconds, per phase
+RTOL = 1e-6
+
+
+def overrides(num_steps: int, eval_every: int = 100_000, **extra) -> dict:
+  # 31 sampling steps for 31 unknown tokens: one sampler program (one token per step).
+  ov = {"train.num_steps": num_steps, "train.log_every": 1, "train.eval_every": eval_every,
+        "ckpt.every_steps": CKPT_EVERY, "mesh.shape": MESH, "sample.steps": 31}
+  ov.update({k.replace("__", "."): v for k, v in extra.items()})
+  return ov
+
+
+def make_config(ov: dict):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  cfg = load_config("shakespeare", "tiny")
+  for key, value in ov.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  return cfg
+
+
+def cli_args(ov: dict) -> list:
+  def fmt(v):
+    return "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else str(v)
+  return [f"--config.{k}={fmt(v)}" for k, v in ov.items()]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def read_rows(workdir: str) -> list:
+  rows = []
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    for line in open(path, encoding="utf-8"):
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # a line cut by SIGKILL
+        pass
+  return rows
+
+
+def saved_steps(workdir: str) -> list:
+  """Finalised checkpoint steps (Orbax renames a step's temporary folder when done)."""
+  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints",
+                                                                         "*"))
+                if os.path.basename(p).isdigit())
+
+
+# ----------------------------------------------------------------------------- child
+class _TwoHosts:
+  """Both hosts' Grain iterators in one process: their batches concatenated in process
+  order (rows of process 0 first, as `make_array_from_process_local_data` lays them out
+  over a mesh whose devices are ordered by process)."""
+
+  def __init__(self, iterators):
+    self.iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(it) for it in self.iterators]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:  # Grain's checkpoint handler takes bytes from non-Grain
+    return json.dumps({"hosts": [it.get_state() for it in self.iterators]}).encode()
+
+  def set_state(self, state: bytes):
+    for it, s in zip(self.iterators, json.loads(state)["hosts"]):
+      it.set_state(s)
+
+  def start_prefetch(self):
+    for it in self.iterators:
+      getattr(it, "start_prefetch", lambda: None)()
+
+
+def _reference(out_dir: str, n: int) -> None:
+  """1 process, 4 devices, the 2-host input pipeline; trains straight to n; then
+  restore_from and init_params_from on the same 4-device mesh."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pgm_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  assert jax.process_count() == 1 and jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
+  build_train, build_eval = input_pipeline.build_train_iterator, input_pipeline.build_eval_iterator
+
+  def two_hosts(build):
+    def wrapped(*args, process_index=0, process_count=1, **kwargs):
+      assert (process_index, process_count) == (0, 1)
+      return _TwoHosts([build(*args, process_index=i, process_count=NUM_PROCESSES, **kwargs)
+                        for i in range(NUM_PROCESSES)])
+    return wrapped
+
+  input_pipeline.build_train_iterator = two_hosts(build_train)
+  input_pipeline.build_eval_iterator = two_hosts(build_eval)
+  ref = os.path.join(out_dir, "ref")
+  train.train_and_evaluate(make_config(overrides(n, eval_every=n)), ref)
+  # restore_from (full state + data position) must continue exactly like resuming `ref`.
+  cont = os.path.join(out_dir, "continued")
+  shutil.copytree(ref, cont)
+  quick = dict(train__num_final_samples=0)
+  train.train_and_evaluate(make_config(overrides(n + 1, **quick)), cont)
+  train.train_and_evaluate(make_config(overrides(n + 1, ckpt__restore_from=ref, **quick)),
+                           os.path.join(out_dir, "restore_from"))
+  # init_params_from: params = ref's EMA weights, a fresh optimizer. The first update is 0
+  # (the warmup starts at lr 0), so after step 1 the params are still exactly those read.
+  train.train_and_evaluate(make_config(overrides(1, ckpt__init_params_from=ref, **quick)),
+                           os.path.join(out_dir, "init_params_from"))
+
+
+# ----------------------------------------------------------------------------- driver
+def _die_with_parent():
+  """Children get SIGKILL if the test process dies (Linux), so none outlives a timeout."""
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+def _env(**extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("PGM_JAX_")}
+  env.update(JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.join(REPO_ROOT, "tests") + os.pathsep + REPO_ROOT, **extra)
+  return env
+
+
+class _Job:
+  """The CLI in NUM_PROCESSES processes sharing one coordinator."""
+
+  def __init__(self, base, name, workdir, ov, cache_dir):
+    port = free_port()
+    self.logs = [os.path.join(base, f"{name}_{i}.log") for i in range(NUM_PROCESSES)]
+    self.procs = []
+    for i in range(NUM_PROCESSES):
+      env = _env(PGM_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                 PGM_JAX_NUM_PROCESSES=str(NUM_PROCESSES), PGM_JAX_PROCESS_ID=str(i),
+                 XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+                 # Phases B and C reuse A's compiled programs (2 loaded cores).
+                 JAX_COMPILATION_CACHE_DIR=cache_dir,
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+      with open(self.logs[i], "w") as log:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pgm_jax.main", "--config=configs/shakespeare.py:tiny",
+             f"--workdir={workdir}", *cli_args(ov)],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent))
+
+  def log(self, i) -> str:
+    with open(self.logs[i], encoding="utf-8", errors="replace") as f:
+      return f.read()
+
+  def check_alive(self):
+    for i, p in enumerate(self.procs):
+      if p.poll() is not None:
+        self.kill()
+        pytest.fail(f"process {i} exited early ({p.returncode}):\n{self.log(i)[-4000:]}")
+
+  def wait(self, timeout=TIMEOUT) -> list:
+    deadline = time.time() + timeout
+    for i, p in enumerate(self.procs):
+      try:
+        p.wait(timeout=max(1.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        self.kill()
+        pytest.fail(f"process {i} timed out:\n{self.log(i)[-4000:]}")
+    return [p.returncode for p in self.procs]
+
+  def kill(self):
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def _until(condition, job, timeout=TIMEOUT, what=""):
+  deadline = time.time() + timeout
+  while not condition():
+    job.check_alive()
+    if time.time() > deadline:
+      job.kill()
+      pytest.fail(f"timed out waiting for {what}:\n{job.log(0)[-4000:]}")
+    time.sleep(0.2)
+
+
+def _gloo_available() -> bool:
+  try:
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    return hasattr(_jax, "make_gloo_tcp_collectives")
+  except ImportError:
+    return False
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  if not _gloo_available():
+    pytest.skip("this jaxlib has no gloo CPU collectives")
+  base = str(tmp_path_factory.mktemp("multiprocess"))
+  workdir, cache = os.path.join(base, "mp"), os.path.join(base, "jax_cache")
+  started = time.time()
+  out = {"base": base, "workdir": workdir, "n": N, "seconds": {}}
+  # The reference (1 process, 4 devices) runs meanwhile; its own compilation cache lets its
+  # four train_and_evaluate calls share one train-step compilation.
+  ref_log = os.path.join(base, "reference.log")
+  with open(ref_log, "w") as log:
+    ref = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), base, str(N)], cwd=REPO_ROOT, stdout=log,
+        stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count="
+                 f"{NUM_PROCESSES * LOCAL_DEVICES}",
+                 JAX_COMPILATION_CACHE_DIR=os.path.join(base, "jax_cache_ref"),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0"))
+  try:
+    _multiprocess_phases(base, workdir, cache, out, started)
+    ref.wait(timeout=TIMEOUT)
+  finally:
+    if ref.poll() is None:
+      ref.kill()
+      ref.wait()
+  with open(ref_log, encoding="utf-8") as f:
+    assert ref.returncode == 0, f.read()[-6000:]
+  out["seconds"]["total"] = time.time() - started
+  print(f"multiprocess runs: {out['seconds']}; killed at checkpoint {out['killed_at']}, "
+        f"SIGTERM stop at {out['stopped_at']}, N={N}")
+  return out
+
+
+def _multiprocess_phases(base, workdir, cache, out, started):
+
+  # A: train; SIGKILL both processes once a checkpoint is on disk.
+  job = _Job(base, "A", workdir, overrides(100_000), cache)
+  _until(lambda: saved_steps(workdir), job, what="a first checkpoint")
+  for p in job.procs:
+    p.send_signal(signal.SIGKILL)
+  job.wait()
+  out["killed_at"] = saved_steps(workdir)[-1]
+  out["seconds"]["A"] = time.time() - started
+  out["logged_before_kill"] = max(r["step"] for r in read_rows(workdir) if "train/loss" in r)
+
+  # B: resume; SIGTERM to process 1 only, once B has logged a step of its own.
+  rows_before = len(read_rows(workdir))
+  job = _Job(base, "B", workdir, overrides(100_000), cache)
+  _until(lambda: any("train/loss" in r for r in read_rows(workdir)[rows_before:]), job,
+         what="training to resume")
+  job.procs[1].send_signal(signal.SIGTERM)
+  out["B_returncodes"] = job.wait()
+  out["B_logs"] = [job.log(i) for i in range(NUM_PROCESSES)]
+  out["B_resumed_from"] = min(r["step"] for r in read_rows(workdir)[rows_before:]
+                              if "train/loss" in r) - 1
+  out["stopped_at"] = saved_steps(workdir)[-1]
+  out["seconds"]["A+B"] = time.time() - started
+  assert out["stopped_at"] < N - 1, f"stopped at {out['stopped_at']}: raise N"
+
+  # C: resume and finish at N (val PPL and samples at N).
+  job = _Job(base, "C", workdir, overrides(N, eval_every=N), cache)
+  out["C_returncodes"] = job.wait()
+  out["C_logs"] = [job.log(i) for i in range(NUM_PROCESSES)]
+  out["seconds"]["A+B+C"] = time.time() - started
+
+
+_SETUP = []
+
+
+def flat_state(workdir: str, step: int) -> dict:
+  """The checkpoint at `step`, restored on this process's single device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pgm_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  if not _SETUP:
+    _SETUP.append(train.make_setup(make_config(overrides(1, mesh__shape=(1, 1, 1)))))
+  setup = _SETUP[0]
+  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+  try:
+    state, _ = checkpointing.restore(manager, step, setup.abstract_state)
+  finally:
+    manager.close()
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  path_str = checkpointing._path_str  # pylint: disable=protected-access
+  return {path_str(p): np.asarray(v) for p, v in leaves}
+
+
+def assert_states_equal(a: dict, b: dict):
+  assert sorted(a) == sorted(b)
+  for key, value in a.items():
+    np.testing.assert_array_equal(value, b[key], err_msg=key)
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+  """Largest |a - b| over a leaf, relative to that leaf's largest magnitude."""
+  return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) /
+             max(float(np.max(np.abs(b[k]))), 1e-30) for k in a if a[k].size)
+
+
+def test_sigkill_then_sigterm_to_one_process(runs):
+  assert runs["killed_at"] >= CKPT_EVERY
+  # B really resumed from the SIGKILLed run's last checkpoint.
+  assert runs["B_resumed_from"] == runs["killed_at"]
+  assert runs["B_returncodes"] == [0, 0], runs["B_logs"][1][-3000:]
+  stopped = []
+  for log in runs["B_logs"]:
+    lines = [l for l in log.splitlines() if "after SIGTERM; checkpoint saved" in l]
+    assert len(lines) == 1, log[-3000:]
+    stopped.append(int(lines[0].split("Stopped at step ")[1].split()[0]))
+  assert stopped[0] == stopped[1] == runs["stopped_at"] > runs["killed_at"]
+  assert "SIGTERM received" in runs["B_logs"][1] and "SIGTERM received" not in runs["B_logs"][0]
+  assert runs["C_returncodes"] == [0, 0], runs["C_logs"][0][-3000:]
+
+
+def test_two_processes_match_one_process(runs):
+  n, mp, ref = runs["n"], runs["workdir"], os.path.join(runs["base"], "ref")
+  ref_rows, mp_rows = read_rows(ref), read_rows(mp)
+  ref_train = {r["step"]: r for r in ref_rows if "train/loss" in r}
+  assert sorted(ref_train) == list(range(1, n + 1))
+  mp_train = [r for r in mp_rows if "train/loss" in r]
+  # Every step was logged (any logged after the SIGKILLed checkpoint twice: before the kill
+  # and after the resume) and matches the reference.
+  assert {r["step"] for r in mp_train} == set(ref_train)
+  for r in mp_train:
+    for key in ("train/loss", "train/nll", "train/grad_norm"):
+      np.testing.assert_allclose(r[key], ref_train[r["step"]][key], rtol=RTOL,
+                                 err_msg=f"{key} at step {r['step']}")
+  ref_val = [r for r in ref_rows if "val/ppl" in r]
+  mp_val = [r for r in mp_rows if "val/ppl" in r]
+  assert [r["step"] for r in mp_val] == [r["step"] for r in ref_val] == [n]
+  np.testing.assert_allclose(mp_val[0]["val/ppl"], ref_val[0]["val/ppl"], rtol=RTOL)
+  # Samples (efficient PGM sampler on the 2-process mesh), written by process 0.
+  name = f"samples_step{n}.txt"
+  with open(os.path.join(mp, name)) as a, open(os.path.join(ref, name)) as b:
+    text = a.read()
+    assert text == b.read() and text.count("=== sample") == 2
+  # Final state: params, EMA, optimizer state, step.
+  assert saved_steps(mp)[-1] == saved_steps(ref)[-1] == n
+  got, want = flat_state(mp, n), flat_state(ref, n)
+  assert sorted(got) == sorted(want)
+  print(f"final state: max |diff| / max |leaf| = {max_rel_diff(got, want):.2e}")
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=RTOL,
+                               atol=RTOL * float(np.max(np.abs(value), initial=0.0)),
+                               err_msg=key)
+  # Each process saved its own Grain iterator position; the reference's halves match.
+  ref_data = json.load(open(glob.glob(os.path.join(ref, "checkpoints", str(n), "data",
+                                                   "*.json"))[0]))
+  for i in range(NUM_PROCESSES):
+    path = os.path.join(mp, "checkpoints", str(n), "data",
+                        f"process_{i}-of-{NUM_PROCESSES}.json")
+    assert json.load(open(path)) == ref_data["hosts"][i]
+
+
+def test_restore_from_on_a_multi_device_mesh(runs):
+  n, base = runs["n"], runs["base"]
+  rows = [r for r in read_rows(os.path.join(base, "restore_from")) if "train/loss" in r]
+  assert [r["step"] for r in rows] == [n + 1]        # started from ref's step n
+  assert_states_equal(flat_state(os.path.join(base, "restore_from"), n + 1),
+                      flat_state(os.path.join(base, "continued"), n + 1))
+
+
+def test_init_params_from_on_a_multi_device_mesh(runs):
+  n, base = runs["n"], runs["base"]
+  wd = os.path.join(base, "init_params_from")
+  rows = [r for r in read_rows(wd) if "train/loss" in r]
+  assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["train/loss"])
+  assert rows[0]["train/learning_rate"] == 0.0       # warmup: the first update is zero
+  got, src = flat_state(wd, 1), flat_state(os.path.join(base, "ref"), n)
+  for key, value in got.items():
+    if key.startswith("params/"):                    # the source's EMA weights
+      np.testing.assert_array_equal(value, src["ema_params/" + key[len("params/"):]],
+                                    err_msg=key)
+  counts = [v for k, v in got.items() if k.startswith("opt_state/") and k.endswith("count")]
+  assert counts and all(int(c) == 1 for c in counts)  # a fresh optimizer, one update
+
+
+def test_explicit_coordinator_needs_process_count_and_id():
+  from pgm_jax import main  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="PGM_JAX_NUM_PROCESSES"):
+    main.init_distributed({"PGM_JAX_COORDINATOR": "127.0.0.1:1"})
+  with pytest.raises(ValueError, match="PGM_JAX_PROCESS_ID=2"):
+    main.init_distributed({"PGM_JAX_COORDINATOR": "127.0.0.1:1", "PGM_JAX_NUM_PROCESSES": "2",
+                           "PGM_JAX_PROCESS_ID": "2"})
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+  _reference(sys.argv[1], int(sys.argv[2]))
