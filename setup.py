@@ -31,6 +31,12 @@ EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "safetensors==0.8.0",
              "matplotlib==3.10.8"],
     "notebook": ["matplotlib==3.10.8"],
+    # What `pip install "jax[tpu]==0.10.2"` pulls (checked with pip --dry-run, 2026-11-29):
+    # jaxlib==0.10.2 (already pinned above), libtpu 0.0.42.1 (about 137 MB) and requests.
+    # On a TPU VM this is the runtime; on any Linux x86-64 machine libtpu is also the TPU
+    # *compiler*: `--mode=plan --config.plan.topology=v5e-16` (pgm_jax/plan.py) and
+    # tests/test_plan.py compile for real TPU slices without one.
+    "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1", "requests==2.34.2"],
     # `python -m pgm_jax.convert` on pickled PyTorch checkpoints (.ckpt/.pt) needs torch;
     # .safetensors files need neither.
     "convert": ["torch==2.13.0"],

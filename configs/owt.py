@@ -37,6 +37,15 @@ def get_config(arg=None):
   c.model.dropout = 0.1
   c.model.dtype = "bfloat16"
 
+  # Memory levers (docs/scaling.md has the TPU compiler's plan for every preset):
+  c.attn.sorted_layout = True       # group-sorted PGM training: the kernels skip the
+                                    # masked half of every attention (same function)
+  c.model.loss_chunk_len = 128      # never materialise float32 [B, L, V] logits
+  # No rematerialisation where the plan shows it fits without (mdlm, pgm_6_6); the wider
+  # or deeper PGMs save only the weight matmuls' outputs and recompute the rest.
+  c.model.remat = ("none" if chosen[0] in ("mdlm", "pgm_6_6")
+                   else "dots_with_no_batch_dims_saveable")
+
   c.data.name = "array_record"
   c.data.tokenizer = "gpt2"
   c.data.tokenizer_path = "third_party/gpt2/gpt2.tiktoken"

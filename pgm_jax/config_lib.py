@@ -32,6 +32,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.query_mode = "learn+freqs"  # learn | learn+freqs | learn+freqs+mean | learn+freqs+logsumexp
   c.model.dropout = 0.1
   c.model.dtype = "bfloat16"        # compute dtype; parameters stay float32
+  c.model.remat = "none"            # activation rematerialisation of every transformer block:
+                                    # none | full (= nothing_saveable) | any policy name in
+                                    # jax.checkpoint_policies, e.g. dots_saveable,
+                                    # dots_with_no_batch_dims_saveable
+  c.model.loss_chunk_len = 0        # > 0: the output projection + log-softmax + target
+                                    # log-prob run over chunks of this many positions
+                                    # (rematerialised), so float32 [B, L, V] logits never
+                                    # exist in training / eval; 0 = the whole sequence at once
 
   # --- data: corpus, tokenizer, packing. ------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -79,10 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- attn: the attention op. ----------------------------------------------------
   c.attn = ml_collections.ConfigDict()
-  c.attn.impl = "xla"               # xla (dense oracle) | pallas (block-skipping kernels;
-                                    # interpreted on CPU) | auto (pallas on TPU/GPU, else xla)
-  c.attn.block_q = 128              # Pallas query block (clipped to the length; must divide it)
-  c.attn.block_kv = 128             # Pallas key/value block
+  c.attn.impl = "auto"              # auto (the Pallas kernels on TPU/GPU, the dense XLA path
+                                    # on CPU) | xla (dense oracle) | pallas (the kernels;
+                                    # interpreted on CPU)
+  c.attn.block_q = 128              # Pallas query block (an upper bound: lengths are padded
+  c.attn.block_kv = 128             # to the kernel tiling); Pallas key/value block
   c.attn.sorted_layout = False      # PGM training: sort tokens by group so that the kernels
                                     # skip the masked half of every attention (same function)
 
@@ -91,7 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.axes = ("data", "fsdp", "tensor")
   c.mesh.shape = (-1, 1, 1)         # one -1 = all remaining devices
   c.mesh.logical_axis_rules = (
-      ("batch", ("data", "fsdp")),
+      ("batch", ("data", "fsdp")),     # activations' batch dimension
+      ("length", None),                # activations' sequence dimension
+      ("act_embed", None),             # activations' hidden dimension
       ("vocab", "tensor"),
       ("embed", "fsdp"),
       ("mlp", "tensor"),
@@ -118,7 +129,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.plan.num_devices = placeholder(int)  # mesh size to plan for; None = product of
                                          # config.mesh.shape (or the local devices if -1).
                                          # On CPU, more than are here -> virtual devices.
-  c.plan.device_memory_gib = placeholder(float)  # e.g. 32 (TPU v4), 16 (v5e), 80 (H100)
+  c.plan.device_memory_gib = placeholder(float)  # e.g. 32 (TPU v4), 16 (v5e), 80 (H100);
+                                         # with a topology: overrides the compiler's HBM
+  c.plan.topology = placeholder(str)     # compile with the real TPU compiler (libtpu) for a
+                                         # named slice: v4-16, v4-32, v5e-16, v5e-32, v5e-256,
+                                         # v5p-16, v6e-16, ... (plan.TOPOLOGIES) or a raw
+                                         # topology string "v5e:4x4"; sets the device count
+  c.plan.compiler = "auto"               # auto (tpu if libtpu imports, else cpu-virtual) |
+                                         # tpu | cpu-virtual (XLA:CPU on virtual devices)
+  c.plan.what = "train"                  # train: the train step on the mesh | sample: the
+                                         # samplers at config.bench.* on ONE chip
+  c.plan.max_memory_fraction = 0.9       # fits = peak <= this fraction of device memory
+  c.plan.sample_models = ("pgm", "mdlm")  # what=sample: PGM efficient step, MDLM ddpm_cache
+                                         # (both built from config.model's dimensions)
 
   # --- sample: samplers (--mode=sample and end-of-training samples). -------------
   c.sample = ml_collections.ConfigDict()

@@ -1,47 +1,285 @@
-r"""--mode=plan: compile the train step ahead of time on a mesh and report memory and FLOPs.
+r"""--mode=plan: compile (never run) the train step or the samplers and report memory and FLOPs.
 
-Nothing is run: `jax.jit(train_step).lower(abstract state, batch, rng).compile()` on the
-config's mesh, then `compiled.memory_analysis()` (per-device argument / output / temp
-bytes) and `compiled.cost_analysis()` (FLOPs of one device's program). Writes
-WORKDIR/plan.json and prints a table.
+Nothing is executed: `jax.jit(fn).lower(abstract args).compile()`, then
+`compiled.memory_analysis()` (per device: arguments, outputs, donated aliases,
+temporaries, the compiler's peak) and `compiled.cost_analysis()` (FLOPs of one device's
+program). Writes WORKDIR/plan.json and prints a table.
 
-The target mesh may be larger than the machine: on CPU the compile then runs in a
-subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N virtual devices.
-E.g. the paper's PGM 6/6 on a TPU v4-32-like slice (16 chips):
+Compilers (`config.plan.compiler`, default "auto"):
+  * "tpu": the real TPU compiler in libtpu (`pip install -e '.[tpu]'`), on this CPU
+    machine, for a named slice: `--config.plan.topology=v5e-16` (table `TOPOLOGIES`, or
+    a raw topology string such as "v5e:4x4"). The mesh is config.mesh.shape resolved over
+    the slice's devices, the attention is traced and compiled as it runs on TPU (inside
+    `pgm_jax.ops.attention.compile_target("tpu")`: attn.impl="auto" -> the Pallas/Mosaic
+    kernels), and memory is the TPU compiler's own per-chip accounting. A program over
+    the chip's HBM fails to compile with RESOURCE_EXHAUSTED: reported as fits=false with
+    the bytes the compiler names, not an error.
+  * "cpu-virtual": XLA:CPU on N virtual CPU devices (a subprocess with
+    XLA_FLAGS=--xla_force_host_platform_device_count=N when N exceeds the devices here);
+    N = config.plan.num_devices, else the topology's device count, else the mesh product.
+    XLA:CPU's layouts, fusions and buffer reuse differ from the accelerator's and the
+    dense XLA attention is planned: a rough guide only. "auto" falls back to it when
+    libtpu is not importable (or PGM_JAX_PLAN_NO_LIBTPU=1), and says so on one line.
 
   python -m pgm_jax.main --config=configs/owt.py:pgm_6_6 --workdir=/tmp/plan --mode=plan \
-      --config.mesh.shape='(16,1,1)' --config.plan.num_devices=16 \
-      --config.plan.device_memory_gib=32
+      --config.plan.topology=v5e-16 --config.attn.impl=auto --config.mesh.shape='(-1,1,1)'
 
-CPU memory analysis approximates the accelerator's (other layouts, fusions, rematerialisation
-and, for attention, the Pallas kernels instead of the dense XLA path): treat it as a
-guide and keep a margin (docs/scaling.md).
+`--config.plan.what=sample` instead compiles the samplers on ONE chip of the topology at
+the bench setting (config.bench.batch_size / seq_len / steps; configs/bench.py:paper is
+B 32, L 1024, S 128) with config.model's dimensions: the PGM efficient step at the
+largest encoder bucket (n_enc = L) with the uniform schedule's query count
+m = ceil((L - 1) / S) (= L / S = 8 at the paper setting), and MDLM's whole `ddpm_cache`
+run (`sampling._mdlm_run`, one program).
+
+FLOPs. "compiled" FLOPs are XLA's cost analysis of the per-device program (times
+grad_accum_steps: a loop body is counted once). Pallas/Mosaic custom calls are NOT
+costed, so with attn_impl="pallas" they miss the attention. "model" FLOPs are analytic,
+per optimizer step, for the whole slice (docstring of `model_flops`).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _GIB = 1024 ** 3
+NO_LIBTPU_ENV = "PGM_JAX_PLAN_NO_LIBTPU"  # "1": behave as if libtpu were not importable
 
 
-def num_plan_devices(config) -> int:
-  """config.plan.num_devices, else the mesh product (no -1), else the local devices."""
-  n = config.get("plan", {}).get("num_devices") if "plan" in config else None
-  if n:
-    return int(n)
-  shape = [int(s) for s in config.mesh.shape]
-  if -1 not in shape:
-    return math.prod(shape)
-  return jax.device_count()
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice as `jax.experimental.topologies.get_topology_desc` builds it.
 
+  name: the Cloud TPU accelerator name. v4-N and v5p-N count TensorCores (2 per chip),
+  v5e-N and v6e-N count chips. devices: JAX devices = chips on every generation here
+  (v4 and v5p run "megacore": one device drives both TensorCores of a chip, as on a
+  real v4/v5p VM; libtpu's default for v4 would be one device per core with half the
+  HBM, hence chip_config_name="megacore"). hbm_gib: the HBM per device that the
+  compiler budgets against (read from the compiler at run time, `device_memory_bytes`;
+  this value is the fallback and was measured with libtpu 0.0.42.1).
+  """
+  name: str
+  topology: str
+  chips: int
+  hbm_gib: float
+  options: tuple = ()
+
+  @property
+  def devices(self) -> int:
+    return self.chips
+
+  @property
+  def accelerator_type(self) -> str:  # TPU_ACCELERATOR_TYPE of such a slice
+    gen, n = self.name.split("-")
+    return {"v5e": "v5litepod", "v6e": "v6e"}.get(gen, gen) + "-" + n
+
+
+_MEGACORE = (("chip_config_name", "megacore"),)
+_HBM = {"v4": 30.75, "v5e": 15.75, "v5p": 95.74, "v6e": 31.25}  # GiB per device (compiler)
+
+
+def _table():
+  rows = []
+  for name, topo, chips in (
+      ("v4-8", "v4:2x2x1", 4), ("v4-16", "v4:2x2x2", 8), ("v4-32", "v4:2x2x4", 16),
+      ("v4-64", "v4:2x4x4", 32),
+      ("v5e-4", "v5e:2x2", 4), ("v5e-8", "v5e:2x4", 8), ("v5e-16", "v5e:4x4", 16),
+      ("v5e-32", "v5e:4x8", 32), ("v5e-64", "v5e:8x8", 64), ("v5e-128", "v5e:8x16", 128),
+      ("v5e-256", "v5e:16x16", 256),
+      ("v5p-8", "v5p:2x2x1", 4), ("v5p-16", "v5p:2x2x2", 8), ("v5p-32", "v5p:2x2x4", 16),
+      ("v6e-4", "v6e:2x2", 4), ("v6e-8", "v6e:2x4", 8), ("v6e-16", "v6e:4x4", 16),
+      ("v6e-32", "v6e:4x8", 32), ("v6e-256", "v6e:16x16", 256)):
+    gen = name.split("-")[0]
+    rows.append(Topology(name, topo, chips, _HBM[gen], _MEGACORE if gen == "v4" else ()))
+  return {t.name: t for t in rows}
+
+
+TOPOLOGIES = _table()
+
+
+def resolve_topology(name: str) -> Topology:
+  """A TOPOLOGIES name ("v5e-16") or a raw topology string ("v5e:4x4")."""
+  if name in TOPOLOGIES:
+    return TOPOLOGIES[name]
+  for t in TOPOLOGIES.values():
+    if t.topology == name:
+      return t
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)", name or "")
+  if not m:
+    raise ValueError(f"config.plan.topology={name!r}: expected one of {sorted(TOPOLOGIES)} "
+                     f"or a topology string like 'v5e:4x4'")
+  gen = m.group(1)
+  chips = math.prod(int(s) for s in m.group(2).split("x"))
+  per_name = chips * (2 if gen in ("v4", "v5p") else 1)
+  return Topology(f"{gen}-{per_name}", name, chips, _HBM[gen], _MEGACORE if gen == "v4" else ())
+
+
+def libtpu_available() -> bool:
+  """libtpu (the TPU compiler) importable here, unless PGM_JAX_PLAN_NO_LIBTPU=1."""
+  if os.environ.get(NO_LIBTPU_ENV) == "1":
+    return False
+  return importlib.util.find_spec("libtpu") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def topology_devices(topo: Topology) -> tuple:
+  """Compile-only TPU devices of the slice (nothing is attached; libtpu compiles)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # While libtpu loads (then restored, so that child processes do not inherit them):
+  # TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES quiet its warnings (no TPU VM metadata
+  # here); ALLOW_MULTIPLE_LIBTPU_LOAD skips
+  # /tmp/libtpu_lockfile (one process per TPU host), since we only compile and several
+  # planners (or test workers) may load libtpu at once.
+  names = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD")
+  saved = {k: os.environ.get(k) for k in names}
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.topology,
+                                        **dict(topo.options))
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  devices = tuple(desc.devices)
+  if len(devices) != topo.devices:
+    raise ValueError(f"topology {topo.topology}: {len(devices)} devices, expected "
+                     f"{topo.devices}")
+  return devices
+
+
+# -- RESOURCE_EXHAUSTED messages ---------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4,
+          "P": 1024 ** 5}
+_SIZE = r"([\d.]+)\s*([KMGTP]?)(?:i?B)?"
+
+
+def _bytes(num: str, unit: str) -> int:
+  return int(round(float(num) * _UNITS[unit.upper()]))
+
+
+def parse_resource_exhausted(message: str) -> dict | None:
+  """{"required_bytes", "available_bytes"} from the TPU compiler's out-of-memory message.
+
+  Seen with libtpu 0.0.42.1: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total
+  memory required for HLO temporaries (400.00G) exceeds available HBM (15.75G)." (sizes
+  in GiB); older compilers: "Used 20.5G of 15.48G hbm. Exceeded hbm capacity by 5.0G."
+  """
+  if "RESOURCE_EXHAUSTED" not in message:
+    return None
+  m = re.search(r"required for ([^(]*?)\s*\(" + _SIZE + r"\)\s*exceeds available HBM \("
+                + _SIZE + r"\)", message)
+  if m:
+    return {"what": m.group(1), "required_bytes": _bytes(m.group(2), m.group(3)),
+            "available_bytes": _bytes(m.group(4), m.group(5))}
+  m = re.search(r"Used " + _SIZE + r" of " + _SIZE + r" hbm", message)
+  if m:
+    return {"what": "total", "required_bytes": _bytes(m.group(1), m.group(2)),
+            "available_bytes": _bytes(m.group(3), m.group(4))}
+  return {"what": "unparsed", "required_bytes": None, "available_bytes": None}
+
+
+def _is_resource_exhausted(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e)
+
+
+@functools.lru_cache(maxsize=None)
+def device_memory_bytes(topo: Topology) -> tuple[int, str]:
+  """(HBM bytes per device the compiler budgets against, source).
+
+  Compile-only devices have no `memory_stats()`, so this compiles a program that is
+  certainly over budget on one device and reads "exceeds available HBM (...)" from the
+  RESOURCE_EXHAUSTED message (about 0.1 s); the table value if that fails.
+  """
+  from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
+  device = topology_devices(topo)[0]
+  big = jax.ShapeDtypeStruct((1024, 1024, 1024, 64), jnp.float32,  # 256 GiB
+                             sharding=SingleDeviceSharding(device))
+  try:
+    jax.jit(lambda x: x + 1).lower(big).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    parsed = parse_resource_exhausted(str(e))
+    if parsed and parsed["available_bytes"]:
+      return parsed["available_bytes"], "compiler"
+  return int(topo.hbm_gib * _GIB), "table"
+
+
+# -- analytic FLOPs -----------------------------------------------------------------------
+
+def matmul_params(params) -> int:
+  """Parameters of the per-token matmuls: every `kernel` except the adaLN modulations and
+  the time embedding (`sigma_map`), which act once per sequence; embedding tables (a
+  gather) and biases / norms (no matmul) are excluded; the output projection counts."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    if names[-1] != "kernel" or any("adaLN" in n or "sigma_map" in n for n in names):
+      continue
+    total += math.prod(leaf.shape)
+  return int(total)
+
+
+# Expected fraction of (query, key) pairs that a mask lets through, t ~ U[0, 1] masking each
+# token independently with probability t (the PGM partition): same group t^2 + (1-t)^2,
+# E = 2/3; other group 2 t (1 - t), E = 1/3.
+ALIVE_FRACTION = {"full": 1.0, "same_group": 2.0 / 3.0, "other_group": 1.0 / 3.0}
+
+
+def attention_layers(model_cfg, seq_len: int) -> list[tuple[str, float]]:
+  """(mask kind, alive fraction) of every attention layer of one training forward pass."""
+  if model_cfg.kind == "pgm":
+    # Encoder self-attention within the group; GroupSwap + every decoder block
+    # cross-attend to the other group.
+    return ([("same_group", ALIVE_FRACTION["same_group"])] * model_cfg.enc_layers
+            + [("other_group", ALIVE_FRACTION["other_group"])] * (model_cfg.dec_layers + 1))
+  if model_cfg.kind == "ar":
+    return [("causal", (seq_len + 1) / (2 * seq_len))] * model_cfg.num_layers
+  return [("full", 1.0)] * model_cfg.num_layers
+
+
+def model_flops(model_cfg, params, batch_size: int, seq_len: int) -> dict:
+  r"""Analytic training FLOPs of one optimizer step (whole batch, forward + backward).
+
+    FLOPs = 6 * N_mm * B * L  +  12 * H * B * L^2 * sum_layers f_layer
+
+  N_mm = `matmul_params` (per-token matmul weights, output projection included,
+  embeddings / adaLN / time embedding excluded); 6 = 2 (multiply-add) x 3 (forward +
+  backward). Attention: per live (query, key) pair and layer, QK^T and PV cost
+  2 * 2 * H forward (H = num_heads * head_dim), x3 with the backward. f_layer is the
+  expected alive fraction of the L^2 pairs: 1 for MDLM (full), (L+1)/2L for AR (causal);
+  PGM, where every token is in the masked group with probability t ~ U[0, 1]:
+  encoder layers (same group) E[t^2 + (1-t)^2] = 2/3, GroupSwap and decoder layers
+  (other group) E[2 t (1-t)] = 1/3. Only live pairs count (what block-skipping kernels
+  can approach); padding is ignored.
+  """
+  n_mm = matmul_params(params)
+  tokens = batch_size * seq_len
+  layers = attention_layers(model_cfg, seq_len)
+  dense = 6.0 * n_mm * tokens
+  attn = 12.0 * model_cfg.hidden * batch_size * seq_len ** 2 * sum(f for _, f in layers)
+  return {"matmul_params": n_mm, "dense_flops": dense, "attention_flops": attn,
+          "total": dense + attn,
+          "attention_alive_fraction": {k: f for k, f in dict(layers).items()}}
+
+
+# -- compiling ----------------------------------------------------------------------------
 
 def _state_bytes_per_device(abstract_tree) -> int:
   total = 0
@@ -51,36 +289,109 @@ def _state_bytes_per_device(abstract_tree) -> int:
   return total
 
 
-def compile_plan(config, devices=None) -> dict:
+def _target(compiler: str):
+  """The attention's compile target while tracing and compiling."""
+  if compiler != "tpu":
+    return contextlib.nullcontext()
+  from pgm_jax.ops import attention  # pylint: disable=g-import-not-at-top
+  return attention.compile_target("tpu")
+
+
+def _resolved_impl(impl: str) -> str:
+  from pgm_jax.ops import attention  # pylint: disable=g-import-not-at-top
+  return attention.resolve_impl(impl)
+
+
+MOSAIC_CALL = "tpu_custom_call"  # custom_call_target of Pallas TPU (Mosaic) kernels
+
+
+def compile_program(jitted, args, kwargs=None, *, compiler: str, impl: str) -> dict:
+  """Lowers and compiles `jitted(*args, **kwargs)` (abstract args); runs nothing.
+
+  Returns memory (per device), cost, compile seconds and the attention as compiled; a
+  RESOURCE_EXHAUSTED compile gives {"resource_exhausted": {...}} instead of raising.
+  """
+  kwargs = kwargs or {}
+  out = {}
+  with _target(compiler):
+    out["attn_impl"] = _resolved_impl(impl)
+    start = time.perf_counter()
+    lowered = jitted.lower(*args, **kwargs)
+    out["lower_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_resource_exhausted(e):
+        raise
+      out["compile_seconds"] = time.perf_counter() - start
+      parsed = parse_resource_exhausted(str(e))
+      parsed["message"] = str(e).strip().splitlines()[0][:500]
+      out["resource_exhausted"] = parsed
+      out["mosaic_custom_calls"] = lowered.as_text().count(MOSAIC_CALL)
+      return out
+    out["compile_seconds"] = time.perf_counter() - start
+  out["mosaic_custom_calls"] = compiled.as_text().count(MOSAIC_CALL)
+  if out["attn_impl"] == "pallas" and not out["mosaic_custom_calls"] and compiler == "tpu":
+    out["attn_impl"] = "xla"  # "auto" fell back to the dense path (blocks do not tile)
+  mem = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+  per_device = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
+  if per_device:
+    # Donated state aliases its output: arguments + outputs - aliased + temporaries. The
+    # TPU compiler also reports its own peak (peak_memory_in_bytes; it includes buffers,
+    # e.g. collectives', that temp_size leaves out): the larger one is used.
+    per_device["peak_estimate_bytes"] = (
+        per_device["argument_size_in_bytes"] + per_device["output_size_in_bytes"]
+        - per_device["alias_size_in_bytes"] + per_device["temp_size_in_bytes"])
+    per_device["peak_bytes"] = max(per_device["peak_estimate_bytes"],
+                                   per_device["peak_memory_in_bytes"])
+  out["memory_per_device"] = per_device
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  out["flops"] = float(cost.get("flops", 0.0))
+  out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+  return out
+
+
+def _fits(entry: dict, budget_bytes: float | None) -> bool | None:
+  if "resource_exhausted" in entry:
+    return False
+  peak = entry.get("memory_per_device", {}).get("peak_bytes")
+  if budget_bytes is None or peak is None:
+    return None
+  return peak <= budget_bytes
+
+
+def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
   """Lowers and compiles the train step on `devices` (default: all); runs nothing."""
   from pgm_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  compiler = compiler or ("cpu-virtual" if jax.default_backend() == "cpu"
+                          else jax.default_backend())
   setup = train.make_setup(config, devices)
   step_fn = train.make_train_step(setup)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(setup.mesh))
   micro = config.train.batch_size // config.train.grad_accum_steps
-  lowered = step_fn.lower(setup.abstract_state, train.abstract_batch(setup), rng)
-  compiled = lowered.compile()
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
-    cost = cost[0] if cost else {}
-  cost = cost or {}
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-  per_device = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
-  if per_device:
-    # Donated state aliases its output: peak ~ arguments + outputs - aliased + temporaries.
-    per_device["peak_estimate_bytes"] = (
-        per_device["argument_size_in_bytes"] + per_device["output_size_in_bytes"]
-        - per_device["alias_size_in_bytes"] + per_device["temp_size_in_bytes"])
+  prog = compile_program(step_fn, (setup.abstract_state, train.abstract_batch(setup), rng),
+                         compiler=compiler, impl=config.attn.impl)
+  params = setup.abstract_state.params
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   # XLA's cost analysis counts a loop body once: the gradient-accumulation scan runs
   # grad_accum_steps times (the optimizer update, counted as many times, is negligible).
-  flops = float(cost.get("flops", 0.0)) * int(config.train.grad_accum_steps)
+  flops = (prog["flops"] * int(config.train.grad_accum_steps) if "flops" in prog
+           else None)  # None: the compile ran out of memory
+  analytic = model_flops(setup.model_cfg, params, int(config.train.batch_size),
+                         int(config.data.seq_len))
   result = {
+      "what": "train",
+      "compiler": compiler,
       "model": config.model.kind,
       "backend": jax.default_backend(),
+      "device_kind": setup.mesh.devices.flat[0].device_kind,
       "num_devices": setup.mesh.size,
       "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
       "batch_size": int(config.train.batch_size),
@@ -88,19 +399,131 @@ def compile_plan(config, devices=None) -> dict:
       "per_device_microbatch": micro // setup.data_parallel,
       "seq_len": int(config.data.seq_len),
       "dtype": config.model.dtype,
-      "attn_impl": config.attn.impl,
+      "attn_impl_config": config.attn.impl,
+      # The memory levers as compiled (docs/scaling.md).
+      "sorted_layout": bool(config.attn.sorted_layout),
+      "remat": config.model.get("remat", "none"),
+      "loss_chunk_len": int(config.model.get("loss_chunk_len", 0) or 0),
+      "grad_accum_steps": int(config.train.grad_accum_steps),
+      "attn_impl": prog["attn_impl"],
+      "mosaic_custom_calls": prog["mosaic_custom_calls"],
       "num_params": int(n_params),
       "state_bytes_per_device": _state_bytes_per_device(setup.abstract_state),
-      "memory_per_device": per_device,
+      "memory_per_device": prog.get("memory_per_device", {}),
+      "compile_seconds": prog["lower_seconds"] + prog["compile_seconds"],
       "flops_per_device": flops,
-      "flops_total": flops * setup.mesh.size,
-      "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+      "flops_total": None if flops is None else flops * setup.mesh.size,
+      "flops_note": ("XLA cost analysis; Pallas (Mosaic) custom calls are not costed"
+                     if prog["mosaic_custom_calls"] else "XLA cost analysis"),
+      "bytes_accessed_per_device": prog.get("bytes_accessed", 0.0),
+      "model_flops_per_step": analytic["total"],
+      "model_flops_per_device": analytic["total"] / setup.mesh.size,
+      "model_flops": analytic,
   }
-  gib = config.get("plan", {}).get("device_memory_gib") if "plan" in config else None
-  if gib and per_device:
-    result["device_memory_gib"] = float(gib)
-    result["fits"] = per_device["peak_estimate_bytes"] <= float(gib) * _GIB
+  if "resource_exhausted" in prog:
+    result["resource_exhausted"] = prog["resource_exhausted"]
   return result
+
+
+def _sample_programs(config, device, compiler: str) -> dict:
+  """The samplers' programs at config.bench.* on one device (see module docstring)."""
+  from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
+  from pgm_jax import sampling, tokenizers  # pylint: disable=g-import-not-at-top
+  from pgm_jax.models import build_model, model_config_from  # pylint: disable=g-import-not-at-top
+  b = config.bench
+  batch, length, steps = int(b.batch_size), int(b.seq_len), int(b.steps)
+  if not 1 <= steps <= length - 1:
+    raise ValueError(f"config.bench.steps={steps} must be in [1, config.bench.seq_len - 1]")
+  tok = tokenizers.get_tokenizer(config.data)
+  on = SingleDeviceSharding(device)
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=on)
+  n_query = -(-(length - 1) // steps)  # the uniform schedule's largest step (m = L / S)
+  setting = {"batch_size": batch, "seq_len": length, "steps": steps,
+             "vocab_size": tok.vocab_size, "n_enc": length, "n_query": n_query}
+  programs = {}
+  for kind in tuple(config.plan.sample_models):
+    model_cfg = dataclasses.replace(
+        model_config_from(config, vocab_size=tok.vocab_size, mask_id=tok.mask_id),
+        kind=kind, dropout=0.0)
+    model = build_model(model_cfg)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    init_args = (dummy, dummy) if kind == "pgm" else (dummy,)
+    params = jax.eval_shape(
+        lambda r, m=model, a=init_args: jax.tree.map(
+            lambda x: getattr(x, "value", x), m.init(r, *a)["params"],
+            is_leaf=lambda x: hasattr(x, "value")), jax.random.key(0))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
+                          params)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    # Fresh wrappers, so that no trace cached outside the compile target is reused.
+    if kind == "pgm":
+      name = "pgm_efficient_step"
+      fn = jax.jit(lambda *a, **k: sampling._pgm_efficient_step(*a, **k),  # pylint: disable=protected-access
+                   static_argnames=sampling._STATIC, donate_argnames=("st",))  # pylint: disable=protected-access
+      st = sampling.PGMState(canvas=sds((batch, length), jnp.int32),
+                             clean_tok=sds((batch, length), jnp.int32),
+                             clean_pos=sds((batch, length), jnp.int32),
+                             clean_len=sds((batch,), jnp.int32),
+                             order=sds((batch, length), jnp.int32),
+                             cursor=sds((batch,), jnp.int32))
+      args = (params, st, sds((batch,), jnp.int32), key)
+      static = dict(model=model, n_enc=length, n_query=n_query, mask_id=tok.mask_id,
+                    top_p=1.0, temperature=1.0)
+    elif kind == "mdlm":
+      name = "mdlm_ddpm_cache_run"
+      fn = jax.jit(lambda *a, **k: sampling._mdlm_run(*a, **k),  # pylint: disable=protected-access
+                   static_argnames=("model", "steps", "cache", "mask_id", "eps", "top_p",
+                                    "temperature"))
+      args = (params, sds((batch, length), jnp.int32), key)
+      static = dict(model=model, steps=steps, cache=True, mask_id=tok.mask_id, eps=1e-5,
+                    top_p=1.0, temperature=1.0)
+    else:
+      raise ValueError(f"config.plan.sample_models: {kind!r} is not 'pgm' or 'mdlm'")
+    prog = compile_program(fn, args, static, compiler=compiler, impl=config.attn.impl)
+    prog.update(model=kind, num_params=int(n_params),
+                flops_note=("per call (the PGM run calls it once per step, at growing n_enc)"
+                            if kind == "pgm" else "the whole run (loop bodies counted once)"))
+    programs[name] = prog
+  return {"setting": setting, "programs": programs}
+
+
+# -- the command --------------------------------------------------------------------------
+
+def num_plan_devices(config) -> int:
+  """config.plan.num_devices, else the topology's, else the mesh product (no -1), else
+  the local devices."""
+  plan_cfg = config.get("plan", {}) if "plan" in config else {}
+  n = plan_cfg.get("num_devices")
+  if n:
+    return int(n)
+  if plan_cfg.get("topology"):
+    return resolve_topology(plan_cfg["topology"]).devices
+  shape = [int(s) for s in config.mesh.shape]
+  if -1 not in shape:
+    return math.prod(shape)
+  return jax.device_count()
+
+
+def choose_compiler(config) -> str:
+  """config.plan.compiler with "auto" resolved (see module docstring)."""
+  want = config.plan.get("compiler", "auto") or "auto"
+  if want not in ("auto", "tpu", "cpu-virtual"):
+    raise ValueError(f"config.plan.compiler must be auto, tpu or cpu-virtual, got {want!r}")
+  topology = config.plan.get("topology")
+  if want == "tpu" and not topology:
+    raise ValueError("config.plan.compiler=tpu needs config.plan.topology (e.g. v5e-16)")
+  if want == "cpu-virtual" or not topology:
+    return "cpu-virtual"
+  if libtpu_available():
+    return "tpu"
+  if want == "tpu":
+    raise ValueError("config.plan.compiler=tpu: libtpu is not importable here "
+                     "(pip install -e '.[tpu]')")
+  print(f"plan: libtpu is not importable: compiling for {topology} on virtual CPU devices "
+        "instead (compiler=cpu-virtual: XLA:CPU estimates, dense attention)", flush=True)
+  return "cpu-virtual"
 
 
 def _compile_in_subprocess(config, n: int) -> dict:
@@ -126,42 +549,136 @@ def _compile_in_subprocess(config, n: int) -> dict:
       return json.load(f)
 
 
+def _budget(config, topo: Topology | None, compiler: str) -> dict:
+  """Device memory (GiB, source) and the fits budget in bytes."""
+  fraction = float(config.plan.get("max_memory_fraction", 0.9) or 0.9)
+  gib, source = config.plan.get("device_memory_gib"), "config"
+  if not gib and topo is not None:
+    if compiler == "tpu":
+      nbytes, source = device_memory_bytes(topo)
+      gib = nbytes / _GIB
+    else:
+      gib, source = topo.hbm_gib, "table"
+  out = {"max_memory_fraction": fraction}
+  if gib:
+    out.update(device_memory_gib=float(gib), device_memory_source=source,
+               budget_bytes=int(float(gib) * _GIB * fraction))
+  return out
+
+
+def _topology_fields(topo: Topology | None) -> dict:
+  if topo is None:
+    return {"topology": None}
+  return {"topology": topo.name, "topology_string": topo.topology, "chips": topo.chips}
+
+
 def plan(config) -> dict:
-  """The plan of `config` (in this process if enough devices, else a CPU subprocess)."""
-  n = num_plan_devices(config)
-  if n <= 0:
-    raise ValueError(f"config.plan.num_devices={n} must be positive")
-  local = jax.device_count()
-  if n <= local and jax.process_count() == 1:
-    return compile_plan(config, jax.devices()[:n])
-  if jax.default_backend() != "cpu" or jax.process_count() > 1:
-    raise ValueError(f"config.plan.num_devices={n} exceeds the {local} devices here; "
-                     f"plan larger meshes on a CPU machine (virtual devices)")
-  return _compile_in_subprocess(config, n)
+  """The plan of `config` (see module docstring); plan.json's content."""
+  what = config.plan.get("what", "train") or "train"
+  if what not in ("train", "sample"):
+    raise ValueError(f"config.plan.what must be train or sample, got {what!r}")
+  topo = resolve_topology(config.plan.topology) if config.plan.get("topology") else None
+  compiler = choose_compiler(config)
+  budget = _budget(config, topo, compiler)
+  if what == "sample":
+    device = topology_devices(topo)[0] if compiler == "tpu" else jax.devices()[0]
+    result = {"what": "sample", "compiler": compiler, **_topology_fields(topo),
+              "device_kind": device.device_kind, "model_config": config.model.kind,
+              "attn_impl_config": config.attn.impl, **budget,
+              **_sample_programs(config, device, compiler)}
+    for prog in result["programs"].values():
+      prog["fits"] = _fits(prog, budget.get("budget_bytes"))
+    fits = [p["fits"] for p in result["programs"].values()]
+    result["fits"] = None if None in fits else all(fits)
+    return result
+  if compiler == "tpu":
+    devices = topology_devices(topo)
+    n = config.plan.get("num_devices")
+    if n and int(n) != len(devices):
+      raise ValueError(f"config.plan.num_devices={n} but config.plan.topology="
+                       f"{config.plan.topology} has {len(devices)} devices")
+    result = compile_plan(config, list(devices), compiler="tpu")
+  else:
+    n = num_plan_devices(config)
+    if n <= 0:
+      raise ValueError(f"config.plan.num_devices={n} must be positive")
+    local = jax.device_count()
+    if n <= local and jax.process_count() == 1:
+      result = compile_plan(config, jax.devices()[:n])
+    elif jax.default_backend() != "cpu" or jax.process_count() > 1:
+      raise ValueError(f"config.plan.num_devices={n} exceeds the {local} devices here; "
+                       f"plan larger meshes on a CPU machine (virtual devices)")
+    else:
+      result = _compile_in_subprocess(config, n)
+  result.update(_topology_fields(topo), **budget)
+  result["fits"] = _fits(result, budget.get("budget_bytes"))
+  return result
+
+
+def _gb(b) -> str:
+  return "-" if b is None else f"{b / _GIB:9.3f} GiB"
+
+
+_MEM_ROWS = (("argument_size_in_bytes", "arguments"), ("output_size_in_bytes", "outputs"),
+             ("alias_size_in_bytes", "aliased (donated)"), ("temp_size_in_bytes", "temporaries"),
+             ("peak_memory_in_bytes", "peak (compiler)"),
+             ("peak_estimate_bytes", "args+out-alias+temp"), ("peak_bytes", "peak"))
+
+
+def _fits_row(entry: dict, result: dict) -> str:
+  if entry.get("fits") is None:
+    return "unknown (no device memory: set config.plan.device_memory_gib)"
+  where = (f"{100 * result['max_memory_fraction']:g}% of {result['device_memory_gib']:.2f} GiB"
+           f" ({result['device_memory_source']})")
+  oom = entry.get("resource_exhausted")
+  if oom:
+    return (f"NO: RESOURCE_EXHAUSTED, needs {_gb(oom.get('required_bytes')).strip()} "
+            f"of {_gb(oom.get('available_bytes')).strip()} ({oom.get('what')})")
+  return f"{'yes' if entry['fits'] else 'NO'} (budget {where})"
+
+
+def _memory_rows(entry: dict, suffix: str = " / device") -> list:
+  mem = entry.get("memory_per_device", {})
+  return [(f"{label}{suffix}", _gb(mem[key])) for key, label in _MEM_ROWS if key in mem]
 
 
 def format_table(result: dict) -> str:
-  mem = result.get("memory_per_device", {})
-  gb = lambda b: f"{b / _GIB:9.3f} GiB"
-  rows = [
-      ("model", f"{result['model']}  {result['num_params'] / 1e6:.1f}M params, "
-                f"{result['dtype']}, attn={result['attn_impl']}"),
-      ("mesh", f"{result['mesh']}  ({result['num_devices']} devices, {result['backend']})"),
-      ("batch", f"{result['batch_size']} x L={result['seq_len']} (microbatch "
-                f"{result['microbatch_size']}, {result['per_device_microbatch']} per device)"),
-      ("state / device", gb(result["state_bytes_per_device"]) + "  (params, Adam, EMA)"),
-  ]
-  for key, label in (("argument_size_in_bytes", "arguments"), ("output_size_in_bytes", "outputs"),
-                     ("alias_size_in_bytes", "aliased (donated)"),
-                     ("temp_size_in_bytes", "temporaries"),
-                     ("peak_estimate_bytes", "peak estimate")):
-    if key in mem:
-      rows.append((f"{label} / device", gb(mem[key])))
-  rows.append(("FLOPs / device", f"{result['flops_per_device']:.4g} per step"))
-  rows.append(("FLOPs total", f"{result['flops_total']:.4g} per step"))
-  if "fits" in result:
-    rows.append(("fits", f"{'yes' if result['fits'] else 'NO'} "
-                         f"(device memory {result['device_memory_gib']:g} GiB)"))
+  where = (f"{result['topology']} ({result.get('topology_string')}, {result.get('chips')} chips)"
+           if result.get("topology") else "-")
+  rows = [("compiler", f"{result['compiler']}  target {where}, {result.get('device_kind')}")]
+  if result.get("what") == "sample":
+    s = result["setting"]
+    rows.append(("setting", f"B={s['batch_size']} L={s['seq_len']} S={s['steps']} "
+                            f"V={s['vocab_size']}, one chip; PGM n_enc={s['n_enc']} "
+                            f"m={s['n_query']}"))
+    for name, prog in result["programs"].items():
+      rows.append((name, f"{prog['num_params'] / 1e6:.1f}M params, attn={prog['attn_impl']} "
+                         f"({prog['mosaic_custom_calls']} Mosaic calls), compile "
+                         f"{prog['compile_seconds']:.1f} s"))
+      rows += [("  " + k, v) for k, v in _memory_rows(prog, "")]
+      if "flops" in prog:
+        rows.append(("  FLOPs (compiled)", f"{prog['flops']:.4g}  ({prog['flops_note']})"))
+      rows.append(("  fits", _fits_row(prog, result)))
+  else:
+    rows += [
+        ("model", f"{result['model']}  {result['num_params'] / 1e6:.1f}M params, "
+                  f"{result['dtype']}, attn={result['attn_impl']} (config "
+                  f"{result.get('attn_impl_config')}, {result.get('mosaic_custom_calls', 0)} "
+                  f"Mosaic calls)"),
+        ("mesh", f"{result['mesh']}  ({result['num_devices']} devices)"),
+        ("batch", f"{result['batch_size']} x L={result['seq_len']} (microbatch "
+                  f"{result['microbatch_size']}, {result['per_device_microbatch']} per device)"),
+        ("state / device", _gb(result["state_bytes_per_device"]) + "  (params, Adam, EMA)"),
+    ]
+    rows += _memory_rows(result)
+    rows.append(("compile", f"{result.get('compile_seconds', 0):.1f} s"))
+    if "resource_exhausted" not in result:
+      rows.append(("FLOPs / device", f"{result['flops_per_device']:.4g} per step (compiled; "
+                                     f"{result.get('flops_note', 'XLA cost analysis')})"))
+    if "model_flops_per_step" in result:
+      rows.append(("model FLOPs", f"{result['model_flops_per_step']:.4g} per step, "
+                                  f"{result['model_flops_per_device']:.4g} / device (analytic)"))
+    rows.append(("fits", _fits_row(result, result)))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -182,7 +699,7 @@ def _main(argv):
   cfg_path, out_path = argv[1], argv[2]
   with open(cfg_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  result = compile_plan(config)
+  result = compile_plan(config, compiler="cpu-virtual")
   with open(out_path, "w") as f:
     json.dump(result, f)
 

@@ -5,6 +5,11 @@ import sys
 
 from absl import flags
 
+# The suite runs on CPU. With libtpu installed (the `tpu` extra, for the TPU-compiler
+# tests), jax would otherwise try to bring up a TPU backend in every process (slow, noisy);
+# `jax.experimental.topologies` still builds TPU devices to compile against.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
