@@ -9,7 +9,7 @@ supply (never downloaded):
       --config.data.tokenizer_path=/path/to/bert-base-uncased/vocab.txt
 
 Presets: mdlm, pgm (learn+freqs, default), pgm_mean, pgm_logsumexp (GroupSwap query
-ablations), runlocal.
+ablations), runlocal. Every preset fits a v5e-32 and a v4-32 (docs/scaling.md).
 """
 from pgm_jax import config_lib
 

@@ -13,6 +13,11 @@ then train, e.g. on a pod (see launch/):
 
 Presets: mdlm (12 layers, 768), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16),
 runlocal (shrinks everything for a CPU smoke run; still needs data_dir).
+
+Every preset fits a v5e-32 and a v4-32 with these defaults (TPU compiler, docs/scaling.md):
+
+  python -m pgm_jax.main --config=configs/owt.py:pgm_8_8 --workdir=/tmp/plan --mode=plan \
+      --config.plan.topology=v5e-32
 """
 from pgm_jax import config_lib
 

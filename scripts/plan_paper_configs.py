@@ -54,19 +54,45 @@ def run_one(cfg: str, preset: str, topology: str, out: str, extra: list[str]) ->
 
 def row(r: dict) -> str:
   if "error" in r:
-    return f"| `{r['config']}` | {r['topology']} | error: {r['error'][:120]} |||||||"
+    return f"| `{r['config']}` | {r['topology']} | error: {r['error'][:120]} |" + "|" * 8
   mem = r.get("memory_per_device", {})
   gib = lambda b: f"{b / 1024 ** 3:.1f}"
   peak = gib(mem["peak_bytes"]) if "peak_bytes" in mem else "-"
   if r.get("resource_exhausted"):
     peak = f"OOM: needs {gib(r['resource_exhausted'].get('required_bytes') or 0)}"
-  means = (f"attn={r.get('attn_impl')}, sorted={r.get('sorted_layout')}, "
-           f"remat={r.get('remat')}, loss_chunk={r.get('loss_chunk_len')}, "
-           f"accum={r.get('grad_accum_steps', 1)}")
+  means = f"{r.get('attn_impl')} ({r.get('mosaic_custom_calls', 0)} Mosaic calls)"
+  if r.get("model") == "pgm" and r.get("sorted_layout"):
+    means += ", sorted"
+  means += f", remat={r.get('remat')}"
+  if r.get("loss_chunk_len"):
+    means += f", loss chunk {r['loss_chunk_len']}"
+  if r.get("grad_accum_steps", 1) > 1:
+    means += f", accum {r['grad_accum_steps']}"
+  flops = r.get("flops_per_device")
   return (f"| `{r['config']}` | {r['topology']} | {r.get('per_device_microbatch')} | "
           f"{gib(r.get('state_bytes_per_device', 0))} | {peak} | "
           f"{r.get('device_memory_gib', 0):.2f} | {'yes' if r.get('fits') else 'NO'} | "
-          f"{means} | {r.get('compile_seconds', 0):.0f} |")
+          f"{means} | {'-' if flops is None else f'{flops:.2e}'} | "
+          f"{r.get('model_flops_per_step', 0):.2e} | {r.get('compile_seconds', 0):.0f} |")
+
+
+HEADER = ("| config | slice | seqs / chip | state GiB / chip | peak GiB / chip | HBM GiB / chip | "
+          "fits (<= 90%) | means | compiled FLOPs / chip (no kernels) | model FLOPs / step | "
+          "compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table(out: str) -> str:
+  """The markdown table of every plan.json under `out` (the runs of this script)."""
+  results = []
+  for c, p in CONFIGS:
+    for topo in sorted({d.rsplit("_", 1)[1] for d in os.listdir(out)
+                        if os.path.exists(os.path.join(out, d, "plan.json"))},
+                       key=lambda t: t.startswith("v4")):
+      path = os.path.join(out, f"{c}_{p}_{topo}", "plan.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          results.append(dict(json.load(f), config=f"{c}.py:{p}"))
+  return "\n".join([HEADER] + [row(r) for r in results])
 
 
 def main():
@@ -76,7 +102,12 @@ def main():
   parser.add_argument("--only", default="", help="comma-separated cfg:preset to run")
   parser.add_argument("--jobs", type=int, default=1)
   parser.add_argument("--lm1b_vocab", default="")
+  parser.add_argument("--table_only", action="store_true",
+                      help="print the table of the plans already under --out")
   args = parser.parse_args()
+  if args.table_only:
+    print(table(args.out))
+    return 0
   os.makedirs(args.out, exist_ok=True)
   vocab = args.lm1b_vocab or placeholder_bert_vocab(os.path.join(args.out, "bert_vocab.txt"))
   only = {s for s in args.only.split(",") if s}
@@ -90,11 +121,7 @@ def main():
       print(row(results[-1]), flush=True)
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(results, f, indent=2)
-  order = {(f"{c}.py:{p}", t): i for i, (c, p, t) in enumerate(jobs)}
-  results.sort(key=lambda r: order[(r["config"], r["topology"])])
-  print("\n| config | topology | seqs / chip | state GiB | peak GiB / chip | HBM GiB | fits "
-        "(<= 90%) | means | compile s |\n|---|---|---|---|---|---|---|---|---|")
-  print("\n".join(row(r) for r in results))
+  print("\n" + table(args.out))
   return 0 if all(r.get("fits") for r in results) else 1
 
 
