@@ -243,14 +243,20 @@ _pgm_efficient_step_jit = jax.jit(_pgm_efficient_step, static_argnames=_STATIC,
                                   donate_argnames=("st",))
 
 
+def _params_mesh(params):
+  """The device mesh the params are sharded over, or None (e.g. a plain single-device array)."""
+  shard = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  return shard.mesh if isinstance(shard, jax.sharding.NamedSharding) else None
+
+
 def _device_put_fn(params) -> Callable:
   """How the samplers put host values (numpy arrays, keys) on devices: `jnp.asarray` on one
   process; with several, global arrays replicated over the params' mesh (every process
   computes the same host values), so no program mixes host-local and global inputs."""
-  shard = getattr(jax.tree.leaves(params)[0], "sharding", None)
-  if jax.process_count() == 1 or not isinstance(shard, jax.sharding.NamedSharding):
+  mesh = _params_mesh(params)
+  if jax.process_count() == 1 or mesh is None:
     return jnp.asarray
-  return lambda x: sharding.put_replicated(x, shard.mesh)
+  return lambda x: sharding.put_replicated(x, mesh)
 
 
 def params_mesh_context(params):
@@ -258,10 +264,10 @@ def params_mesh_context(params):
   (when they span several devices), so that the attention op wraps its Pallas kernels in
   `jax.shard_map`: Mosaic compiles a kernel in a multi-device program only that way.
   A no-op for single-device params (and on CPU, where attention is dense XLA)."""
-  shard = getattr(jax.tree.leaves(params)[0], "sharding", None)
-  if not isinstance(shard, jax.sharding.NamedSharding) or shard.mesh.size == 1:
+  mesh = _params_mesh(params)
+  if mesh is None or mesh.size == 1:
     return contextlib.nullcontext()
-  return jax.sharding.use_abstract_mesh(shard.mesh.abstract_mesh)
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int,

@@ -415,7 +415,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"Last good checkpoint: {where}. Try a lower config.opt.lr or config.opt.grad_clip.")
 
   def save(at_step, metrics):
+    """Saves `at_step` unless it is already saved (Orbax refuses a second save of a step:
+    a stop or the end of training may land on a checkpoint step)."""
     nonlocal last_saved
+    if at_step == last_saved:
+      return
     if metrics is not None:
       check_finite(metrics, at_step)
     checkpointing.save(manager, at_step, state, train_iter)
@@ -470,15 +474,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stop = (preemption.requested if agree_to_stop is None else
                 agree_to_stop(preemption.requested))
         if stop:
-          if last_saved != step:  # not if this step was a checkpoint step anyway
-            save(step, metrics)
+          save(step, metrics)
           manager.wait_until_finished()
           logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
           history["preempted"] = True
           return history
     if prev_metrics is not None:
       check_finite(prev_metrics, step)
-    if last_saved != step and step > 0:
+    if step > 0:
       save(step, None)
     manager.wait_until_finished()
 
