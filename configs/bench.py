@@ -10,7 +10,7 @@ Presets:
   cpu         (default) the embedded default's models (MDLM 4 layers vs PGM 2+2, H=128),
               B=8, L=128, S=32, SentencePiece vocab 2049: about a minute on 2 CPU cores.
   paper       L=1024, S=128, B=32, GPT-2 vocab: MDLM 12L/768 vs PGM 6+6/768, 8+8/768,
-              6+6/1024 (spec section 6; analytic FLOP ratios 4.96x, 3.75x, 2.87x).
+              6+6/1024 (method §5; analytic FLOP ratios 4.96x, 3.75x, 2.87x).
   flops_only  cost analysis only (nothing is executed).
 Trained weights: --config.bench.pgm_workdir=workdirs/pgm --config.bench.mdlm_workdir=...
 """

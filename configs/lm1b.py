@@ -1,4 +1,4 @@
-r"""LM1B (spec section 9): bert-base-uncased WordPiece, L = 128 (no packing), batch 512.
+r"""LM1B (method §6): bert-base-uncased WordPiece, L = 128 (no packing), batch 512.
 
 Data: TFDS `lm1b` prepared as ArrayRecord under --config.data.data_dir (read through
 `tfds.data_source`, no TensorFlow); tokenizer: bert-base-uncased `vocab.txt` that you

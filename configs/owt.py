@@ -1,4 +1,4 @@
-r"""OpenWebText at paper scale (spec section 9): L = 1024, global batch 512, 1M steps.
+r"""OpenWebText at paper scale (method §6): L = 1024, global batch 512, 1M steps.
 
 Data: run the one-time preprocessing (GPT-2 tokenizer, EOS per document, 1022-token
 chunks wrapped as [BOS] + chunk + [EOS], last 100k documents = validation):

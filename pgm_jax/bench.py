@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pgm_jax import checkpointing, sampling, tokenizers
+from pgm_jax import checkpointing, samplers
+from pgm_jax.data import tokenizers
 from pgm_jax.models import ModelConfig, build_model
 
 
@@ -66,7 +67,7 @@ def run_bench(config, workdir: str) -> dict:
   length, steps, batch = b.seq_len, b.steps, b.batch_size
   if not 1 <= steps <= length - 1:
     raise ValueError(f"config.bench.steps={steps} must be in [1, config.bench.seq_len - 1]")
-  prompt = sampling.unconditional_prompt(batch, length, tokenizer.bos_id)
+  prompt = samplers.unconditional_prompt(batch, length, tokenizer.bos_id)
   common = dict(steps=steps, seed=config.sample.seed, mask_id=tokenizer.mask_id)
   tokens_per_run = batch * (length - 1)
   rows = {}
@@ -84,7 +85,7 @@ def run_bench(config, workdir: str) -> dict:
   mdlm_params = _params(mdlm, "mdlm", b.get("mdlm_workdir"), abstract=b.flops_only, seed=0)
   logging.info("bench: MDLM ddpm_cache, B=%d L=%d S=%d", batch, length, steps)
   result, seconds = _measure(
-      lambda m: sampling.mdlm_sample(mdlm_params, prompt, model=mdlm, sampler="ddpm_cache",
+      lambda m: samplers.mdlm_sample(mdlm_params, prompt, model=mdlm, sampler="ddpm_cache",
                                      measure_flops=m, execute=not b.flops_only, **common),
       warmup=b.warmup, repeats=b.repeats, flops_only=b.flops_only)
   rows["mdlm"] = entry(result, seconds)
@@ -97,7 +98,7 @@ def run_bench(config, workdir: str) -> dict:
     params = _params(model, "pgm", b.get("pgm_workdir"), abstract=b.flops_only, seed=1)
     logging.info("bench: PGM %s efficient-uniform", name)
     result, seconds = _measure(
-        lambda m: sampling.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
+        lambda m: samplers.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
                                       bucket_size=config.sample.bucket_size,
                                       measure_flops=m, exact_flops=m and b.exact_flops,
                                       execute=not b.flops_only, **common),

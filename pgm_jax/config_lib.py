@@ -14,11 +14,11 @@ placeholder = config_dict.placeholder
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every config: the paper's text hyperparameters (spec section 9)."""
+  """Defaults shared by every config: the paper's text hyperparameters (method §6)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # --- model: architecture (spec section 3). -------------------------------------
+  # --- model: architecture (method §3). -------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.kind = "pgm"              # "pgm" (PartitionDiT) | "mdlm" (DiT baseline) |
                                     # "ar" (the same DiT, causal: the offline judge)

@@ -422,9 +422,9 @@ def build_state(setup, params, ema_params, step: int):
 def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only: bool = False,
             unsafe_pickle: bool = False, step: Optional[int] = None, log=print) -> dict:
   """Reads `src`, checks it against `config`, writes WORKDIR/checkpoints/<step>."""
-  from pgm_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
   loaded = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
-  setup = train.make_setup(config)
+  setup = experiment.make_setup(config)
   params, ema_params, info = convert_weights(
       loaded, setup.abstract_state.params, setup.model_cfg.head_dim, ema_only=ema_only,
       raw_only=raw_only)

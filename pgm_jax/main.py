@@ -87,7 +87,8 @@ def main(argv):
   except ValueError as e:
     print(f"pgm_jax: error: {e}", file=sys.stderr)
     sys.exit(2)
-  from pgm_jax import train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
@@ -100,13 +101,13 @@ def main(argv):
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":
-      result = train.evaluate(config, _WORKDIR.value)
+      result = evaluation.evaluate(config, _WORKDIR.value)
       print(f"val_ppl={result['val_ppl']:.6f}")
       for key in ("gen_ppl", "gen_ppl_raw", "entropy"):
         if key in result:
           print(f"{key}={result[key]:.6f}")
     elif _MODE.value == "sample":
-      for s in train.sample(config, _WORKDIR.value)[:4]:
+      for s in generate.sample(config, _WORKDIR.value)[:4]:
         print(f"--- sample {s['index']} ({s['sampler']}, {s['steps']} steps, seed {s['seed']})")
         print(s["text"])
     elif _MODE.value == "plan":

@@ -1,4 +1,4 @@
-"""Noise schedule, time sampling and the MDLM / PGM objectives (spec sections 1-2).
+"""Noise schedule, time sampling and the MDLM / PGM objectives (method §1-2).
 
 All functions are pure and jit-friendly. Conventions:
   * t in (0, 1]; alpha(t) = 1 - (1 - eps) t (log-linear schedule, eps = 1e-3);

@@ -29,7 +29,7 @@ the bench setting (config.bench.batch_size / seq_len / steps; configs/bench.py:p
 B 32, L 1024, S 128) with config.model's dimensions: the PGM efficient step at the
 largest encoder bucket (n_enc = L) with the uniform schedule's query count
 m = ceil((L - 1) / S) (= L / S = 8 at the paper setting), and MDLM's whole `ddpm_cache`
-run (`sampling._mdlm_run`, one program).
+run (`samplers.mdlm._mdlm_run`, one program).
 
 FLOPs. "compiled" FLOPs are XLA's cost analysis of the per-device program (times
 grad_accum_steps: a loop body is counted once). Pallas/Mosaic custom calls are NOT
@@ -368,15 +368,15 @@ def _fits(entry: dict, budget_bytes: float | None) -> bool | None:
 
 def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
   """Lowers and compiles the train step on `devices` (default: all); runs nothing."""
-  from pgm_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment, sharding, train  # pylint: disable=g-import-not-at-top
   compiler = compiler or ("cpu-virtual" if jax.default_backend() == "cpu"
                           else jax.default_backend())
-  setup = train.make_setup(config, devices)
+  setup = experiment.make_setup(config, devices)
   step_fn = train.make_train_step(setup)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(setup.mesh))
   micro = config.train.batch_size // config.train.grad_accum_steps
-  prog = compile_program(step_fn, (setup.abstract_state, train.abstract_batch(setup), rng),
+  prog = compile_program(step_fn, (setup.abstract_state, experiment.abstract_batch(setup), rng),
                          compiler=compiler, impl=config.attn.impl)
   params = setup.abstract_state.params
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
@@ -428,7 +428,11 @@ def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
 def _sample_programs(config, device, compiler: str) -> dict:
   """The samplers' programs at config.bench.* on one device (see module docstring)."""
   from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
-  from pgm_jax import sampling, tokenizers  # pylint: disable=g-import-not-at-top
+  from pgm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from pgm_jax.samplers import mdlm as mdlm_samplers
+  from pgm_jax.samplers import pgm as pgm_samplers
+  # pylint: enable=g-import-not-at-top
   from pgm_jax.models import build_model, model_config_from  # pylint: disable=g-import-not-at-top
   b = config.bench
   batch, length, steps = int(b.batch_size), int(b.seq_len), int(b.steps)
@@ -460,20 +464,23 @@ def _sample_programs(config, device, compiler: str) -> dict:
     # Fresh wrappers, so that no trace cached outside the compile target is reused.
     if kind == "pgm":
       name = "pgm_efficient_step"
-      fn = jax.jit(lambda *a, **k: sampling._pgm_efficient_step(*a, **k),  # pylint: disable=protected-access
-                   static_argnames=sampling._STATIC, donate_argnames=("st",))  # pylint: disable=protected-access
-      st = sampling.PGMState(canvas=sds((batch, length), jnp.int32),
-                             clean_tok=sds((batch, length), jnp.int32),
-                             clean_pos=sds((batch, length), jnp.int32),
-                             clean_len=sds((batch,), jnp.int32),
-                             order=sds((batch, length), jnp.int32),
-                             cursor=sds((batch,), jnp.int32))
+      # pylint: disable-next=protected-access
+      fn = jax.jit(lambda *a, **k: pgm_samplers._pgm_efficient_step(*a, **k),
+                   static_argnames=pgm_samplers._STATIC,  # pylint: disable=protected-access
+                   donate_argnames=("st",))
+      st = pgm_samplers.PGMState(canvas=sds((batch, length), jnp.int32),
+                                 clean_tok=sds((batch, length), jnp.int32),
+                                 clean_pos=sds((batch, length), jnp.int32),
+                                 clean_len=sds((batch,), jnp.int32),
+                                 order=sds((batch, length), jnp.int32),
+                                 cursor=sds((batch,), jnp.int32))
       args = (params, st, sds((batch,), jnp.int32), key)
       static = dict(model=model, n_enc=length, n_query=n_query, mask_id=tok.mask_id,
                     top_p=1.0, temperature=1.0)
     elif kind == "mdlm":
       name = "mdlm_ddpm_cache_run"
-      fn = jax.jit(lambda *a, **k: sampling._mdlm_run(*a, **k),  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      fn = jax.jit(lambda *a, **k: mdlm_samplers._mdlm_run(*a, **k),
                    static_argnames=("model", "steps", "cache", "mask_id", "eps", "top_p",
                                     "temperature"))
       args = (params, sds((batch, length), jnp.int32), key)

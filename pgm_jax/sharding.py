@@ -118,7 +118,7 @@ def with_logical_constraint(x: jax.Array, logical_names, rules) -> jax.Array:
   "length", "act_embed")), mapped to mesh axes by `rules` (config.mesh.logical_axis_rules).
 
   Applied under the abstract mesh that the train / eval steps are traced with
-  (`train.with_mesh`); a no-op outside one (samplers, plain `model.apply`). Mesh axes that
+  (`experiment.with_mesh`); a no-op outside one (samplers, plain `model.apply`). Mesh axes that
   the mesh lacks, or whose size does not divide the dimension, are dropped (replicated).
   """
   mesh = jax.sharding.get_abstract_mesh()

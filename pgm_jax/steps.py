@@ -109,7 +109,7 @@ def _keep_batch_sharded(x_AxBx):
 
   Without the constraint the partitioner may shard the reshaped leading (accumulation)
   dimension instead, so that each device holds whole microbatches and accumulation
-  saves no memory. No-op outside a mesh context (see `train.with_mesh`).
+  saves no memory. No-op outside a mesh context (see `experiment.with_mesh`).
   """
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(a for a in ("data", "fsdp") if a in (mesh.axis_names or ()))

@@ -1,13 +1,13 @@
-"""Training and evaluation loops (importable: `main.py` and Colab both call these).
+"""The training loop (importable: `main.py` and Colab both call it).
 
     train_and_evaluate(config, workdir) -> dict of final metrics
-    evaluate(config, workdir)           -> {"val_ppl": ..., ...}, also WORKDIR/eval.json
+
+Evaluation (`--mode=eval`) is `pgm_jax.evaluation.evaluate`, sampling (`--mode=sample`)
+`pgm_jax.samplers.generate.sample`; all of them start from `pgm_jax.experiment`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -21,81 +21,20 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from pgm_jax import checkpointing, config_lib, sampling, sharding, steps
-from pgm_jax import input_pipeline, tokenizers
+from pgm_jax import checkpointing, sharding, steps
+from pgm_jax.data import pipeline
+from pgm_jax.evaluation import perplexity
+# make_setup and restore_eval_params are also re-exported here for notebooks written
+# against the earlier layout (`train.make_setup(config)`).
+from pgm_jax.experiment import (  # pylint: disable=unused-import
+    Setup, abspath, eval_params, init_state, make_setup, restore_eval_params, with_mesh,
+    write_text)
 from pgm_jax.metric_writers import MetricWriter
-from pgm_jax.models import build_model, model_config_from
+from pgm_jax.samplers.generate import generate_samples  # pylint: disable=unused-import
 
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf; nothing after the last good checkpoint was saved."""
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything derived from a config, shared by train, eval and sampling."""
-  config: Any
-  tokenizer: Any
-  mesh: jax.sharding.Mesh
-  model_cfg: Any
-  model: Any
-  tx: Any
-  state_shardings: Any        # TrainState of NamedSharding
-  abstract_state: Any         # TrainState of ShapeDtypeStruct (with shardings)
-  batch_sharding: Any
-  data_parallel: int
-
-  @property
-  def mask_id(self) -> int:
-    return self.tokenizer.mask_id
-
-
-def make_setup(config, devices=None) -> Setup:
-  """Validates the config and builds the model, optimizer, mesh and shardings.
-
-  `devices`: the devices of the mesh (default: all, `jax.devices()`).
-  """
-  mesh = sharding.make_mesh(config.mesh, devices)
-  data_parallel = sharding.data_parallel_size(mesh)
-  config_lib.validate(config, num_devices=mesh.size, data_parallel=data_parallel,
-                      mesh_shape=dict(mesh.shape))
-  tokenizer = tokenizers.get_tokenizer(config.data)
-  model_cfg = model_config_from(config, vocab_size=tokenizer.vocab_size,
-                                mask_id=tokenizer.mask_id)
-  if not 1 <= config.sample.steps <= config.data.seq_len - 1:
-    raise ValueError(f"config.sample.steps={config.sample.steps} must be in "
-                     f"[1, config.data.seq_len - 1 = {config.data.seq_len - 1}]")
-  if config.attn.impl == "pallas":
-    from pgm_jax.ops import pallas_attention  # pylint: disable=g-import-not-at-top
-    pallas_attention.check_block_sizes(config.data.seq_len, config.data.seq_len,
-                                       config.attn.block_q, config.attn.block_kv)
-  sampler = config_lib.resolve_sampler(config)
-  allowed = {"pgm": sampling.PGM_SAMPLERS, "mdlm": sampling.MDLM_SAMPLERS,
-             "ar": sampling.AR_SAMPLERS}[model_cfg.kind]
-  if sampler not in allowed:
-    raise ValueError(f"config.sample.sampler={sampler!r} is not a {model_cfg.kind} sampler; "
-                     f"use one of {allowed} or 'auto'")
-  model = build_model(model_cfg)
-  tx = steps.make_optimizer(config.opt)
-  boxed = jax.eval_shape(_boxed_init_fn(model, tx, config), jax.random.key(0))
-  rules = sharding.logical_rules(config.mesh)
-  state_shardings = sharding.shardings_from_boxed(boxed, mesh, rules)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      steps.unbox(boxed), state_shardings)
-  return Setup(config=config, tokenizer=tokenizer, mesh=mesh, model_cfg=model_cfg, model=model,
-               tx=tx, state_shardings=state_shardings, abstract_state=abstract_state,
-               batch_sharding=sharding.batch_sharding(mesh), data_parallel=data_parallel)
-
-
-def _abspath(path: str) -> str:
-  """Absolute local path; URLs (gs://...) are left alone (they are shared by all hosts)."""
-  return path if "://" in path else os.path.abspath(path)
-
-
-def _write_text(path: str, text: str) -> None:
-  """Writes a small file (local or gs://). Call it from process 0 only."""
-  epath.Path(path).write_text(text, encoding="utf-8")
 
 
 class _StopAgreement:
@@ -125,18 +64,6 @@ class _StopAgreement:
     return previous is not None and bool(jax.device_get(previous))
 
 
-def with_mesh(mesh, fn):
-  """`fn` traced under `mesh` as the abstract mesh, so that the attention op can wrap its
-  Pallas kernels in `jax.shard_map` (batch over data/fsdp, heads over tensor)."""
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args, **kwargs)
-
-  return wrapped
-
-
 def make_train_step(setup: Setup):
   """The train step jitted with explicit in/out shardings, donating the state.
 
@@ -149,153 +76,6 @@ def make_train_step(setup: Setup):
                     sharding.replicated(setup.mesh)),
       out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
       donate_argnums=(0,))
-
-
-def abstract_batch(setup: Setup, batch_size: int | None = None) -> dict:
-  """ShapeDtypeStructs (with the batch sharding) of one global training batch."""
-  b = setup.config.train.batch_size if batch_size is None else batch_size
-  shape = (b, setup.config.data.seq_len)
-  return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
-          "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=setup.batch_sharding)}
-
-
-def _boxed_init_fn(model, tx, config):
-  """rng -> boxed (logically partitioned) TrainState; shapes do not depend on the
-  dummy input length (RoPE, no position table), so 8 tokens keep init cheap."""
-  return functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
-                           seq_len=min(config.data.seq_len, 8), kind=config.model.kind)
-
-
-def init_state(setup: Setup, rng):
-  """Sharded fresh init: abstract shapes -> shardings -> jit(init, out_shardings)."""
-  init_fn = _boxed_init_fn(setup.model, setup.tx, setup.config)
-  return jax.jit(lambda r: steps.unbox(init_fn(r)), out_shardings=setup.state_shardings)(rng)
-
-
-def eval_params(state) -> Any:
-  return state.ema_params
-
-
-def make_eval_fn(setup: Setup):
-  fn = functools.partial(steps.eval_step, model=setup.model, config=setup.config,
-                         mask_id=setup.mask_id, data_parallel=setup.data_parallel)
-  return jax.jit(with_mesh(setup.mesh, fn),
-                 in_shardings=(setup.state_shardings.params, setup.batch_sharding,
-                               sharding.replicated(setup.mesh)),
-                 out_shardings=sharding.replicated(setup.mesh))  # host-readable everywhere
-
-
-def run_validation(setup: Setup, params, eval_fn=None) -> dict:
-  """Validation perplexity exp(total NLL / total valid tokens) over the val split."""
-  config = setup.config
-  eval_fn = eval_fn or make_eval_fn(setup)
-  it = input_pipeline.build_eval_iterator(
-      config.data, setup.tokenizer, batch_size=config.eval.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      max_batches=config.eval.get("max_batches"))
-  base = jax.random.key(config.eval.seed)
-  if jax.process_count() > 1:  # a global key: the params span processes
-    base = sharding.put_replicated(base, setup.mesh)
-  nll_total, tokens_total, batches = 0.0, 0.0, 0
-  pending = []
-  for i, local in enumerate(it):
-    batch = sharding.global_batch(local, setup.batch_sharding)
-    pending.append(eval_fn(params, batch, jax.random.fold_in(base, i)))
-    batches += 1
-  for nll, count in jax.device_get(pending):
-    nll_total += float(nll)
-    tokens_total += float(count)
-  if tokens_total == 0:
-    raise ValueError("config.data: the validation split produced no tokens")
-  nll = nll_total / tokens_total
-  return {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0)), "val_tokens": tokens_total,
-          "val_batches": batches}
-
-
-def generate_samples(setup: Setup, params, *, num_samples: int, num_steps: int, seed: int,
-                     sampler: str | None = None, prompts: tuple[str, ...] = (),
-                     progress=None) -> list[dict]:
-  """Samples as dicts {text, tokens, sampler, steps, seed, prompt}, in batches of
-  config.sample.batch_size (each batch seeded with seed + batch index)."""
-  cfg = setup.config
-  sampler = sampler or config_lib.resolve_sampler(cfg)
-  length = cfg.data.seq_len
-  out = []
-  batch_size = max(1, min(cfg.sample.batch_size, num_samples))
-  for first in range(0, num_samples, batch_size):
-    n = min(batch_size, num_samples - first)
-    batch_prompts = [prompts[(first + i) % len(prompts)] for i in range(n)] if prompts else []
-    prompt = sampling.make_prompt(batch_prompts, n, setup.tokenizer, length)
-    batch_seed = seed + first // batch_size
-    common = dict(model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
-                  mask_id=setup.mask_id, top_p=cfg.sample.top_p,
-                  temperature=cfg.sample.temperature)
-    if setup.model_cfg.kind == "pgm":
-      result = sampling.pgm_sample(params, prompt, bucket_size=cfg.sample.bucket_size,
-                                   progress=progress, **common)
-    elif setup.model_cfg.kind == "ar":
-      result = sampling.ar_sample(params, prompt, **common)
-    else:
-      result = sampling.mdlm_sample(params, prompt, **common)
-    for i, row in enumerate(result.tokens):
-      out.append({"text": setup.tokenizer.decode(row.tolist()), "tokens": row.tolist(),
-                  "sampler": sampler, "steps": num_steps, "seed": batch_seed,
-                  "index": first + i, "prompt": batch_prompts[i] if batch_prompts else "",
-                  "known": np.flatnonzero(prompt.known[i]).tolist()})
-  return out
-
-
-def read_prompts(config) -> tuple[str, ...]:
-  prompts = []
-  if config.sample.prompt:
-    prompts.append(config.sample.prompt)
-  path = config.sample.get("prompt_file")
-  if path:
-    if not os.path.isfile(path):
-      raise ValueError(f"config.sample.prompt_file: {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-      prompts.extend(line.rstrip("\n") for line in f if line.strip())
-  return tuple(prompts)
-
-
-def restore_eval_params(setup: Setup, workdir: str):
-  """(step, EMA params) of the latest checkpoint in `workdir` (clear error if none)."""
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  step = checkpointing.latest_step(ckpt_dir)
-  if step is None:
-    raise ValueError(f"--workdir: no checkpoint found in {ckpt_dir}")
-  manager = checkpointing.make_manager(ckpt_dir, read_only=True)
-  try:
-    state, _ = checkpointing.restore(manager, step, setup.abstract_state)
-  finally:
-    manager.close()
-  return step, eval_params(state)
-
-
-def sample(config, workdir: str) -> list[dict]:
-  """--mode=sample: EMA weights of the latest checkpoint -> WORKDIR/samples.jsonl."""
-  setup = make_setup(config)
-  step, params = restore_eval_params(setup, workdir)
-  prompts = read_prompts(config)
-  sampler = config_lib.resolve_sampler(config)
-  started = time.time()
-
-  def progress(k, total):
-    if k == total or k % max(1, total // 8) == 0:
-      elapsed = time.time() - started
-      logging.info("sampling step %d/%d | %.1fs elapsed", k, total, elapsed)
-
-  samples = generate_samples(setup, params, num_samples=config.sample.num_samples,
-                             num_steps=config.sample.steps, seed=config.sample.seed,
-                             sampler=sampler, prompts=prompts, progress=progress)
-  seconds = time.time() - started
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "samples.jsonl")
-    _write_text(path, "".join(json.dumps(dict(s, checkpoint_step=step)) + "\n"
-                              for s in samples))
-    logging.info("%d samples (%s, %d steps) in %.1fs written to %s", len(samples), sampler,
-                 config.sample.steps, seconds, path)
-  return samples
 
 
 class _Preemption:
@@ -369,9 +149,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming automatically) and returns final metrics."""
   setup = make_setup(config)
   t_cfg = config.train
-  workdir = _abspath(workdir)
+  workdir = abspath(workdir)
   is_host0 = jax.process_index() == 0
-  train_iter = input_pipeline.build_train_iterator(
+  train_iter = pipeline.build_train_iterator(
       config.data, setup.tokenizer, seed=config.seed, batch_size=t_cfg.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   if is_host0:
@@ -385,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       out_shardings=sharding.replicated(setup.mesh))()
   start_step = int(jax.device_get(state.step))
   if is_host0:
-    _write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   writer = MetricWriter(workdir, just_logging=not is_host0)
   if start_step == 0:
@@ -396,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                config.data.seq_len, setup.mesh.size, dict(setup.mesh.shape))
 
   step_fn = make_train_step(setup)
-  eval_fn = make_eval_fn(setup)
+  eval_fn = perplexity.make_eval_fn(setup)
 
   last_saved = manager.latest_step()
   history: dict[str, Any] = {}
@@ -461,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             check_finite(metrics, step)
 
         if step % t_cfg.eval_every == 0 or step == t_cfg.num_steps:
-          val = run_validation(setup, eval_params(state), eval_fn)
+          val = perplexity.run_validation(setup, eval_params(state), eval_fn)
           writer.write_scalars(step, {"val/nll": val["val_nll"], "val/ppl": val["val_ppl"]})
           logging.info("step %d | val_ppl %.3f (%d tokens)", step, val["val_ppl"],
                        val["val_tokens"])
@@ -492,7 +272,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  num_steps=config.sample.steps, seed=config.sample.seed)
       path = os.path.join(workdir, f"samples_step{step}.txt")
       if is_host0:
-        _write_text(path, "".join(
+        write_text(path, "".join(
             f"=== sample {i} ({config.model.kind}, {s['sampler']}, {s['steps']} steps) "
             f"===\n{s['text']}\n\n" for i, s in enumerate(samples)))
       writer.write_texts(step, {f"samples/{i}": s["text"] for i, s in enumerate(samples)})
@@ -506,50 +286,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   history["step"] = step
   return history
-
-
-def evaluate(config, workdir: str) -> dict:
-  """Restores the latest checkpoint's EMA weights and computes validation perplexity."""
-  setup = make_setup(config)
-  if config.eval.gen_ppl and not config.eval.get("judge_workdir"):
-    raise ValueError("config.eval.gen_ppl=True needs config.eval.judge_workdir (the workdir "
-                     "of a trained AR judge, e.g. configs/shakespeare.py:ar)")
-  step, params = restore_eval_params(setup, workdir)
-  result = run_validation(setup, params)
-  result.update(step=step, model=config.model.kind, seq_len=config.data.seq_len)
-  if config.eval.gen_ppl:
-    result.update(generation_metrics(setup, params, config.eval.judge_workdir))
-  if jax.process_index() == 0:
-    _write_text(os.path.join(workdir, "eval.json"), json.dumps(result, indent=2))
-  return result
-
-
-def generation_metrics(setup: Setup, params, judge_workdir: str) -> dict:
-  """Samples config.eval.gen_num_samples sequences and scores them (gen PPL, entropy).
-
-  Throughput is measured on a second pass over the same work, after compilation.
-  """
-  from pgm_jax import evaluation  # pylint: disable=g-import-not-at-top
-  cfg = setup.config
-  judge = evaluation.load_judge(judge_workdir)
-  sampler = config_lib.resolve_sampler(cfg)
-  kw = dict(num_samples=cfg.eval.gen_num_samples, num_steps=cfg.sample.steps,
-            seed=cfg.sample.seed, sampler=sampler)
-  generate_samples(setup, params, **dict(kw, num_samples=min(kw["num_samples"],
-                                                              cfg.sample.batch_size)))
-  started = time.perf_counter()
-  samples = generate_samples(setup, params, **kw)
-  seconds = time.perf_counter() - started
-  texts = [s["text"] for s in samples]
-  out = {"sampler": sampler, "steps": cfg.sample.steps, "gen_num_samples": len(samples),
-         "judge_workdir": judge_workdir, "judge_step": judge.step,
-         "entropy": evaluation.mean_entropy([s["tokens"] for s in samples]),
-         "throughput": len(samples) * (cfg.data.seq_len - 1) / seconds,
-         "throughput_unit": "generated tokens/s (after compilation)"}
-  out.update(judge.score_texts(texts))
-  if judge.same_tokenizer(setup.tokenizer):
-    out.update(judge.score_tokens([s["tokens"] for s in samples]))
-  return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

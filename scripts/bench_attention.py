@@ -113,7 +113,7 @@ def bench_train_step(args):
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  from pgm_jax import steps, train
+  from pgm_jax import experiment, steps
   from pgm_jax.models import pgm as pgm_mod
   from pgm_jax.models.layers import ModelConfig
 
@@ -122,8 +122,8 @@ def bench_train_step(args):
     sorted_layout: bool = True
 
   cfg = _load_config(args.config, args.config_arg)
-  setup = train.make_setup(cfg)
-  state = train.init_state(setup, jax.random.key(0))
+  setup = experiment.make_setup(cfg)
+  state = experiment.init_state(setup, jax.random.key(0))
   rng = np.random.default_rng(0)
   bsz, length = cfg.train.batch_size, cfg.data.seq_len
   batch = {"tokens": jnp.asarray(rng.integers(0, setup.model_cfg.vocab_size - 1,

@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pgm_jax import sharding, train  # noqa: E402
+from pgm_jax import experiment, sharding, train  # noqa: E402
 
 
 def load_config(spec: str):
@@ -43,8 +43,8 @@ def load_config(spec: str):
 def time_step(config, batch_size: int, steps: int, warmup: int) -> dict:
   config.train.batch_size = batch_size
   config.train.grad_accum_steps = 1
-  setup = train.make_setup(config)
-  state = train.init_state(setup, jax.random.key(0))
+  setup = experiment.make_setup(config)
+  state = experiment.init_state(setup, jax.random.key(0))
   step_fn = train.make_train_step(setup)
   rng = jax.jit(lambda: jax.random.key(1), out_shardings=sharding.replicated(setup.mesh))()
   tokens = np.random.default_rng(0).integers(

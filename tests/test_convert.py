@@ -5,7 +5,7 @@ Checkpoints are built here in the reference's exact Lightning format: a dict wit
 parameters() order) and "global_step", saved with torch.save. Every parameter gets
 random values (the zero-initialised adaLN / output layers included). The converted
 Orbax checkpoint is restored the way the trainer does and its logits are compared
-with `ref_pgm` / `ref_mdlm` below, written from the spec (docs/convert.md) in float64.
+with `ref_pgm` / `ref_mdlm` below, written from the method description (docs/method.md, docs/convert.md) in float64.
 """
 import math
 import os
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import checkpointing, convert, train
+from pgm_jax import checkpointing, convert, experiment
 from pgm_jax.ops import AttentionMask
 
 torch = pytest.importorskip("torch")
@@ -28,7 +28,7 @@ ENC, DEC, MDLM_LAYERS = 2, 2, 2
 B, L = 3, 12
 
 # ----------------------------------------------------------------------------
-# Reference state-dict layout (spec section 4), in the modules' registration order.
+# Reference state-dict layout (docs/convert.md), in the modules' registration order.
 # ----------------------------------------------------------------------------
 
 
@@ -126,7 +126,7 @@ def save_lightning(path, raw, ema, step=123, extra=None):
 
 
 # ----------------------------------------------------------------------------
-# Independent NumPy forward pass (float64), written from the spec.
+# Independent NumPy forward pass (float64), written from docs/method.md.
 # ----------------------------------------------------------------------------
 
 def _f64(sd):
@@ -312,7 +312,7 @@ def tiny_config(vocab_path, kind, query_mode="learn+freqs+mean"):
 
 
 def restore_full(config, workdir):
-  setup = train.make_setup(config)
+  setup = experiment.make_setup(config)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
   step = manager.latest_step()
   state, _ = checkpointing.restore(manager, step, setup.abstract_state)
@@ -353,7 +353,7 @@ def test_pgm_logits_match_reference(tmp_path, query_mode):
 
   setup, step, state = restore_full(cfg, str(tmp_path / "wd"))
   assert step == 77 and int(state.step) == 77
-  eval_step, eval_params = train.restore_eval_params(setup, str(tmp_path / "wd"))
+  eval_step, eval_params = experiment.restore_eval_params(setup, str(tmp_path / "wd"))
   assert eval_step == 77
   model = setup.model
   rng = np.random.default_rng(5)
@@ -434,7 +434,7 @@ def test_mdlm_logits_match_reference(tmp_path):
 def pgm_setup(tmp_path_factory):
   d = tmp_path_factory.mktemp("pgm_setup")
   cfg = tiny_config(write_vocab(d / "vocab.txt"), "pgm")
-  return d, cfg, train.make_setup(cfg)
+  return d, cfg, experiment.make_setup(cfg)
 
 
 def _convert_in_process(setup, loaded, **kw):

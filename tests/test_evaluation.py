@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pgm_jax import evaluation, input_pipeline, sampling, train
+from pgm_jax import evaluation, samplers, train
+from pgm_jax.data import pipeline as input_pipeline
 from pgm_jax.models import DiT, ModelConfig
 
 
@@ -32,14 +33,14 @@ def test_ar_kv_cache_sampler_equals_full_forward():
   leaves, treedef = jax.tree.flatten(params)
   params = treedef.unflatten([0.2 * jax.random.normal(jax.random.key(i), x.shape)
                               for i, x in enumerate(leaves)])
-  prompt = sampling.unconditional_prompt(2, length, 0)
+  prompt = samplers.unconditional_prompt(2, length, 0)
   prompt.tokens[:, 3], prompt.known[:, 3] = 5, True  # a known token is kept
-  res = sampling.ar_sample(params, prompt, model=model, seed=3, mask_id=29)
+  res = samplers.ar_sample(params, prompt, model=model, seed=3, mask_id=29)
   assert res.compiles == 1 and np.all(res.tokens[:, 3] == 5) and not np.any(res.tokens == 29)
   logits = model.apply({"params": params}, jnp.asarray(res.tokens))
-  logp = sampling.filtered_log_probs(logits, 29)
+  logp = samplers.filtered_log_probs(logits, 29)
   positions = jnp.broadcast_to(jnp.arange(1, length)[None], (2, length - 1))
-  draws = np.asarray(sampling.keyed_gumbel_argmax(jax.random.key(3), logp[:, :-1],
+  draws = np.asarray(samplers.keyed_gumbel_argmax(jax.random.key(3), logp[:, :-1],
                                                   jnp.arange(2), positions))
   free = np.ones(length - 1, bool)
   free[2] = False  # position 3 was given
@@ -91,7 +92,7 @@ def test_eval_mode_writes_generation_metrics(judge_workdir, tmp_path):
   cfg.eval.judge_workdir = judge_workdir
   cfg.eval.gen_num_samples = 4
   cfg.sample.batch_size = 4
-  result = train.evaluate(cfg, workdir)
+  result = evaluation.evaluate(cfg, workdir)
   saved = json.load(open(os.path.join(workdir, "eval.json")))
   for key in ("val_ppl", "gen_ppl", "gen_ppl_raw", "entropy", "steps", "sampler", "throughput"):
     assert key in saved, key
@@ -103,7 +104,7 @@ def test_gen_ppl_needs_a_judge(tmp_path):
   cfg = load_config("shakespeare", "tiny")
   cfg.eval.gen_ppl = True
   with pytest.raises(ValueError, match="config.eval.judge_workdir"):
-    train.evaluate(cfg, str(tmp_path))
+    evaluation.evaluate(cfg, str(tmp_path))
 
 
 def _np_gpt2_logits(state, tokens, n_head):

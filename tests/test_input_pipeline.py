@@ -13,9 +13,9 @@ if REPO_ROOT not in sys.path:
 
 import ml_collections  # noqa: E402
 
-from pgm_jax import input_pipeline as ip  # noqa: E402
-from pgm_jax import preprocess as pp  # noqa: E402
-from pgm_jax import tokenizers as tl  # noqa: E402
+from pgm_jax.data import pipeline as ip  # noqa: E402
+from pgm_jax.data import preprocess as pp  # noqa: E402
+from pgm_jax.data import tokenizers as tl  # noqa: E402
 
 
 @pytest.fixture(scope="module")

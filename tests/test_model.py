@@ -34,7 +34,7 @@ def test_paper_parameter_counts(kind, hidden, heads, layers, expected_m):
 
 
 def test_reference_parameter_names_and_shapes():
-  """A few state-dict entries of spec section 4, transposed for Flax."""
+  """A few state-dict entries of docs/convert.md, transposed for Flax."""
   h, c, v = 768, 128, V_PAPER
   cfg = ModelConfig("pgm", v, v - 1, hidden=h, num_heads=12, enc_layers=1, dec_layers=1)
   tokens = jnp.zeros((1, 8), jnp.int32)

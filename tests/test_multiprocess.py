@@ -130,7 +130,8 @@ def _reference(out_dir: str, n: int) -> None:
   """1 process, 4 devices, the 2-host input pipeline; trains straight to n; then
   restore_from and init_params_from on the same 4-device mesh."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == 1 and jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
   build_train, build_eval = input_pipeline.build_train_iterator, input_pipeline.build_eval_iterator
 
@@ -316,9 +317,9 @@ _SETUP = []
 def flat_state(workdir: str, step: int) -> dict:
   """The checkpoint at `step`, restored on this process's single device."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
   if not _SETUP:
-    _SETUP.append(train.make_setup(make_config(overrides(1, mesh__shape=(1, 1, 1)))))
+    _SETUP.append(experiment.make_setup(make_config(overrides(1, mesh__shape=(1, 1, 1)))))
   setup = _SETUP[0]
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
   try:

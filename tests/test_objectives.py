@@ -1,4 +1,4 @@
-"""Objectives against direct NumPy computations of the spec's formulas."""
+"""Objectives against direct NumPy computations of the formulas of docs/method.md."""
 import jax
 import jax.numpy as jnp
 import numpy as np

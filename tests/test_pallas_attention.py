@@ -16,7 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import load_config
-from pgm_jax import objectives, train
+from pgm_jax import experiment, objectives
 from pgm_jax.models import pgm as pgm_mod
 from pgm_jax.ops import AttentionMask, partition_attention, permute, sort_by_group
 from pgm_jax.ops import pallas_attention as pa
@@ -384,7 +384,7 @@ def tiny_setup(**overrides):
   for key, value in overrides.items():
     section, name = key.split(".")
     cfg[section][name] = value
-  return train.make_setup(cfg)
+  return experiment.make_setup(cfg)
 
 
 def perturbed(params):
@@ -427,7 +427,7 @@ def test_pgm_sorted_layout_and_pallas_match_xla():
   Tolerance: loss rtol 1e-5, logits rtol 1e-4 / atol 1e-5, relative Frobenius error
   < 1e-4 per gradient leaf (measured ~1e-6)."""
   setup = tiny_setup()
-  params = perturbed(train.init_state(setup, jax.random.key(0)).params)
+  params = perturbed(experiment.init_state(setup, jax.random.key(0)).params)
   batch, t_B, noise = pgm_inputs(setup)
   pallas_cfg = dataclasses.replace(setup.model_cfg, attn_impl="pallas", sorted_layout=True)
 
@@ -462,7 +462,7 @@ def test_whole_train_step_pallas_matches_xla():
   batch = None
   for impl, sort in (("xla", False), ("pallas", True)):
     setup = tiny_setup(**{"attn.impl": impl, "attn.sorted_layout": sort})
-    state = train.init_state(setup, jax.random.key(0))
+    state = experiment.init_state(setup, jax.random.key(0))
     state = state.replace(params=perturbed(state.params))
     if batch is None:
       batch, _, _ = pgm_inputs(setup)
@@ -486,7 +486,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pgm_jax.ops import AttentionMask, partition_attention
 from pgm_jax.ops.attention import _xla_attention
 from pgm_jax.ops.partition_layout import sort_by_group, permute
-from pgm_jax.train import with_mesh
+from pgm_jax.experiment import with_mesh
 
 mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
 rng = np.random.default_rng(0)
@@ -548,7 +548,7 @@ def test_efficient_sampler_pallas_matches_xla():
   uniform sampler decodes 7 or 8 queries (padded to 8) and the non-uniform one powers
   of two. (One encoder and one decoder layer: every program compiles 3 interpreted
   kernels, the test's cost.)"""
-  from pgm_jax import sampling
+  from pgm_jax import samplers
   from pgm_jax.models import ModelConfig, PartitionDiT
   length, vocab = 48, 30
   mask_id, bos = vocab - 1, 0
@@ -564,13 +564,13 @@ def test_efficient_sampler_pallas_matches_xla():
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = treedef.unflatten([0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-  prompt = sampling.unconditional_prompt(2, length, bos)
+  prompt = samplers.unconditional_prompt(2, length, bos)
   prompt.tokens[1, 20:23] = [3, 4, 5]
   prompt.known[1, 20:23] = True
   for sampler in ("efficient-uniform", "efficient-non-uniform"):
     kw = dict(sampler=sampler, steps=6, seed=4, mask_id=mask_id, bucket_size=24)
-    ref = sampling.pgm_sample(params, prompt, model=xla_model, **kw)
-    got = sampling.pgm_sample(params, prompt, model=pallas_model, **kw)
+    ref = samplers.pgm_sample(params, prompt, model=xla_model, **kw)
+    got = samplers.pgm_sample(params, prompt, model=pallas_model, **kw)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     assert not (got.tokens == mask_id).any()
     print(sampler, "programs", got.compiles)

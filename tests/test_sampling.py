@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from pgm_jax import sampling
+from pgm_jax import samplers
+from pgm_jax.samplers import common, pgm as pgm_samplers
 from pgm_jax.models import DiT, ModelConfig, PartitionDiT
 
 L, V = 24, 30
@@ -48,7 +49,7 @@ def mdlm():
 
 
 def _infill_prompt(batch=2):
-  prompt = sampling.unconditional_prompt(batch, L, BOS)
+  prompt = samplers.unconditional_prompt(batch, L, BOS)
   prompt.tokens[:, 5:8] = [[3, 4, 5]] * batch
   prompt.known[:, 5:8] = True
   prompt.tokens[1, 20] = 7  # a different number of known tokens per sequence
@@ -58,8 +59,8 @@ def _infill_prompt(batch=2):
 
 def _plan(prompt, steps, seed=0):
   rng = np.random.default_rng(seed)
-  order = sampling.random_orders(rng, prompt.known)
-  counts = sampling.make_schedule("uniform", (~prompt.known).sum(1), steps, rng, L)
+  order = samplers.random_orders(rng, prompt.known)
+  counts = samplers.make_schedule("uniform", (~prompt.known).sum(1), steps, rng, L)
   return order, counts
 
 
@@ -67,11 +68,11 @@ def _plan(prompt, steps, seed=0):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_efficient_uniform_equals_naive(pgm, steps, conditional):
   model, params = pgm
-  prompt = _infill_prompt() if conditional else sampling.unconditional_prompt(2, L, BOS)
+  prompt = _infill_prompt() if conditional else samplers.unconditional_prompt(2, L, BOS)
   order, counts = _plan(prompt, steps)
   kw = dict(model=model, steps=steps, seed=11, mask_id=MASK, order=order, schedule=counts)
-  eff = sampling.pgm_sample(params, prompt, sampler="efficient-uniform", bucket_size=8, **kw)
-  naive = sampling.pgm_sample(params, prompt, sampler="naive", **kw)
+  eff = samplers.pgm_sample(params, prompt, sampler="efficient-uniform", bucket_size=8, **kw)
+  naive = samplers.pgm_sample(params, prompt, sampler="naive", **kw)
   np.testing.assert_array_equal(eff.tokens, naive.tokens)
   assert eff.passes == naive.passes == int((counts.max(1) > 0).sum())
   # Not a trivially constant output: the model is random and peaked.
@@ -84,21 +85,21 @@ def test_non_uniform_forced_to_uniform_schedule_equals_uniform(pgm):
   order, counts = _plan(prompt, 6)
   kw = dict(model=model, steps=6, seed=5, mask_id=MASK, order=order, schedule=counts,
             bucket_size=8)
-  uni = sampling.pgm_sample(params, prompt, sampler="efficient-uniform", **kw)
-  non = sampling.pgm_sample(params, prompt, sampler="efficient-non-uniform", **kw)
+  uni = samplers.pgm_sample(params, prompt, sampler="efficient-uniform", **kw)
+  non = samplers.pgm_sample(params, prompt, sampler="efficient-non-uniform", **kw)
   np.testing.assert_array_equal(uni.tokens, non.tokens)
 
 
-@pytest.mark.parametrize("sampler", sampling.PGM_SAMPLERS + sampling.MDLM_SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.PGM_SAMPLERS + samplers.MDLM_SAMPLERS)
 def test_known_tokens_kept_and_no_mask_in_output(pgm, mdlm, sampler):
   prompt = _infill_prompt()
-  if sampler in sampling.PGM_SAMPLERS:
+  if sampler in samplers.PGM_SAMPLERS:
     model, params = pgm
-    res = sampling.pgm_sample(params, prompt, model=model, sampler=sampler, steps=7, seed=2,
+    res = samplers.pgm_sample(params, prompt, model=model, sampler=sampler, steps=7, seed=2,
                               mask_id=MASK, bucket_size=8)
   else:
     model, params = mdlm
-    res = sampling.mdlm_sample(params, prompt, model=model, sampler=sampler, steps=7, seed=2,
+    res = samplers.mdlm_sample(params, prompt, model=model, sampler=sampler, steps=7, seed=2,
                                mask_id=MASK)
   np.testing.assert_array_equal(res.tokens[prompt.known], prompt.tokens[prompt.known])
   assert not np.any(res.tokens == MASK)
@@ -108,20 +109,20 @@ def test_known_tokens_kept_and_no_mask_in_output(pgm, mdlm, sampler):
 def test_non_uniform_schedule_counts():
   rng = np.random.default_rng(0)
   remaining = np.array([L - 1, L - 4])
-  for kind in sampling.SCHEDULES:
-    counts = sampling.make_schedule(kind, remaining, 8, rng, L)
+  for kind in samplers.SCHEDULES:
+    counts = samplers.make_schedule(kind, remaining, 8, rng, L)
     np.testing.assert_array_equal(counts.sum(0), remaining)
     assert counts.min() >= 0
-  uni = sampling.make_schedule("uniform", np.array([1023]), 128, rng, 1024)
+  uni = samplers.make_schedule("uniform", np.array([1023]), 128, rng, 1024)
   assert list(uni[:, 0][:3]) == [8, 8, 8] and uni[-1, 0] == 7 and len(uni) == 128
 
 
 def test_compilations_are_bounded_and_do_not_grow_with_steps(pgm):
   model, params = pgm
-  prompt = sampling.unconditional_prompt(2, L, BOS)
+  prompt = samplers.unconditional_prompt(2, L, BOS)
   compiles = {}
   for steps, temp in ((3, 0.9), (23, 0.8)):  # a new temperature forces fresh traces
-    res = sampling.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
+    res = samplers.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
                               steps=steps, seed=0, mask_id=MASK, bucket_size=8,
                               temperature=temp)
     compiles[steps] = res.compiles
@@ -129,67 +130,67 @@ def test_compilations_are_bounded_and_do_not_grow_with_steps(pgm):
   assert compiles[23] <= 2 * buckets  # <= (#encoder buckets) x (m, last m)
   assert compiles[3] <= 2 * buckets
   # A second run of the same sampler compiles nothing new.
-  again = sampling.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
+  again = samplers.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
                               steps=23, seed=1, mask_id=MASK, bucket_size=8, temperature=0.8)
   assert again.compiles == 0
 
 
 def test_mdlm_compiles_once_for_any_steps(mdlm):
   model, params = mdlm
-  prompt = sampling.unconditional_prompt(2, L, BOS)
+  prompt = samplers.unconditional_prompt(2, L, BOS)
   for steps in (4, 40):
-    res = sampling.mdlm_sample(params, prompt, model=model, sampler="ddpm", steps=steps,
+    res = samplers.mdlm_sample(params, prompt, model=model, sampler="ddpm", steps=steps,
                                seed=0, mask_id=MASK)
     assert res.compiles == 1
 
 
 def test_ddpm_cache_equals_ddpm_with_fewer_passes(mdlm):
   model, params = mdlm
-  prompt = sampling.unconditional_prompt(2, L, BOS)
+  prompt = samplers.unconditional_prompt(2, L, BOS)
   kw = dict(model=model, steps=64, seed=4, mask_id=MASK)
-  plain = sampling.mdlm_sample(params, prompt, sampler="ddpm", **kw)
-  cached = sampling.mdlm_sample(params, prompt, sampler="ddpm_cache", **kw)
+  plain = samplers.mdlm_sample(params, prompt, sampler="ddpm", **kw)
+  cached = samplers.mdlm_sample(params, prompt, sampler="ddpm_cache", **kw)
   np.testing.assert_array_equal(plain.tokens, cached.tokens)
   assert plain.passes == 65
   assert cached.passes < plain.passes  # 23 tokens over 64 steps: many steps change nothing
-  assert sampling.mdlm_passes(prompt.known, 64, 0, cache=False) == 65
+  assert samplers.mdlm_passes(prompt.known, 64, 0, cache=False) == 65
 
 
 def test_top_p_and_temperature():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05, 0.0]]) + 1e-20)
-  logp = sampling.filtered_log_probs(logits, mask_id=4, top_p=0.7)
+  logp = samplers.filtered_log_probs(logits, mask_id=4, top_p=0.7)
   np.testing.assert_allclose(np.exp(np.asarray(logp))[0, :2], [0.625, 0.375], rtol=1e-5)
   assert np.all(np.exp(np.asarray(logp))[0, 2:] == 0)
-  greedy = sampling.filtered_log_probs(logits, mask_id=4, top_p=1e-6)
+  greedy = samplers.filtered_log_probs(logits, mask_id=4, top_p=1e-6)
   np.testing.assert_allclose(np.exp(np.asarray(greedy))[0, 0], 1.0)
-  cold = np.exp(np.asarray(sampling.filtered_log_probs(logits, mask_id=4, temperature=0.5)))
+  cold = np.exp(np.asarray(samplers.filtered_log_probs(logits, mask_id=4, temperature=0.5)))
   assert cold[0, 0] > 0.5
 
 
 def test_exact_flops_quadratic_fit_matches_direct_lowering(pgm):
   model, params = pgm
-  prompt = sampling.unconditional_prompt(2, L, BOS)
+  prompt = samplers.unconditional_prompt(2, L, BOS)
   order, counts = _plan(prompt, 23)
-  st = sampling._initial_state(prompt, order, MASK)
+  st = pgm_samplers._initial_state(prompt, order, MASK)
   static = dict(model=model, n_query=1, mask_id=MASK, top_p=1.0, temperature=1.0)
   args = (params, st, jnp.asarray(counts[0]), jax.random.key(0))
-  lower_at = lambda n: sampling._flops(sampling._pgm_efficient_step_jit, *args, n_enc=n,
+  lower_at = lambda n: common.lowered_flops(pgm_samplers._pgm_efficient_step_jit, *args, n_enc=n,
                                        **static)
-  fit = sampling._QuadraticCost(lower_at, L)
+  fit = pgm_samplers._QuadraticCost(lower_at, L)
   for n in (1, 7, 13):
     assert abs(fit(n) - lower_at(n)) <= 1e-6 * lower_at(n)
 
 
 def test_prompt_parsing():
-  from pgm_jax.tokenizers import get_tokenizer
+  from pgm_jax.data.tokenizers import get_tokenizer
   from conftest import load_config
   tok = get_tokenizer(load_config("shakespeare").data)
-  tokens, known = sampling.parse_prompt("To be[[5]]the question", tok, 32)
+  tokens, known = samplers.parse_prompt("To be[[5]]the question", tok, 32)
   n_head = len(tok.encode("To be"))
   assert known[0] and known[1:1 + n_head].all() and not known[1 + n_head:6 + n_head].any()
   assert known[6 + n_head] and not known[-1]
   with pytest.raises(ValueError, match="config.sample.prompt"):
-    sampling.parse_prompt("x[[40]]", tok, 32)
+    samplers.parse_prompt("x[[40]]", tok, 32)
 
 
 def _cli(*args):

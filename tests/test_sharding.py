@@ -72,8 +72,8 @@ def flat_state(state) -> dict:
 
 
 def restore_at(config, workdir, step, devices=None):
-  from pgm_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
-  setup = train.make_setup(config, devices)
+  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  setup = experiment.make_setup(config, devices)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
   try:
     state, _ = checkpointing.restore(manager, step, setup.abstract_state)
@@ -86,7 +86,9 @@ def restore_at(config, workdir, step, devices=None):
 def _child(out_dir: str, kind: str) -> None:
   """Runs with 8 fake devices; writes out_dir/results_KIND.json and npz files."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment, sharding, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
+  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8, jax.devices()
   results = {"errors": {}, "kinds": {}}
 
@@ -107,7 +109,7 @@ def _child(out_dir: str, kind: str) -> None:
       section, field = k.split(".")
       cfg[section][field] = v
     try:
-      train.make_setup(cfg)
+      experiment.make_setup(cfg)
       results["errors"][name] = None
     except ValueError as e:
       results["errors"][name] = str(e)
@@ -135,14 +137,14 @@ def _child(out_dir: str, kind: str) -> None:
     np.savez(os.path.join(out_dir, kind, "restored_on_2x2x2.npz"), **fb)
 
     # Eval and sampling under the (2,2,2) mesh with mesh-sharded params.
-    res["val_2x2x2_restored"] = train.run_validation(setup_b, state_b.ema_params)["val_nll"]
-    samples = train.generate_samples(setup_b, state_b.ema_params, num_samples=2, num_steps=4,
+    res["val_2x2x2_restored"] = perplexity.run_validation(setup_b, state_b.ema_params)["val_nll"]
+    samples = generate.generate_samples(setup_b, state_b.ema_params, num_samples=2, num_steps=4,
                                      seed=0)
     res["samples"] = [s["tokens"] for s in samples]
 
     # The jitted step really produces sharded params (and keeps the declared shardings).
     step_fn = train.make_train_step(setup_b)
-    batch = {k: np.zeros(v.shape, v.dtype) for k, v in train.abstract_batch(setup_b).items()}
+    batch = {k: np.zeros(v.shape, v.dtype) for k, v in experiment.abstract_batch(setup_b).items()}
     batch["valid"][:] = True
     new_state, metrics = step_fn(state_b, sharding.global_batch(batch, setup_b.batch_sharding),
                                  jax.random.key(0))
@@ -302,14 +304,14 @@ def test_jitted_step_shards_params(multi, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_eval_and_sampling_under_mesh(multi, kind):
-  from pgm_jax import train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
   res = multi["kinds"][kind]
   cfg = tiny_config(kind)
   setup, state = restore_at(cfg, os.path.join(multi["child_dir"], kind, "2x4x1"), STEPS)
   # Same params, 1 device vs (2,2,2): eval NLL agrees (t is stratified per data-parallel
   # slice, so compare at equal data-parallel size only through finiteness here).
   assert np.isfinite(res["val_2x2x2_restored"])
-  samples = train.generate_samples(setup, state.ema_params, num_samples=2, num_steps=4, seed=0)
+  samples = generate.generate_samples(setup, state.ema_params, num_samples=2, num_steps=4, seed=0)
   assert [s["tokens"] for s in samples] == res["samples"]
 
 

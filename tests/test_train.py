@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import checkpointing, train
+from pgm_jax import checkpointing, experiment, train
 
 
 def tiny_config(**overrides):
@@ -28,7 +28,7 @@ def tiny_config(**overrides):
 
 
 def restored_state(config, workdir):
-  setup = train.make_setup(config)
+  setup = experiment.make_setup(config)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
   step = manager.latest_step()
   state, _ = checkpointing.restore(manager, step, setup.abstract_state)
@@ -102,7 +102,7 @@ def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
 ])
 def test_bad_config_names_the_key(overrides, pattern):
   with pytest.raises(ValueError, match=pattern):
-    train.make_setup(tiny_config(**overrides))
+    experiment.make_setup(tiny_config(**overrides))
 
 
 def test_missing_data_dir_names_the_key(tmp_path):
@@ -129,8 +129,8 @@ def test_gradient_accumulation_matches_full_batch(kind):
   """accum=4 over a batch gives the same step as accum=1 (up to float reassociation)."""
   import functools
   from pgm_jax import steps
-  setup = train.make_setup(tiny_config(**{"model.kind": kind}))
-  state = train.init_state(setup, jax.random.key(0))
+  setup = experiment.make_setup(tiny_config(**{"model.kind": kind}))
+  state = experiment.init_state(setup, jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(0, 2048, (8, 32)).astype(np.int32),
            "valid": np.ones((8, 32), bool)}

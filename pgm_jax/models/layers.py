@@ -1,6 +1,6 @@
 """Building blocks shared by the MDLM DiT and the PartitionDiT.
 
-Parameter names follow the reference PyTorch state dict (spec section 4) so that
+Parameter names follow the reference PyTorch state dict (docs/convert.md) so that
 checkpoints map one to one: a torch `Linear` [out, in] `weight` is a Flax
 `kernel` [in, out]; a torch norm `weight` is our `scale`. Every parameter carries
 logical axis names (see `pgm_jax.sharding` for the rules that map them to mesh axes).

@@ -1,4 +1,4 @@
-"""PartitionDiT: the Partition Generative Model's network (spec section 3).
+"""PartitionDiT: the Partition Generative Model's network (method §3).
 
 Training layout (`__call__`): every position holds its clean token and a group id.
 The encoder attends within a group only; GroupSwap and the decoder let each

@@ -8,13 +8,7 @@ reference oracle that every other implementation is tested against.
 
 Layout: q [batch, q_len, heads, head_dim], k/v [batch, kv_len, heads, head_dim].
 
-Mask kinds (a query attends to a key iff all that apply hold):
-  * "full":         every key.
-  * "same_group":   q_group[b, i] == kv_group[b, j]   (PGM encoder, training).
-  * "other_group":  q_group[b, i] != kv_group[b, j]   (GroupSwap / decoder, training).
-  * "causal":       j <= i                            (autoregressive baseline).
-and, for every kind, kv_valid[b, j] when given (padding, or packed inference where
-only the first `length` keys hold real tokens; see `AttentionMask.packed`).
+Mask kinds: see `pgm_jax.ops.masks`. Compile target: see `pgm_jax.ops.target`.
 
 Rows with no valid key return exactly zero (as PyTorch >= 2.5 SDPA does); their
 gradients are exactly zero too. A finite-mask softmax would instead attend
@@ -22,136 +16,21 @@ uniformly and leak information across groups.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator, Optional
-
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 from jax.sharding import PartitionSpec as P
-from flax import struct
 
-MASK_KINDS = ("full", "same_group", "other_group", "causal")
+from pgm_jax.ops import pallas_attention as pa
+from pgm_jax.ops.masks import MASK_KINDS, AttentionMask
+from pgm_jax.ops.target import PLATFORMS, compile_target, target_platform
+
 IMPLS = ("xla", "pallas", "auto")
-PLATFORMS = ("tpu", "gpu", "cpu")
-
-# ----------------------------------------------------------------------------
-# Compile target: the platform kernels are built for (default: jax.default_backend()).
-# ----------------------------------------------------------------------------
-
-# A JAX config state (part of the jit cache / trace context key, so a function traced
-# for one target is retraced for another); a plain context variable if that internal
-# API is missing.
-try:
-  from jax._src import config as _jax_config  # pylint: disable=g-import-not-at-top
-  _TARGET_STATE = _jax_config.optional_enum_state(
-      name="pgm_jax_compile_target", enum_values=list(PLATFORMS), default=None,
-      help="pgm_jax attention: platform the kernels are built for (compile_target).",
-      include_in_jit_key=True, include_in_trace_context=True)
-except Exception:  # pylint: disable=broad-except
-  _TARGET_STATE = None
-_TARGET_VAR = contextvars.ContextVar("pgm_jax_compile_target", default=None)
-
-
-@contextlib.contextmanager
-def compile_target(platform: str) -> Iterator[None]:
-  """Builds attention for `platform` ("tpu" | "gpu" | "cpu") instead of the local backend.
-
-  Inside the context `resolve_impl("auto")` resolves for `platform` and the Pallas
-  kernels are lowered for it with interpret off ("tpu" -> Mosaic, "gpu" -> Triton);
-  "cpu" gives the local CPU behaviour (auto -> xla, pallas interpreted). Trace (jit,
-  lower) inside the context, e.g. to compile for TPU devices from
-  `jax.experimental.topologies.get_topology_desc` on a CPU machine:
-    with compile_target("tpu"): jax.jit(step).lower(...).compile()
-  """
-  if platform not in PLATFORMS:
-    raise ValueError(f"compile_target platform must be one of {PLATFORMS}, got {platform!r}")
-  if _TARGET_STATE is not None:
-    with _TARGET_STATE(platform):
-      yield
-  else:
-    token = _TARGET_VAR.set(platform)
-    try:
-      yield
-    finally:
-      _TARGET_VAR.reset(token)
-
-
-def target_platform() -> str:
-  """"tpu" | "gpu" | "cpu": the `compile_target` if set, else jax.default_backend()."""
-  value = _TARGET_STATE.value if _TARGET_STATE is not None else _TARGET_VAR.get()
-  return value or jax.default_backend()
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-@struct.dataclass
-class AttentionMask:
-  """Structured attention mask (see module docstring).
-
-  Attributes:
-    kind: one of MASK_KINDS (static).
-    q_group: int [B, Lq] group id of each query (group kinds only).
-    kv_group: int [B, Lk] group id of each key (group kinds only).
-    kv_valid: bool [B, Lk] or None; keys with False are never attended.
-    kv_length: int [B] or None; keys at index >= kv_length[b] are never attended
-      (packed inference; set by `packed`). Lets kernels skip those key blocks.
-    q_split, kv_split: int [B] or None; number of group-0 queries / keys. Only
-      meaningful with group_sorted.
-    group_sorted: static; True iff groups are in {0, 1} and sorted (all group-0
-      positions first: q_group[b, i] == (i >= q_split[b]), likewise for keys), as
-      produced by `pgm_jax.ops.partition_layout.sort_by_group`. Kernels then skip
-      key blocks by the split point; the mask itself is unchanged.
-  """
-  kind: str = struct.field(pytree_node=False, default="full")
-  q_group: Optional[jax.Array] = None
-  kv_group: Optional[jax.Array] = None
-  kv_valid: Optional[jax.Array] = None
-  kv_length: Optional[jax.Array] = None
-  q_split: Optional[jax.Array] = None
-  kv_split: Optional[jax.Array] = None
-  group_sorted: bool = struct.field(pytree_node=False, default=False)
-
-  def __post_init__(self):
-    if self.kind not in MASK_KINDS:
-      raise ValueError(f"AttentionMask.kind must be one of {MASK_KINDS}, got {self.kind!r}")
-    if self.kind in ("same_group", "other_group") and (
-        self.q_group is None or self.kv_group is None):
-      raise ValueError(f"AttentionMask kind {self.kind!r} needs q_group and kv_group")
-    if self.group_sorted and (self.q_split is None or self.kv_split is None):
-      raise ValueError("AttentionMask(group_sorted=True) needs q_split and kv_split")
-
-  @classmethod
-  def packed(cls, kv_length_B: jax.Array, kv_len: int) -> "AttentionMask":
-    """Packed inference: keys at index >= kv_length_B[b] are padding."""
-    kv_valid = jnp.arange(kv_len)[None, :] < kv_length_B[:, None]
-    return cls(kind="full", kv_valid=kv_valid, kv_length=kv_length_B)
-
-  @classmethod
-  def sorted_groups(cls, kind: str, group_BxL: jax.Array, split_B: jax.Array,
-                    kv_valid: Optional[jax.Array] = None) -> "AttentionMask":
-    """same_group / other_group self-mask for tokens in sorted layout (`sort_by_group`)."""
-    return cls(kind=kind, q_group=group_BxL, kv_group=group_BxL, kv_valid=kv_valid,
-               q_split=split_B, kv_split=split_B, group_sorted=True)
-
-  def dense(self, q_len: int, kv_len: int) -> jax.Array:
-    """Boolean [B or 1, Lq, Lk] mask; True = attend."""
-    if self.kind == "same_group":
-      allowed = self.q_group[:, :, None] == self.kv_group[:, None, :]
-    elif self.kind == "other_group":
-      allowed = self.q_group[:, :, None] != self.kv_group[:, None, :]
-    elif self.kind == "causal":
-      allowed = (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None]
-    else:
-      allowed = jnp.ones((1, q_len, kv_len), dtype=bool)
-    if self.kv_valid is not None:
-      allowed = allowed & self.kv_valid[:, None, :]
-    if self.kv_length is not None:
-      allowed = allowed & (jnp.arange(kv_len)[None, None, :] < self.kv_length[:, None, None])
-    return allowed
 
 
 def _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask: AttentionMask):
@@ -228,7 +107,6 @@ def partition_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: j
       if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
         raise ValueError(f"config.attn.{name} must be a positive integer, got {block!r}")
   if resolved == "pallas":
-    from pgm_jax.ops import pallas_attention as pa  # pylint: disable=g-import-not-at-top
     backend = pa.default_backend()
     reason = _kernel_unsupported(q_BxQxHxD.shape, k_BxKxHxD.shape, backend)
     if reason is not None:

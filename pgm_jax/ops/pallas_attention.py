@@ -47,6 +47,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltr
 
+from pgm_jax.ops import target
+from pgm_jax.ops.masks import AttentionMask
+from pgm_jax.ops.partition_layout import sort_by_group
+
 BACKENDS = ("tpu", "gpu")
 INTERPRET_MODES = ("none", "generic", "tpu")
 _NEG = -1e30          # finite "masked" score: exp(_NEG - m) == 0 and never NaN
@@ -637,13 +641,12 @@ _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 # ----------------------------------------------------------------------------
 
 def _platform() -> str:
-  """The platform kernels are built for: `attention.compile_target` if set, else JAX's."""
-  from pgm_jax.ops import attention  # pylint: disable=g-import-not-at-top
-  return attention.target_platform()
+  """The platform kernels are built for: `target.compile_target` if set, else JAX's."""
+  return target.target_platform()
 
 
 def default_backend() -> str:
-  """Kernel lowering for the target platform (`attention.compile_target`, else
+  """Kernel lowering for the target platform (`target.compile_target`, else
   jax.default_backend()): "gpu" -> Triton, else Mosaic (CPU runs it interpreted)."""
   return "gpu" if _platform() == "gpu" else "tpu"
 
@@ -724,7 +727,7 @@ def pallas_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask, *, block_q: int = 12
   values and gradients are those of the unpadded call.
 
   backend: "tpu" (Mosaic) | "gpu" (Triton) | None (the target platform:
-    `attention.compile_target`, else jax.default_backend()).
+    `target.compile_target`, else jax.default_backend()).
   interpret: None (interpret iff the target platform is CPU), True/"generic", "tpu" or
     a `pltpu.InterpretParams` (TPU interpreter), False/"none".
   """
@@ -770,8 +773,6 @@ def block_count_report(group_BxL, *, block_q: int, block_kv: int, kv_length_B=No
   packed: inference, keys valid below kv_length_B (default: the group-0 count, i.e. the
   clean tokens packed first).
   """
-  from pgm_jax.ops.attention import AttentionMask
-  from pgm_jax.ops.partition_layout import sort_by_group
   group_BxL = jnp.asarray(group_BxL, jnp.int32)
   batch, length = group_BxL.shape
   layout = sort_by_group(group_BxL)

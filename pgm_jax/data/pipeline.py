@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
-from pgm_jax import tokenizers as tok_lib
+from pgm_jax.data import tokenizers as tok_lib
 
 DEFAULT_PLAYS_DIR = "third_party/shakespeare/plays"
 # Three plays of different genres (tragedy, romance, comedy); about 7% of the corpus.

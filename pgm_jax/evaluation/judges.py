@@ -1,4 +1,4 @@
-"""Sample-quality metrics: generative perplexity under a judge, and unigram entropy.
+"""Judges of sample quality: generative perplexity under an AR judge, and unigram entropy.
 
 Generative perplexity (gen PPL) scores generated text with a separate autoregressive
 judge: exp(mean NLL per judged token). The paper's judge is GPT-2 Large, which cannot
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pgm_jax import objectives
+from pgm_jax import experiment, objectives
 
 
 def unigram_entropy(token_ids) -> float:
@@ -90,7 +90,6 @@ class ARJudge(_Judge):
   """An AR baseline checkpoint (configs/shakespeare.py:ar) as the judge."""
 
   def __init__(self, workdir: str):
-    from pgm_jax import train  # pylint: disable=g-import-not-at-top
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
       raise ValueError(f"config.eval.judge_workdir: {path} not found (train a judge with "
@@ -101,8 +100,8 @@ class ARJudge(_Judge):
     if config.model.kind != "ar":
       raise ValueError(f"config.eval.judge_workdir: {workdir} holds a {config.model.kind!r} "
                        f"model; the judge must be an 'ar' model")
-    self.setup = train.make_setup(config)
-    self.step, self.params = train.restore_eval_params(self.setup, workdir)
+    self.setup = experiment.make_setup(config)
+    self.step, self.params = experiment.restore_eval_params(self.setup, workdir)
     self.tokenizer = self.setup.tokenizer
     self.seq_len = config.data.seq_len
     model, mask_id = self.setup.model, self.setup.mask_id
@@ -122,7 +121,7 @@ class GPT2Judge(_Judge):
   def __init__(self, directory: str):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from pgm_jax.models import gpt2  # pylint: disable=g-import-not-at-top
-    from pgm_jax.tokenizers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top
+    from pgm_jax.data.tokenizers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top
     with open(os.path.join(directory, "judge.json")) as f:
       meta = json.load(f)
     cfg = gpt2.GPT2Config(**meta["config"])
@@ -187,28 +186,3 @@ def load_judge(directory: str) -> _Judge:
   if os.path.exists(os.path.join(directory, "judge.json")):
     return GPT2Judge(directory)
   return ARJudge(directory)
-
-
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog="python -m pgm_jax.evaluation",
-      description="Convert Hugging Face GPT-2 weights into a gen-PPL judge for "
-                  "config.eval.judge_workdir. A pytorch_model.bin is a pickle and is loaded "
-                  "with torch.load(weights_only=True); prefer model.safetensors.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  conv = sub.add_parser("convert_gpt2")
-  conv.add_argument("--from", dest="src", required=True,
-                    help="HF folder, model.safetensors or pytorch_model.bin")
-  conv.add_argument("--to", dest="out", required=True, help="output folder (the judge dir)")
-  conv.add_argument("--n_head", type=int, default=None)
-  args = parser.parse_args(argv)
-  try:
-    meta = convert_gpt2(args.src, args.out, args.n_head)
-  except ValueError as e:
-    raise SystemExit(f"pgm_jax.evaluation: error: {e}")
-  print(f"GPT-2 judge written to {args.out}: {meta['config']}")
-
-
-if __name__ == "__main__":
-  main()

@@ -1,0 +1,6 @@
+"""Data: tokenizers, Grain input pipelines and offline preprocessing.
+
+tokenizers.py  GPT-2 BPE, SentencePiece, BERT WordPiece (vendored assets, no download)
+pipeline.py    Grain train/eval iterators: text files, TFDS, packed ArrayRecord blocks
+preprocess.py  corpus -> packed ArrayRecord blocks (`python -m pgm_jax.preprocess`)
+"""

@@ -1,0 +1,143 @@
+"""The experiment a config describes: model, tokenizer, mesh, optimizer and shardings.
+
+Everything that runs a config (train, eval, sample, convert, plan, bench, the Colab
+notebook) starts from `make_setup(config)` and, to read a workdir, from
+`restore_eval_params(setup, workdir)`. This module sits below all of them and imports
+none of them.
+
+    setup = make_setup(config)                      # validated config -> Setup
+    state = init_state(setup, rng)                  # sharded fresh TrainState
+    step, params = restore_eval_params(setup, dir)  # EMA weights of the latest checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from pgm_jax import checkpointing, config_lib, samplers, sharding, steps
+from pgm_jax.data import tokenizers
+from pgm_jax.models import build_model, model_config_from
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from a config, shared by train, eval and sampling."""
+  config: Any
+  tokenizer: Any
+  mesh: jax.sharding.Mesh
+  model_cfg: Any
+  model: Any
+  tx: Any
+  state_shardings: Any        # TrainState of NamedSharding
+  abstract_state: Any         # TrainState of ShapeDtypeStruct (with shardings)
+  batch_sharding: Any
+  data_parallel: int
+
+  @property
+  def mask_id(self) -> int:
+    return self.tokenizer.mask_id
+
+
+def make_setup(config, devices=None) -> Setup:
+  """Validates the config and builds the model, optimizer, mesh and shardings.
+
+  `devices`: the devices of the mesh (default: all, `jax.devices()`).
+  """
+  mesh = sharding.make_mesh(config.mesh, devices)
+  data_parallel = sharding.data_parallel_size(mesh)
+  config_lib.validate(config, num_devices=mesh.size, data_parallel=data_parallel,
+                      mesh_shape=dict(mesh.shape))
+  tokenizer = tokenizers.get_tokenizer(config.data)
+  model_cfg = model_config_from(config, vocab_size=tokenizer.vocab_size,
+                                mask_id=tokenizer.mask_id)
+  if not 1 <= config.sample.steps <= config.data.seq_len - 1:
+    raise ValueError(f"config.sample.steps={config.sample.steps} must be in "
+                     f"[1, config.data.seq_len - 1 = {config.data.seq_len - 1}]")
+  if config.attn.impl == "pallas":
+    from pgm_jax.ops import pallas_attention  # pylint: disable=g-import-not-at-top
+    pallas_attention.check_block_sizes(config.data.seq_len, config.data.seq_len,
+                                       config.attn.block_q, config.attn.block_kv)
+  sampler = config_lib.resolve_sampler(config)
+  allowed = {"pgm": samplers.PGM_SAMPLERS, "mdlm": samplers.MDLM_SAMPLERS,
+             "ar": samplers.AR_SAMPLERS}[model_cfg.kind]
+  if sampler not in allowed:
+    raise ValueError(f"config.sample.sampler={sampler!r} is not a {model_cfg.kind} sampler; "
+                     f"use one of {allowed} or 'auto'")
+  model = build_model(model_cfg)
+  tx = steps.make_optimizer(config.opt)
+  boxed = jax.eval_shape(_boxed_init_fn(model, tx, config), jax.random.key(0))
+  rules = sharding.logical_rules(config.mesh)
+  state_shardings = sharding.shardings_from_boxed(boxed, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      steps.unbox(boxed), state_shardings)
+  return Setup(config=config, tokenizer=tokenizer, mesh=mesh, model_cfg=model_cfg, model=model,
+               tx=tx, state_shardings=state_shardings, abstract_state=abstract_state,
+               batch_sharding=sharding.batch_sharding(mesh), data_parallel=data_parallel)
+
+
+def init_state(setup: Setup, rng):
+  """Sharded fresh init: abstract shapes -> shardings -> jit(init, out_shardings)."""
+  init_fn = _boxed_init_fn(setup.model, setup.tx, setup.config)
+  return jax.jit(lambda r: steps.unbox(init_fn(r)), out_shardings=setup.state_shardings)(rng)
+
+
+def _boxed_init_fn(model, tx, config):
+  """rng -> boxed (logically partitioned) TrainState; shapes do not depend on the
+  dummy input length (RoPE, no position table), so 8 tokens keep init cheap."""
+  return functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
+                           seq_len=min(config.data.seq_len, 8), kind=config.model.kind)
+
+
+def abstract_batch(setup: Setup, batch_size: int | None = None) -> dict:
+  """ShapeDtypeStructs (with the batch sharding) of one global training batch."""
+  b = setup.config.train.batch_size if batch_size is None else batch_size
+  shape = (b, setup.config.data.seq_len)
+  return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
+          "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=setup.batch_sharding)}
+
+
+def with_mesh(mesh, fn):
+  """`fn` traced under `mesh` as the abstract mesh, so that the attention op can wrap its
+  Pallas kernels in `jax.shard_map` (batch over data/fsdp, heads over tensor)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def eval_params(state) -> Any:
+  return state.ema_params
+
+
+def restore_eval_params(setup: Setup, workdir: str):
+  """(step, EMA params) of the latest checkpoint in `workdir` (clear error if none)."""
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  step = checkpointing.latest_step(ckpt_dir)
+  if step is None:
+    raise ValueError(f"--workdir: no checkpoint found in {ckpt_dir}")
+  manager = checkpointing.make_manager(ckpt_dir, read_only=True)
+  try:
+    state, _ = checkpointing.restore(manager, step, setup.abstract_state)
+  finally:
+    manager.close()
+  return step, eval_params(state)
+
+
+def abspath(path: str) -> str:
+  """Absolute local path; URLs (gs://...) are left alone (they are shared by all hosts)."""
+  return path if "://" in path else os.path.abspath(path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a small file (local or gs://). Call it from process 0 only."""
+  epath.Path(path).write_text(text, encoding="utf-8")

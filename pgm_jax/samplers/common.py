@@ -1,0 +1,160 @@
+"""What every sampler family shares: prompts, categorical draws, device placement, results.
+
+Prompts carry known tokens at arbitrary positions (prefixes and `[[N]]` infilling gaps).
+Categorical draws are Gumbel-max in log space and in float32: the same exponential race
+the reference runs in float64, argmax(p / E) = argmax(log p - log E), written in log
+space so that small probabilities do not underflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgm_jax import sharding
+
+# Trace counters (one increment per compilation of a sampler program; tests count them).
+TRACE_COUNTS = {"pgm_efficient": 0, "pgm_naive": 0, "mdlm": 0, "ar": 0}
+
+
+# ----------------------------------------------------------------------------
+# Prompts (known tokens at arbitrary positions).
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Prompt:
+  """tokens[b, i] is known iff known[b, i]; position 0 must hold BOS (known)."""
+  tokens: np.ndarray  # int32 [B, L]
+  known: np.ndarray   # bool  [B, L]
+
+
+def unconditional_prompt(batch: int, length: int, bos_id: int) -> Prompt:
+  tokens = np.zeros((batch, length), np.int32)
+  tokens[:, 0] = bos_id
+  known = np.zeros((batch, length), bool)
+  known[:, 0] = True
+  return Prompt(tokens, known)
+
+
+def parse_prompt(text: str, tokenizer, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompt text -> (tokens [L], known [L]).
+
+  Plain text is a prefix: the rest of the sequence is generated. `[[N]]` inserts N
+  positions to generate (infilling), e.g. "To be, or not[[12]]the question". Text
+  after the last gap is known; the positions after it, up to L, are generated.
+  """
+  tokens = np.zeros(length, np.int32)
+  known = np.zeros(length, bool)
+  tokens[0], known[0] = tokenizer.bos_id, True
+  cursor = 1
+  for piece in re.split(r"(\[\[\d+\]\])", text):
+    if not piece:
+      continue
+    gap = re.fullmatch(r"\[\[(\d+)\]\]", piece)
+    if gap:
+      cursor += int(gap.group(1))
+      continue
+    ids = tokenizer.encode(piece)
+    if cursor + len(ids) > length:
+      raise ValueError(f"config.sample.prompt: prompt needs {cursor + len(ids)} positions, "
+                       f"more than config.data.seq_len={length}")
+    tokens[cursor:cursor + len(ids)] = ids
+    known[cursor:cursor + len(ids)] = True
+    cursor += len(ids)
+  if cursor > length:
+    raise ValueError(f"config.sample.prompt: gaps reach position {cursor}, beyond "
+                     f"config.data.seq_len={length}")
+  return tokens, known
+
+
+def make_prompt(texts: Sequence[str], batch: int, tokenizer, length: int) -> Prompt:
+  """Cycles over `texts` to fill a batch (an empty list gives unconditional samples)."""
+  if not texts:
+    return unconditional_prompt(batch, length, tokenizer.bos_id)
+  parsed = [parse_prompt(t, tokenizer, length) for t in texts]
+  rows = [parsed[i % len(parsed)] for i in range(batch)]
+  return Prompt(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+
+
+# ----------------------------------------------------------------------------
+# Categorical sampling.
+# ----------------------------------------------------------------------------
+
+def filtered_log_probs(logits, mask_id: int, *, top_p: float = 1.0, temperature: float = 1.0):
+  """log-softmax after logit[MASK] = -inf, temperature and nucleus (top-p) filtering."""
+  logits = logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
+  if temperature != 1.0:
+    logits = logits / temperature
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  if top_p < 1.0:
+    sorted_logp = jnp.sort(logp, axis=-1)[..., ::-1]
+    cum = jnp.cumsum(jnp.exp(sorted_logp), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    keep_sorted = (cum - jnp.exp(sorted_logp)) < top_p
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logp, jnp.inf), axis=-1, keepdims=True)
+    logp = jax.nn.log_softmax(jnp.where(logp >= threshold, logp, -jnp.inf), axis=-1)
+  return logp
+
+
+def keyed_gumbel_argmax(key, logp_BxQxV, seq_ids_B, positions_BxQ):
+  """Gumbel-max draw whose noise depends only on (key, sequence id, position)."""
+  vocab = logp_BxQxV.shape[-1]
+
+  def one(seq, pos):
+    k = jax.random.fold_in(jax.random.fold_in(key, seq), pos)
+    return jax.random.gumbel(k, (vocab,), jnp.float32)
+
+  noise = jax.vmap(lambda s, ps: jax.vmap(lambda p: one(s, p))(ps))(seq_ids_B, positions_BxQ)
+  return jnp.argmax(logp_BxQxV + noise, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# Devices, results, cost.
+# ----------------------------------------------------------------------------
+
+def params_mesh(params):
+  """The device mesh the params are sharded over, or None (e.g. a plain single-device array)."""
+  shard = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  return shard.mesh if isinstance(shard, jax.sharding.NamedSharding) else None
+
+
+def device_put_fn(params) -> Callable:
+  """How the samplers put host values (numpy arrays, keys) on devices: `jnp.asarray` on one
+  process; with several, global arrays replicated over the params' mesh (every process
+  computes the same host values), so no program mixes host-local and global inputs."""
+  mesh = params_mesh(params)
+  if jax.process_count() == 1 or mesh is None:
+    return jnp.asarray
+  return lambda x: sharding.put_replicated(x, mesh)
+
+
+def params_mesh_context(params):
+  """The params' device mesh as the abstract mesh while the sampler programs are traced
+  (when they span several devices), so that the attention op wraps its Pallas kernels in
+  `jax.shard_map`: Mosaic compiles a kernel in a multi-device program only that way.
+  A no-op for single-device params (and on CPU, where attention is dense XLA)."""
+  mesh = params_mesh(params)
+  if mesh is None or mesh.size == 1:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+@dataclasses.dataclass
+class SampleResult:
+  tokens: np.ndarray                  # int32 [B, L]
+  sampler: str
+  steps: int                          # requested steps S
+  passes: int                         # network passes actually run
+  compiles: int                       # programs traced during this run
+  flops_per_seq: Optional[float] = None        # XLA cost analysis, as executed
+  exact_flops_per_seq: Optional[float] = None  # same, without any padding
+  seconds: float = 0.0
+
+
+def lowered_flops(jitted, *args, **static) -> float:
+  return float(jitted.lower(*args, **static).cost_analysis().get("flops", 0.0))

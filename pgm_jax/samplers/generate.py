@@ -1,0 +1,93 @@
+"""Samples from a config and params: the driver shared by `--mode=sample`, the end of
+training, gen-PPL evaluation and the notebook.
+
+    generate_samples(setup, params, num_samples=..., num_steps=..., seed=...) -> [dict]
+    sample(config, workdir) -> [dict], also WORKDIR/samples.jsonl   (--mode=sample)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from pgm_jax import config_lib, experiment
+from pgm_jax.samplers.ar import ar_sample
+from pgm_jax.samplers.common import make_prompt
+from pgm_jax.samplers.mdlm import mdlm_sample
+from pgm_jax.samplers.pgm import pgm_sample
+
+
+def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_steps: int, seed: int,
+                     sampler: str | None = None, prompts: tuple[str, ...] = (),
+                     progress=None) -> list[dict]:
+  """Samples as dicts {text, tokens, sampler, steps, seed, prompt}, in batches of
+  config.sample.batch_size (each batch seeded with seed + batch index)."""
+  cfg = setup.config
+  sampler = sampler or config_lib.resolve_sampler(cfg)
+  length = cfg.data.seq_len
+  out = []
+  batch_size = max(1, min(cfg.sample.batch_size, num_samples))
+  for first in range(0, num_samples, batch_size):
+    n = min(batch_size, num_samples - first)
+    batch_prompts = [prompts[(first + i) % len(prompts)] for i in range(n)] if prompts else []
+    prompt = make_prompt(batch_prompts, n, setup.tokenizer, length)
+    batch_seed = seed + first // batch_size
+    common = dict(model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
+                  mask_id=setup.mask_id, top_p=cfg.sample.top_p,
+                  temperature=cfg.sample.temperature)
+    if setup.model_cfg.kind == "pgm":
+      result = pgm_sample(params, prompt, bucket_size=cfg.sample.bucket_size,
+                                   progress=progress, **common)
+    elif setup.model_cfg.kind == "ar":
+      result = ar_sample(params, prompt, **common)
+    else:
+      result = mdlm_sample(params, prompt, **common)
+    for i, row in enumerate(result.tokens):
+      out.append({"text": setup.tokenizer.decode(row.tolist()), "tokens": row.tolist(),
+                  "sampler": sampler, "steps": num_steps, "seed": batch_seed,
+                  "index": first + i, "prompt": batch_prompts[i] if batch_prompts else "",
+                  "known": np.flatnonzero(prompt.known[i]).tolist()})
+  return out
+
+
+def read_prompts(config) -> tuple[str, ...]:
+  prompts = []
+  if config.sample.prompt:
+    prompts.append(config.sample.prompt)
+  path = config.sample.get("prompt_file")
+  if path:
+    if not os.path.isfile(path):
+      raise ValueError(f"config.sample.prompt_file: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+      prompts.extend(line.rstrip("\n") for line in f if line.strip())
+  return tuple(prompts)
+
+
+def sample(config, workdir: str) -> list[dict]:
+  """--mode=sample: EMA weights of the latest checkpoint -> WORKDIR/samples.jsonl."""
+  setup = experiment.make_setup(config)
+  step, params = experiment.restore_eval_params(setup, workdir)
+  prompts = read_prompts(config)
+  sampler = config_lib.resolve_sampler(config)
+  started = time.time()
+
+  def progress(k, total):
+    if k == total or k % max(1, total // 8) == 0:
+      elapsed = time.time() - started
+      logging.info("sampling step %d/%d | %.1fs elapsed", k, total, elapsed)
+
+  samples = generate_samples(setup, params, num_samples=config.sample.num_samples,
+                             num_steps=config.sample.steps, seed=config.sample.seed,
+                             sampler=sampler, prompts=prompts, progress=progress)
+  seconds = time.time() - started
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "samples.jsonl")
+    experiment.write_text(path, "".join(json.dumps(dict(s, checkpoint_step=step)) + "\n"
+                              for s in samples))
+    logging.info("%d samples (%s, %d steps) in %.1fs written to %s", len(samples), sampler,
+                 config.sample.steps, seconds, path)
+  return samples
