@@ -14,6 +14,9 @@ Sources (`config.data.name`):
   "lm1b"         `tfds.data_source(tfds_name or "lm1b", data_dir=data_dir)` (TF-free ArrayRecord),
                  split "train" / `val_split` (default "test"); field "text". No packing:
                  [BOS] + tokens + [EOS], truncated to seq_len, padded with pad_id; valid = non-pad.
+  "imagenet_codes" VQ-8 codes of ImageNet from `python -m pgm_jax.preprocess --tokenizer=vq_ds8`
+                 in `data_dir` (pgm_jax.data.imagenet): examples {"tokens": [BOS] + 1024 codes,
+                 "labels": int32 class, "valid"}; seq_len must be 1025; the tokenizer is unused.
 Packed corpora (shakespeare, text_files) are tokenized in memory once per process (cached by
 tokenizer, files+mtimes and seq_len); nothing is written to disk.
 
@@ -34,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
+from pgm_jax.data import imagenet
 from pgm_jax.data import tokenizers as tok_lib
 
 DEFAULT_PLAYS_DIR = "third_party/shakespeare/plays"
@@ -145,12 +149,15 @@ class PaddedEvalElement:
   shard: Any  # grain.MapDataset yielding example dicts
   seq_len: int
   pad_id: int
+  extra: tuple = ()  # (key, int32 value) pairs of padding rows besides tokens/valid (image labels)
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     if i < len(self.shard):
       return self.shard[i]
-    return {"tokens": np.full([self.seq_len], self.pad_id, np.int32),
-            "valid": np.zeros([self.seq_len], np.bool_)}
+    row = {"tokens": np.full([self.seq_len], self.pad_id, np.int32),
+           "valid": np.zeros([self.seq_len], np.bool_)}
+    row.update({k: np.int32(v) for k, v in self.extra})
+    return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +291,20 @@ def _tfds_source(data_config, tokenizer, split: str):
   return grain.MapDataset.source(src).map(TextToPaddedExample(tokenizer, int(data_config.seq_len), text_key))
 
 
+def _imagenet_codes_source(data_config, split: str):
+  data_dir = _resolve_dir(_get(data_config, "data_dir"), "config.data.data_dir")
+  seq_len = int(data_config.seq_len)
+  imagenet.read_meta(data_dir, seq_len)
+  path = os.path.join(data_dir, {"train": "train.array_record",
+                                 "validation": "validation.array_record"}[split])
+  if not os.path.isfile(path):
+    raise ValueError(f"config.data.data_dir: {path} not found")
+  src = grain.sources.ArrayRecordDataSource([path])
+  if len(src) == 0:
+    raise ValueError(f"config.data.data_dir: {path} has 0 records")
+  return grain.MapDataset.source(src).map(imagenet.CodesToExample(seq_len, imagenet.BOS_ID))
+
+
 def build_source(data_config, tokenizer, split: str) -> grain.MapDataset:
   """MapDataset of example dicts for split "train" or "validation" (no sharding/shuffling)."""
   if split not in ("train", "validation"):
@@ -306,8 +327,10 @@ def build_source(data_config, tokenizer, split: str) -> grain.MapDataset:
     return _array_record_source(data_config, tokenizer, split)
   if name == "lm1b":
     return _tfds_source(data_config, tokenizer, split)
+  if name == "imagenet_codes":
+    return _imagenet_codes_source(data_config, split)
   raise ValueError(f"config.data.name: unknown source {name!r}; expected shakespeare, text_files, "
-                   "array_record or lm1b")
+                   "array_record, lm1b or imagenet_codes")
 
 
 def _host_batch(batch_size: int, process_index: int, process_count: int, key: str) -> int:
@@ -366,7 +389,11 @@ def build_eval_iterator(data_config, tokenizer, *, batch_size: int,
   src = build_source(data_config, tokenizer, "validation")
   shard = src[process_index::process_count]
   n_batches = num_eval_batches(len(src), batch_size, process_count, max_batches)
-  ds = grain.MapDataset.range(n_batches * b_host).map(
-      PaddedEvalElement(shard, int(data_config.seq_len), int(tokenizer.pad_id)))
+  if _get(data_config, "name", None) == "imagenet_codes":
+    pad = PaddedEvalElement(shard, int(data_config.seq_len), imagenet.MASK_ID,
+                            (("labels", imagenet.NULL_CLASS),))
+  else:
+    pad = PaddedEvalElement(shard, int(data_config.seq_len), int(tokenizer.pad_id))
+  ds = grain.MapDataset.range(n_batches * b_host).map(pad)
   ds = ds.batch(b_host, drop_remainder=True)
   return iter(ds.to_iter_dataset())

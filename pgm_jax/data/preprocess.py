@@ -9,6 +9,11 @@ Examples:
       --tokenizer=sentencepiece --tokenizer_path=third_party/sentencepiece/shakespeare_bpe2048.model \
       --seq_len=512 --out=/data/corpus_sp512
 
+  # ImageNet images -> VQ-8 codes (config.data.name="imagenet_codes"; see pgm_jax/data/imagenet.py)
+  python -m pgm_jax.preprocess --tokenizer=vq_ds8 --tokenizer_path=vq_ds8_c2i.npz \
+      --source=imagefolder:/data/imagenet/train --val_source=imagefolder:/data/imagenet/val \
+      --out=/data/imagenet256_codes
+
 Writes OUT/train.array_record, OUT/validation.array_record (one record = one block, int32
 little-endian bytes of length seq_len, packed with the OWT rule of
 `pipeline.pack_documents`) and OUT/meta.json. Streams: documents are tokenized in chunks and
@@ -156,7 +161,8 @@ def main(argv=None):
   p.add_argument("--source", required=True, help="tfds:<name>[/split] | jsonl:<glob> | text:<glob>")
   p.add_argument("--data_dir", default=None, help="TFDS data_dir for tfds: sources")
   p.add_argument("--text_key", default="text")
-  p.add_argument("--tokenizer", default="gpt2", choices=tok_lib.TOKENIZERS)
+  p.add_argument("--tokenizer", default="gpt2", choices=tok_lib.TOKENIZERS + ("vq_ds8",),
+                 help="vq_ds8: images -> LlamaGen VQ-8 codes, --tokenizer_path = its weights")
   p.add_argument("--tokenizer_path", default=None)
   p.add_argument("--seq_len", type=int, default=1024)
   p.add_argument("--val_last_docs", type=int, default=None,
@@ -164,7 +170,31 @@ def main(argv=None):
   p.add_argument("--val_source", default=None, help="separate validation source (same syntax as --source)")
   p.add_argument("--out", required=True)
   p.add_argument("--chunk_docs", type=int, default=1024)
+  images = p.add_argument_group("images (--tokenizer=vq_ds8; sources imagefolder:<dir> or "
+                                "tfds:imagenet2012)")
+  images.add_argument("--image_size", type=int, default=256)
+  images.add_argument("--batch_size", type=int, default=64, help="images per VQ encode call")
+  images.add_argument("--num_workers", type=int, default=8, help="image-decoding threads")
+  images.add_argument("--hflip", default="none", choices=("none", "copy"),
+                      help="copy: also write each train image's mirror (the reference: none)")
+  images.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+  images.add_argument("--unsafe_pickle", action="store_true",
+                      help="fully unpickle a .pt VQ file (runs code from it; trusted files only)")
   args = p.parse_args(argv)
+  if args.tokenizer == "vq_ds8":
+    from pgm_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+    if not args.tokenizer_path:
+      p.error("--tokenizer_path: the VQ weights (vq_ds8_c2i.pt or its .npz conversion) are needed")
+    try:
+      meta = imagenet.preprocess_images(
+          args.source, args.out, args.tokenizer_path, val_source=args.val_source,
+          data_dir=args.data_dir, image_size=args.image_size, batch_size=args.batch_size,
+          num_workers=args.num_workers, hflip=args.hflip, limit=args.limit,
+          unsafe_pickle=args.unsafe_pickle)
+    except ValueError as e:
+      p.error(str(e))
+    print(json.dumps({k: v for k, v in meta.items() if k != "classes"}, indent=2))
+    return
   val_last = args.val_last_docs if args.val_last_docs is not None else (0 if args.val_source else 100000)
   tokenizer = tok_lib.make_tokenizer(args.tokenizer, args.tokenizer_path, key="--tokenizer")
   meta = preprocess(args.source, args.out, tokenizer, args.seq_len, val_last, args.val_source,

@@ -300,6 +300,16 @@ def images_to_uint8(images):
   return x.astype(jnp.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _programs(cfg: VQConfig, search_chunk: int):
+  """Jitted (encode_with_latents, decode), shared by every VQTokenizer of the same config."""
+  model = VQModel(cfg, search_chunk=search_chunk)
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, images_to_float(x),
+                                            method=VQModel.encode_with_latents))
+  decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQModel.decode))
+  return encode, decode
+
+
 class VQTokenizer:
   """A VQModel with its parameters and jitted `encode` / `decode` (any batch size)."""
 
@@ -307,9 +317,7 @@ class VQTokenizer:
     self.cfg = cfg.validate()
     self.model = VQModel(cfg, search_chunk=search_chunk)
     self.params = params
-    self._encode = jax.jit(lambda p, x: self.model.apply({"params": p}, images_to_float(x),
-                                                         method=VQModel.encode_with_latents))
-    self._decode = jax.jit(lambda p, c: self.model.apply({"params": p}, c, method=VQModel.decode))
+    self._encode, self._decode = _programs(cfg, search_chunk)
 
   @property
   def codebook_size(self) -> int:
@@ -340,7 +348,7 @@ class VQTokenizer:
 def init_params(cfg: VQConfig, rng, image_size: int = 256):
   """Randomly initialised parameters (for tests and shapes)."""
   x = jnp.zeros([1, image_size, image_size, 3], jnp.float32)
-  return VQModel(cfg).init(rng, x)["params"]
+  return jax.jit(VQModel(cfg).init)(rng, x)["params"]
 
 
 @functools.lru_cache(maxsize=8)
