@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "tiktoken==0.14.0",
     "tensorboardX==2.6.5",
     "absl-py==2.5.1",
+    # Images: decoding/resizing for the ImageNet codes and FID reference statistics.
+    "pillow==13.0.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -38,7 +40,8 @@ EXTRAS_REQUIRE = {
     # tests/test_plan.py compile for real TPU slices without one.
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1", "requests==2.34.2"],
     # `python -m pgm_jax.convert` on pickled PyTorch checkpoints (.ckpt/.pt) needs torch;
-    # .safetensors files need neither.
+    # .safetensors files need neither. So do the one-time conversions of the VQ tokenizer
+    # (`python -m pgm_jax.models.vq`) and of the FID Inception weights (`convert_inception`).
     "convert": ["torch==2.13.0"],
 }
 

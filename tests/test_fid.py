@@ -255,13 +255,19 @@ def test_inception_score():
   # Confident, evenly spread predictions: IS = number of classes seen in each split.
   logits = np.full([n, k], -50.0)
   logits[np.arange(n), np.arange(n) % 5] = 50.0
-  assert fid.inception_score(logits, splits=10) == pytest.approx(5.0, rel=1e-6)
+  assert fid.inception_score(logits, splits=10, shuffle_seed=None) == pytest.approx(5.0, rel=1e-6)
+  # Class-sorted samples: consecutive chunks see one class each (IS 1); the default
+  # seeded shuffle restores the score of a mixed order.
+  logits = np.full([n, k], -50.0)
+  logits[np.arange(n), np.arange(n) // 10] = 50.0
+  assert fid.inception_score(logits, splits=10, shuffle_seed=None) == pytest.approx(1.0)
+  assert fid.inception_score(logits, splits=10) > 4.0
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(50, 20)) * 3
   p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
   want = np.mean([np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0))), 1)))
                   for q in np.split(p, 5)])
-  assert fid.inception_score(logits, splits=5) == pytest.approx(want, rel=1e-9)
+  assert fid.inception_score(logits, splits=5, shuffle_seed=None) == pytest.approx(want, rel=1e-9)
   with pytest.raises(ValueError, match="splits"):
     fid.inception_score(logits[:3], splits=10)
 

@@ -3,4 +3,5 @@
 tokenizers.py  GPT-2 BPE, SentencePiece, BERT WordPiece (vendored assets, no download)
 pipeline.py    Grain train/eval iterators: text files, TFDS, packed ArrayRecord blocks
 preprocess.py  corpus -> packed ArrayRecord blocks (`python -m pgm_jax.preprocess`)
+imagenet.py    images -> VQ-8 code records (`--tokenizer=vq_ds8`), the imagenet_codes records
 """

@@ -293,7 +293,7 @@ def _tfds_source(data_config, tokenizer, split: str):
 
 def _imagenet_codes_source(data_config, split: str):
   data_dir = _resolve_dir(_get(data_config, "data_dir"), "config.data.data_dir")
-  seq_len = int(data_config.seq_len)
+  seq_len = int(_get(data_config, "seq_len"))
   imagenet.read_meta(data_dir, seq_len)
   path = os.path.join(data_dir, {"train": "train.array_record",
                                  "validation": "validation.array_record"}[split])

@@ -2,7 +2,9 @@
 
 perplexity.py   val PPL over the validation split (make_eval_fn, run_validation)
 judges.py       AR-baseline and converted GPT-2 judges (load_judge), unigram entropy
-__main__.py     `python -m pgm_jax.evaluation convert_gpt2` (GPT-2 weights -> a judge)
+inception.py    the FID Inception-v3 in Flax, from pytorch-fid's weights file
+fid.py          FID, Inception Score, reference statistics, fid_and_is (images)
+__main__.py     `python -m pgm_jax.evaluation convert_gpt2 | convert_inception | fid_stats`
 
     evaluate(config, workdir) -> {"val_ppl": ..., ...}, also WORKDIR/eval.json  (--mode=eval)
 """

@@ -10,8 +10,9 @@ r"""FID and Inception Score of generated images, against reference statistics.
   = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64, with the trace
   from a symmetric eigendecomposition (see frechet_distance). Covariances are unbiased
   (N - 1).
-* IS: exp(E_x KL(p(y|x) || p(y))) on each of `splits` consecutive, equal-as-possible
-  chunks (10 by default), averaged; the std over chunks is reported too.
+* IS: exp(E_x KL(p(y|x) || p(y))) on each of `splits` equal-as-possible chunks (10 by
+  default) of the samples in a seeded random order, averaged; the std over chunks is
+  reported too.
 * Reference statistics: a local .npz with `mu` [2048] and `sigma` [2048, 2048] (what
   `save_ref_stats` / `python -m pgm_jax.evaluation fid_stats` write), or computed here
   from a folder of images (`ref_stats_from_folder`). The paper's reference is the 50,000
@@ -95,12 +96,19 @@ def frechet_distance_of_features(features, mu2, sigma2) -> float:
   return float(diff @ diff + np.sum(xc * xc) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def inception_score_splits(logits, splits: int = 10) -> np.ndarray:
-  """exp(mean KL(p(y|x) || p(y))) of each of `splits` consecutive chunks of the logits."""
+def inception_score_splits(logits, splits: int = 10, shuffle_seed: int | None = 0) -> np.ndarray:
+  """exp(mean KL(p(y|x) || p(y))) of each of `splits` chunks of the logits.
+
+  The rows are first permuted with `shuffle_seed` (the reference shuffles too): samples
+  generated class by class would otherwise give each chunk a few classes only and a
+  much lower score. shuffle_seed=None keeps the given order.
+  """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2 or logits.shape[0] < splits or splits < 1:
     raise ValueError(f"inception_score: need [N >= splits={splits}, classes] logits, "
                      f"got shape {logits.shape}")
+  if shuffle_seed is not None:
+    logits = logits[np.random.default_rng(shuffle_seed).permutation(logits.shape[0])]
   logp = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
   scores = []
   for part in np.array_split(logp, splits):
@@ -110,9 +118,9 @@ def inception_score_splits(logits, splits: int = 10) -> np.ndarray:
   return np.asarray(scores)
 
 
-def inception_score(logits, splits: int = 10) -> float:
+def inception_score(logits, splits: int = 10, shuffle_seed: int | None = 0) -> float:
   """Inception Score (mean over `splits` chunks) of Inception logits [N, classes]."""
-  return float(inception_score_splits(logits, splits).mean())
+  return float(inception_score_splits(logits, splits, shuffle_seed).mean())
 
 
 # ----------------------------------------------------------------------------------------------
