@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pgm_jax import checkpointing, samplers
+from pgm_jax import checkpointing, fileio, samplers
 from pgm_jax.data import tokenizers
 from pgm_jax.models import ModelConfig, build_model
 
@@ -63,10 +63,19 @@ def _measure(run, *, warmup: int, repeats: int, flops_only: bool):
 
 def run_bench(config, workdir: str) -> dict:
   b = config.bench
+  if jax.process_index() == 0:
+    fileio.check_writable_dir(workdir)
   tokenizer = tokenizers.get_tokenizer(config.data)
   length, steps, batch = b.seq_len, b.steps, b.batch_size
+  if length < 3:
+    raise ValueError(f"config.bench.seq_len={length} must be >= 3")
   if not 1 <= steps <= length - 1:
     raise ValueError(f"config.bench.steps={steps} must be in [1, config.bench.seq_len - 1]")
+  for key in ("batch_size", "repeats"):
+    if b[key] < 1:
+      raise ValueError(f"config.bench.{key}={b[key]} must be >= 1")
+  if b.warmup < 0:
+    raise ValueError(f"config.bench.warmup={b.warmup} must be >= 0")
   prompt = samplers.unconditional_prompt(batch, length, tokenizer.bos_id)
   common = dict(steps=steps, seed=config.sample.seed, mask_id=tokenizer.mask_id)
   tokens_per_run = batch * (length - 1)
@@ -127,9 +136,7 @@ def run_bench(config, workdir: str) -> dict:
   }
   print(format_table(report))
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "bench.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    fileio.atomic_write_text(os.path.join(workdir, "bench.json"), json.dumps(report, indent=2))
   return report
 
 

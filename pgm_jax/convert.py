@@ -103,21 +103,33 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """A safetensors file as {name: numpy array} (no torch; bf16 via ml_dtypes)."""
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) != 8:
       raise ConvertError(f"--from={path}: not a safetensors file (truncated header)")
     (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > 100 * 2 ** 20:
+      raise ConvertError(f"--from={path}: not a safetensors file (header length {n} does not "
+                         f"fit the {size}-byte file)")
     try:
       header = json.loads(f.read(n))
     except ValueError as e:
       raise ConvertError(f"--from={path}: not a safetensors file ({e})") from None
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+  if not isinstance(header, dict):
+    raise ConvertError(f"--from={path}: not a safetensors file (the header is not a JSON object)")
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    code = info["dtype"]
+    try:
+      code = info["dtype"]
+      start, end = (int(x) for x in info["data_offsets"])
+      shape = tuple(int(d) for d in info["shape"])
+    except (TypeError, KeyError, ValueError):
+      raise ConvertError(f"--from={path}: tensor {name!r} has a malformed header entry "
+                         f"{info!r}") from None
     if code == "BF16":
       import ml_dtypes  # pylint: disable=g-import-not-at-top
       dtype = np.dtype(ml_dtypes.bfloat16)
@@ -125,8 +137,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       dtype = np.dtype(_ST_DTYPES[code])
     else:
       raise ConvertError(f"--from={path}: tensor {name} has unsupported dtype {code}")
-    start, end = info["data_offsets"]
-    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+    if not 0 <= start <= end <= size - 8 - n or (end - start) != dtype.itemsize * int(
+        np.prod(shape)):
+      raise ConvertError(f"--from={path}: tensor {name!r} (shape {shape}, {code}) does not "
+                         f"fit its data_offsets [{start}, {end}] in the {size}-byte file")
+    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
   return out
 
 
@@ -421,28 +436,43 @@ def build_state(setup, params, ema_params, step: int):
 
 def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only: bool = False,
             unsafe_pickle: bool = False, step: Optional[int] = None, log=print) -> dict:
-  """Reads `src`, checks it against `config`, writes WORKDIR/checkpoints/<step>."""
-  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
-  loaded = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
+  """Reads `src`, checks it against `config`, writes WORKDIR/checkpoints/<step> and
+  WORKDIR/config.json (the config that rebuilds the model: eval, sample, the notebook).
+
+  Everything is checked before anything is written, and nothing is overwritten.
+  """
+  from pgm_jax import checkpointing, experiment, fileio  # pylint: disable=g-import-not-at-top
+  if ema_only and raw_only:
+    raise ConvertError("--ema_only and --raw_only are mutually exclusive")
+  if step is not None and step < 0:
+    raise ConvertError(f"--step={step}: must be >= 0")
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConvertError(f"--to={workdir} is a file, not a folder")
+  existing = checkpointing.latest_step(ckpt_dir)
+  if existing is not None:
+    raise ConvertError(f"--to={workdir}: {ckpt_dir} already holds checkpoint {existing}; "
+                       f"convert into an empty workdir")
+  fileio.check_writable_dir(workdir, "--to", create=False)
+  if not os.path.isfile(src):
+    raise ConvertError(f"--from={src}: no such file")
   setup = experiment.make_setup(config)
+  loaded = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
   params, ema_params, info = convert_weights(
       loaded, setup.abstract_state.params, setup.model_cfg.head_dim, ema_only=ema_only,
       raw_only=raw_only)
   if step is None:
     step = loaded.global_step if loaded.global_step is not None else 0
   if step < 0:
-    raise ConvertError(f"--step={step}: must be >= 0")
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  existing = checkpointing.latest_step(ckpt_dir)
-  if existing is not None:
-    raise ConvertError(f"--to={workdir}: {ckpt_dir} already holds checkpoint {existing}; "
-                       f"convert into an empty workdir")
+    raise ConvertError(f"--from={src}: global_step={step} is negative; pass --step")
   state = build_state(setup, params, ema_params, step)
   manager = checkpointing.make_manager(ckpt_dir)
   try:
     checkpointing.save(manager, step, state, wait=True)
   finally:
     manager.close()
+  fileio.atomic_write_text(os.path.join(workdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
   info.update(step=step, source=src, format=loaded.fmt, checkpoint=os.path.join(ckpt_dir, str(step)),
               model=config.model.kind, ignored=loaded.ignored, placeholders=loaded.placeholders)
   log(f"read {src} [{loaded.fmt}]")
@@ -455,7 +485,7 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
   log(f"  {config.model.kind}: {info['num_tensors']} tensors, {info['num_params']:,} parameters "
       f"matched the config")
   log(f"  {info['where']}; opt_state freshly initialised; step {step}")
-  log(f"wrote {info['checkpoint']}")
+  log(f"wrote {info['checkpoint']} and {os.path.join(workdir, 'config.json')}")
   return info
 
 
@@ -463,50 +493,69 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
 # Command line.
 # ----------------------------------------------------------------------------
 
-def _define_flags():
+def define_flags(flag_values=None, sys_argv=None):
+  """The converter's flags on `flag_values` (default: absl's global FLAGS); `sys_argv`:
+  where config_flags finds the --config.* overrides (default: sys.argv)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config = config_flags.DEFINE_config_file(
+  fv = flags.FLAGS if flag_values is None else flag_values
+  config_flags.DEFINE_config_file(
       "config", None, "Config file (with presets) describing the model: configs/x.py:preset. "
-      "Overrides: --config.model.hidden=... etc.", lock_config=True)
+      "Overrides: --config.model.hidden=... etc.", lock_config=True, flag_values=fv,
+      sys_argv=sys_argv)
   flags.DEFINE_string(
       "from", None, "Checkpoint to read: .safetensors (preferred: no code runs), or a pickled "
       "PyTorch .ckpt/.pt/.pth/.bin. WARNING: unpickling a file can run code from it; it is "
       "loaded with torch.load(weights_only=True) and non-tensor objects become inert "
-      "placeholders unless --unsafe_pickle is given.")
-  flags.DEFINE_string("to", None, "Workdir to write: WORKDIR/checkpoints/<step> (must not "
-                      "hold a checkpoint yet).")
-  flags.DEFINE_bool("ema_only", False, "Use the EMA weights for both params and ema_params.")
-  flags.DEFINE_bool("raw_only", False, "Use the raw weights for both params and ema_params.")
+      "placeholders unless --unsafe_pickle is given.", flag_values=fv)
+  flags.DEFINE_string("to", None, "Workdir to write: WORKDIR/checkpoints/<step> and "
+                      "WORKDIR/config.json (must not hold a checkpoint yet).", flag_values=fv)
+  flags.DEFINE_bool("ema_only", False, "Use the EMA weights for both params and ema_params.",
+                    flag_values=fv)
+  flags.DEFINE_bool("raw_only", False, "Use the raw weights for both params and ema_params.",
+                    flag_values=fv)
   flags.DEFINE_bool("unsafe_pickle", False, "Fully unpickle the file (torch.load "
-                    "weights_only=False). THIS RUNS CODE FROM THE FILE: trusted files only.")
+                    "weights_only=False). THIS RUNS CODE FROM THE FILE: trusted files only.",
+                    flag_values=fv)
   flags.DEFINE_integer("step", None, "Step to save under (default: the checkpoint's "
-                       "global_step, else 0).")
-  flags.mark_flags_as_required(["config", "from", "to"])
-  return config
+                       "global_step, else 0).", flag_values=fv)
+  flags.mark_flags_as_required(["config", "from", "to"], flag_values=fv)
 
 
-def main(argv):
+PROG = "pgm_jax.convert"
+
+
+def main(argv, flag_values=None):
+  """The body of `python -m pgm_jax.convert` once flags are parsed (absl `app.run`)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
-    print(f"pgm_jax.convert: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  f = flags.FLAGS
-  try:
-    config = f["config"].value
-    config.get("model")
-    convert(config, f["from"].value, f["to"].value, ema_only=f["ema_only"].value,
-            raw_only=f["raw_only"].value, unsafe_pickle=f["unsafe_pickle"].value,
-            step=f["step"].value)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    if os.environ.get("PGM_JAX_TRACEBACK"):
-      import traceback  # pylint: disable=g-import-not-at-top
-      traceback.print_exc()
-    print(f"pgm_jax.convert: error: {cli.one_line(e)}", file=sys.stderr)
-    sys.exit(1)
+    cli.error_exit(PROG, f"unexpected arguments {argv[1:]} (flags are --name=value)", 2)
+  f = flags.FLAGS if flag_values is None else flag_values
+
+  def load_config():
+    try:
+      config = f["config"].value
+      config.get("model")  # config files load lazily: surface a bad path here
+      return config
+    except Exception as e:  # pylint: disable=broad-except  # any error inside the file
+      raise ValueError(f"--config: {cli.one_line(e)}") from None
+
+  config = cli.guarded(PROG, load_config)
+  cli.guarded(PROG, convert, config, f["from"].value, f["to"].value,
+              ema_only=f["ema_only"].value, raw_only=f["raw_only"].value,
+              unsafe_pickle=f["unsafe_pickle"].value, step=f["step"].value)
+
+
+def run(argv) -> None:
+  """`python -m pgm_jax.convert ARGV...` in this process, on a fresh set of flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = [PROG, *argv]
+  fv = flags.FlagValues()
+  define_flags(fv, sys_argv=argv)
+  main(cli.flags_parser(PROG, fv)(argv), fv)
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main, flags_parser=cli.flags_parser("pgm_jax.convert"))
+  define_flags()
+  app.run(main, flags_parser=cli.flags_parser(PROG))

@@ -119,12 +119,13 @@ def eval_params(state) -> Any:
   return state.ema_params
 
 
-def restore_eval_params(setup: Setup, workdir: str):
-  """(step, EMA params) of the latest checkpoint in `workdir` (clear error if none)."""
+def restore_eval_params(setup: Setup, workdir: str, key: str = "--workdir"):
+  """(step, EMA params) of the latest checkpoint in `workdir` (clear error naming `key`
+  if none)."""
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   step = checkpointing.latest_step(ckpt_dir)
   if step is None:
-    raise ValueError(f"--workdir: no checkpoint found in {ckpt_dir}")
+    raise ValueError(f"{key}: no checkpoint found in {ckpt_dir}")
   manager = checkpointing.make_manager(ckpt_dir, read_only=True)
   try:
     state, _ = checkpointing.restore(manager, step, setup.abstract_state)

@@ -15,27 +15,37 @@ coordinator explicitly (any cluster, or several processes on one machine):
 (CPU collectives then use gloo; tests/test_multiprocess.py runs this.)
 """
 import os
-import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pgm_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with presets: configs/x.py:preset1,preset2.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
-_MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample", "bench", "plan"],
-    "train: train (resuming from WORKDIR). eval: validation PPL of the latest checkpoint's "
-    "EMA weights -> WORKDIR/eval.json. sample: config.sample.num_samples samples from the "
-    "latest checkpoint -> WORKDIR/samples.jsonl. bench: sampling throughput and FLOPs, PGM "
-    "vs MDLM (configs/bench.py) -> WORKDIR/bench.json. plan: compile (not run) the train step on "
-    "config.mesh.shape over config.plan.num_devices (virtual CPU devices if needed) -> "
-    "per-device memory and FLOPs in WORKDIR/plan.json.")
-flags.mark_flags_as_required(["config", "workdir"])
+MODES = ("train", "eval", "sample", "bench", "plan")
+
+
+def define_flags(flag_values=flags.FLAGS, sys_argv=None) -> None:
+  """--config, --workdir and --mode on `flag_values` (the global absl FLAGS for
+  `python -m pgm_jax.main`; a fresh FlagValues for each in-process `run`, whose argv
+  config_flags reads the --config.* overrides from instead of sys.argv)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, optionally with presets: configs/x.py:preset1,preset2.",
+      lock_config=True, flag_values=flag_values, sys_argv=sys_argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum(
+      "mode", "train", list(MODES),
+      "train: train (resuming from WORKDIR). eval: validation PPL of the latest checkpoint's "
+      "EMA weights -> WORKDIR/eval.json. sample: config.sample.num_samples samples from the "
+      "latest checkpoint -> WORKDIR/samples.jsonl. bench: sampling throughput and FLOPs, PGM "
+      "vs MDLM (configs/bench.py) -> WORKDIR/bench.json. plan: compile (not run) the train "
+      "step on config.mesh.shape over config.plan.num_devices (virtual CPU devices if "
+      "needed) -> per-device memory and FLOPs in WORKDIR/plan.json.",
+      flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+define_flags()
 
 
 class _QuietLibraries:
@@ -77,50 +87,63 @@ def init_distributed(env) -> None:
     jax.distributed.initialize()
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    init_distributed(os.environ)
-  except ValueError as e:
-    print(f"pgm_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+def _run_mode(mode: str, config, workdir: str) -> None:
   from pgm_jax import evaluation, train  # pylint: disable=g-import-not-at-top
   from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
+  if mode == "train":
+    train.train_and_evaluate(config, workdir)
+  elif mode == "eval":
+    result = evaluation.evaluate(config, workdir)
+    print(f"val_ppl={result['val_ppl']:.6f}")
+    for key in ("gen_ppl", "gen_ppl_raw", "entropy"):
+      if key in result:
+        print(f"{key}={result[key]:.6f}")
+  elif mode == "sample":
+    for s in generate.sample(config, workdir)[:4]:
+      print(f"--- sample {s['index']} ({s['sampler']}, {s['steps']} steps, seed {s['seed']})")
+      print(s["text"])
+  elif mode == "plan":
+    from pgm_jax import plan  # pylint: disable=g-import-not-at-top
+    plan.run_plan(config, workdir)
+  else:
+    from pgm_jax import bench  # pylint: disable=g-import-not-at-top
+    bench.run_bench(config, workdir)
+
+
+def main(argv, flag_values=None):
+  """The body of `python -m pgm_jax.main` once flags are parsed (absl `app.run`)."""
+  fv = flags.FLAGS if flag_values is None else flag_values
+  if len(argv) > 1:
+    cli.error_exit("pgm_jax", f"unexpected arguments {argv[1:]} (flags are --name=value)", 2)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top
+  cli.guarded("pgm_jax", init_distributed, os.environ)
+  from pgm_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  try:
-    config = _CONFIG.value
-    config.get("model")  # config files load lazily: surface a bad path here
-  except OSError as e:
-    print(f"pgm_jax: error: --config: {cli.one_line(e)}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    if _MODE.value == "train":
-      train.train_and_evaluate(config, _WORKDIR.value)
-    elif _MODE.value == "eval":
-      result = evaluation.evaluate(config, _WORKDIR.value)
-      print(f"val_ppl={result['val_ppl']:.6f}")
-      for key in ("gen_ppl", "gen_ppl_raw", "entropy"):
-        if key in result:
-          print(f"{key}={result[key]:.6f}")
-    elif _MODE.value == "sample":
-      for s in generate.sample(config, _WORKDIR.value)[:4]:
-        print(f"--- sample {s['index']} ({s['sampler']}, {s['steps']} steps, seed {s['seed']})")
-        print(s["text"])
-    elif _MODE.value == "plan":
-      from pgm_jax import plan  # pylint: disable=g-import-not-at-top
-      plan.run_plan(config, _WORKDIR.value)
-    else:
-      from pgm_jax import bench  # pylint: disable=g-import-not-at-top
-      bench.run_bench(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
-    if os.environ.get("PGM_JAX_TRACEBACK"):
-      traceback.print_exc()
-    print(f"pgm_jax: error: {e}", file=sys.stderr)
-    sys.exit(1)
+
+  def load_config():
+    try:
+      config = fv["config"].value
+      config.get("model")  # config files load lazily: surface a bad path here
+      return config
+    except Exception as e:  # pylint: disable=broad-except  # any error inside the file
+      raise ValueError(f"--config: {cli.one_line(e)}") from None
+
+  config = cli.guarded("pgm_jax", load_config)
+  cli.guarded("pgm_jax", _run_mode, fv["mode"].value, config, fv["workdir"].value,
+              expected=(train.NonFiniteLossError,))
+
+
+def run(argv) -> None:
+  """`python -m pgm_jax.main ARGV...` in this process (tests, notebooks): the same flags,
+  the same one-line errors and exit codes (SystemExit), on a fresh set of flags."""
+  argv = ["pgm_jax.main", *argv]
+  fv = flags.FlagValues()
+  define_flags(fv, sys_argv=argv)
+  main(cli.flags_parser("pgm_jax", fv)(argv), fv)
 
 
 if __name__ == "__main__":

@@ -321,17 +321,37 @@ class BertWordPieceTokenizer(_Base):
 TOKENIZERS = ("sentencepiece", "gpt2", "bert_wordpiece")
 
 
-def make_tokenizer(kind: str, path: str | None = None, key: str = "config.data") -> Tokenizer:
-  if kind == "gpt2":
-    return GPT2Tokenizer(path or DEFAULT_GPT2_PATH)
-  if kind == "sentencepiece":
-    return SentencePieceTokenizer(path or DEFAULT_SP_PATH)
-  if kind == "bert_wordpiece":
+def make_tokenizer(kind: str, path: str | None = None, key: str = "config.data",
+                   path_key: str | None = None) -> Tokenizer:
+  """The tokenizer `kind` from `path`, loaded now: a missing, unreadable or corrupt file is
+  a one-line ValueError naming `path_key` (default `{key}.tokenizer_path`)."""
+  path_key = path_key or f"{key}.tokenizer_path"
+  if kind not in TOKENIZERS:
+    raise ValueError(f"{key}.tokenizer: unknown tokenizer {kind!r}; expected one of {TOKENIZERS}")
+  try:
+    if kind == "gpt2":
+      tok = GPT2Tokenizer(path or DEFAULT_GPT2_PATH)
+      tok.encoding  # pylint: disable=pointless-statement  # load (and check) the ranks now
+      return tok
+    if kind == "sentencepiece":
+      return SentencePieceTokenizer(path or DEFAULT_SP_PATH)
     if not path:
-      raise ValueError(f"{key}.tokenizer_path: bert_wordpiece needs a local bert-base-uncased vocab.txt "
+      raise ValueError(f"{path_key}: bert_wordpiece needs a local bert-base-uncased vocab.txt "
                        "(it is never downloaded)")
     return BertWordPieceTokenizer(path)
-  raise ValueError(f"{key}.tokenizer: unknown tokenizer {kind!r}; expected one of {TOKENIZERS}")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path_key}={path}: not a {kind} tokenizer file ({e.reason})") from None
+  except ValueError as e:
+    message = str(e)
+    if path_key != "config.data.tokenizer_path":
+      message = message.replace("config.data.tokenizer_path", path_key)
+    if path_key not in message:
+      message = f"{path_key}={path}: not a {kind} tokenizer file ({message})"
+    raise ValueError(message) from None
+  except (OSError, RuntimeError, TypeError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{path_key}={path}: cannot load a {kind} tokenizer from it "
+                     f"({first})") from None
 
 
 def get_tokenizer(data_config) -> Tokenizer:
@@ -416,13 +436,19 @@ def train_sentencepiece(input_files: Sequence[str], model_prefix: str, vocab_siz
   if newline_piece:
     options.update(user_defined_symbols=["\n"], remove_extra_whitespaces=False)
   options.update(extra_options or {})
-  spm.SentencePieceTrainer.train(sentence_iterator=_training_lines(input_files), **options)
+  try:
+    spm.SentencePieceTrainer.train(sentence_iterator=_training_lines(input_files), **options)
+  except RuntimeError as e:  # e.g. "Vocabulary size too high (5000). Please set it to a value <= 4120."
+    raise ValueError(f"sentencepiece training failed: {str(e).strip().splitlines()[-1]} "
+                     f"(check --vocab_size and --input)") from None
   return model_prefix + ".model"
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m pgm_jax.tokenizers", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  from pgm_jax import cli  # pylint: disable=g-import-not-at-top
+  parser = cli.ArgumentParser(prog="python -m pgm_jax.tokenizers", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
   sub = parser.add_subparsers(dest="cmd", required=True)
   t = sub.add_parser("train", help="train a SentencePiece model")
   t.add_argument("--input", required=True, action="append", help="glob of text files (.txt or .txt.gz); repeatable")
@@ -437,16 +463,35 @@ def main(argv=None):
   e.add_argument("--tokenizer_path", default=None)
   e.add_argument("text")
   args = parser.parse_args(argv)
+  cli.guarded("pgm_jax.tokenizers", _run, args, verbose=args.verbose)
+
+
+def _run(args):
+  from pgm_jax import fileio  # pylint: disable=g-import-not-at-top
   if args.cmd == "train":
+    if args.vocab_size < 8:
+      raise ValueError(f"--vocab_size={args.vocab_size} must be >= 8")
+    if not 0.0 < args.character_coverage <= 1.0:
+      raise ValueError(f"--character_coverage={args.character_coverage} must be in (0, 1]")
+    if args.num_threads < 1:
+      raise ValueError(f"--num_threads={args.num_threads} must be >= 1")
+    if not args.model_prefix or args.model_prefix.endswith(("/", os.sep)):
+      raise ValueError(f"--model_prefix={args.model_prefix!r}: expected a path prefix such as "
+                       f"out/my_sp (writes out/my_sp.model and out/my_sp.vocab)")
     exclude = [s for s in args.exclude.split(",") if s]
     files = expand_inputs(args.input, exclude)
+    if not files:
+      raise ValueError("--input: every matching file is excluded by --exclude")
+    fileio.check_writable_dir(os.path.dirname(os.path.abspath(args.model_prefix)),
+                              "--model_prefix", create=False)
     print(f"training {args.model_type} vocab={args.vocab_size} on {len(files)} files "
           f"(excluded: {exclude or 'none'})")
     path = train_sentencepiece(files, args.model_prefix, args.vocab_size, args.model_type,
                                args.character_coverage, args.num_threads)
     print(f"wrote {path}")
   else:
-    tok = make_tokenizer(args.tokenizer, args.tokenizer_path)
+    tok = make_tokenizer(args.tokenizer, args.tokenizer_path, key="--tokenizer",
+                         path_key="--tokenizer_path")
     ids = tok.encode(args.text)
     print(ids)
     print(repr(tok.decode(ids)))

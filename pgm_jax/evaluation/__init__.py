@@ -65,3 +65,9 @@ def generation_metrics(setup: experiment.Setup, params, judge_workdir: str) -> d
   if judge.same_tokenizer(setup.tokenizer):
     out.update(judge.score_tokens([s["tokens"] for s in samples]))
   return out
+
+
+def main(argv=None):
+  """`python -m pgm_jax.evaluation ARGV...` in this process (same errors and exit codes)."""
+  from pgm_jax.evaluation.__main__ import main as entry  # pylint: disable=g-import-not-at-top
+  entry(argv)

@@ -95,13 +95,19 @@ class ARJudge(_Judge):
       raise ValueError(f"config.eval.judge_workdir: {path} not found (train a judge with "
                        f"configs/shakespeare.py:ar, or convert GPT-2 weights with "
                        f"`python -m pgm_jax.evaluation convert_gpt2`)")
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    if config.model.kind != "ar":
+    try:
+      with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+      kind = config.model.kind
+    except (OSError, ValueError, AttributeError, KeyError) as e:
+      raise ValueError(f"config.eval.judge_workdir: {path} is not a pgm_jax config.json "
+                       f"({type(e).__name__}: {e})") from None
+    if kind != "ar":
       raise ValueError(f"config.eval.judge_workdir: {workdir} holds a {config.model.kind!r} "
                        f"model; the judge must be an 'ar' model")
     self.setup = experiment.make_setup(config)
-    self.step, self.params = experiment.restore_eval_params(self.setup, workdir)
+    self.step, self.params = experiment.restore_eval_params(self.setup, workdir,
+                                                            key="config.eval.judge_workdir")
     self.tokenizer = self.setup.tokenizer
     self.seq_len = config.data.seq_len
     model, mask_id = self.setup.model, self.setup.mask_id
@@ -160,23 +166,43 @@ def load_state_dict(path: str) -> dict:
 
 
 def convert_gpt2(src: str, out: str, n_head: int | None = None) -> dict:
-  """HF GPT-2 weights -> OUT/params (Orbax) + OUT/judge.json. Returns the config."""
+  """HF GPT-2 weights -> OUT/params (Orbax) + OUT/judge.json. Returns the config.
+
+  Everything is read and checked before anything is written; OUT must not hold a judge
+  yet (nothing is overwritten), and judge.json is written last, atomically.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from pgm_jax import fileio  # pylint: disable=g-import-not-at-top
   from pgm_jax.models import gpt2  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(src):
+    raise ValueError(f"--from={src}: no such file or folder")
+  if n_head is not None and n_head <= 0:
+    raise ValueError(f"--n_head={n_head} must be positive")
+  out = os.path.abspath(out)
+  if os.path.exists(os.path.join(out, "judge.json")) or os.path.exists(os.path.join(out, "params")):
+    raise ValueError(f"--to={out} already holds a judge; convert into an empty folder")
+  fileio.check_writable_dir(out, "--to", create=False)
   state = load_state_dict(src)
   hf_config = os.path.join(src, "config.json") if os.path.isdir(src) else None
   if n_head is None and hf_config and os.path.exists(hf_config):
-    n_head = json.load(open(hf_config)).get("n_head")
-  cfg = gpt2.config_from_state(state, n_head)
-  params = gpt2.hf_to_flax(state, cfg)
-  out = os.path.abspath(out)
+    try:
+      with open(hf_config) as f:
+        n_head = json.load(f).get("n_head")
+    except (OSError, ValueError, AttributeError) as e:
+      raise ValueError(f"--from: {hf_config} is not a readable JSON config ({e})") from None
+  try:
+    cfg = gpt2.config_from_state(state, n_head)
+    params = gpt2.hf_to_flax(state, cfg)
+  except (KeyError, IndexError) as e:
+    raise ValueError(f"--from={src} is not a GPT-2 state dict (no tensor {e})") from None
+  if cfg.n_embd % cfg.n_head:
+    raise ValueError(f"--n_head={cfg.n_head} does not divide n_embd={cfg.n_embd}")
   os.makedirs(out, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out, "params"), params, force=True)
+  checkpointer.save(os.path.join(out, "params"), params)
   checkpointer.wait_until_finished()
   meta = {"kind": "gpt2", "config": dataclasses.asdict(cfg), "source": os.path.abspath(src)}
-  with open(os.path.join(out, "judge.json"), "w") as f:
-    json.dump(meta, f, indent=2)
+  fileio.atomic_write_text(os.path.join(out, "judge.json"), json.dumps(meta, indent=2))
   return meta
 
 

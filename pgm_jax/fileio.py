@@ -1,0 +1,76 @@
+"""Output files that are never left half-written, and output folders checked before work.
+
+  atomic_write_text(path, text)  tmp file in the same folder, fsync, rename over `path`:
+                                 a crash or a full disk leaves the old file or the new one,
+                                 never a truncated mix
+  check_writable_dir(path, flag) one-line ValueError naming `flag` when `path` is a file,
+                                 cannot be created, or cannot be written; called before any
+                                 work starts, so that nothing is computed and then lost
+
+URLs (gs://...) are left to the object store: an object upload is already all-or-nothing,
+and its permissions cannot be probed without writing, so they are not checked here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from etils import epath
+
+
+def is_url(path: str) -> bool:
+  return "://" in str(path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (local: tmp + fsync + rename; URL: one upload)."""
+  path = os.fspath(path)
+  if is_url(path):
+    epath.Path(path).write_text(text, encoding="utf-8")
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def check_writable_dir(path: str, flag: str = "--workdir", *, create: bool = True) -> None:
+  """Raises ValueError (naming `flag`) unless `path` is, or can become, a writable folder.
+
+  create=True makes the folder (and its parents) when it is missing; create=False only
+  checks that the nearest existing parent could hold it.
+  """
+  path = os.fspath(path)
+  if not path:
+    raise ValueError(f"{flag}: empty path")
+  if is_url(path):
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{flag}={path} is a file, not a folder")
+  probe_dir = path
+  if not os.path.isdir(path):
+    if create:
+      try:
+        os.makedirs(path, exist_ok=True)
+      except OSError as e:
+        raise ValueError(f"{flag}={path}: cannot create it ({e.strerror or e})") from None
+    else:
+      probe_dir = os.path.dirname(os.path.abspath(path))
+      while probe_dir and not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+      if not os.path.isdir(probe_dir):
+        raise ValueError(f"{flag}={path}: {probe_dir} is a file, not a folder")
+  try:
+    fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".pgm_jax_write_probe.")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"{flag}={path} is not writable ({e.strerror or e})") from None
