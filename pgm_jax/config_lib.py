@@ -7,6 +7,8 @@ key is an error naming that key.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -279,4 +281,49 @@ def validate(config, *, num_devices: int, data_parallel: int, mesh_shape=None) -
       raise ValueError(f"config.train.{key} must be positive, got {t[key]}")
   if config.ckpt.every_steps <= 0 or config.ckpt.max_to_keep <= 0:
     raise ValueError("config.ckpt.every_steps and config.ckpt.max_to_keep must be positive")
+  validate_opt(config.opt)
+  validate_sample(config)
+  e = config.eval
+  if e.batch_size <= 0:
+    raise ValueError(f"config.eval.batch_size must be positive, got {e.batch_size}")
+  if e.get("max_batches") is not None and e.max_batches <= 0:
+    raise ValueError(f"config.eval.max_batches must be positive or None, got {e.max_batches}")
+  if e.gen_num_samples <= 0:
+    raise ValueError(f"config.eval.gen_num_samples must be positive, got {e.gen_num_samples}")
+  if t.num_final_samples < 0:
+    raise ValueError(f"config.train.num_final_samples must be >= 0, got {t.num_final_samples}")
   del num_devices
+
+
+def validate_opt(o) -> None:
+  """config.opt: values that would silently train the wrong way (a negative lr ascends)."""
+  if o.lr < 0:
+    raise ValueError(f"config.opt.lr={o.lr} must be >= 0 (a negative rate ascends the loss)")
+  if o.warmup_steps < 0:
+    raise ValueError(f"config.opt.warmup_steps must be >= 0, got {o.warmup_steps}")
+  for key in ("b1", "b2"):
+    if not 0.0 <= o[key] < 1.0:
+      raise ValueError(f"config.opt.{key} must be in [0, 1), got {o[key]}")
+  for key in ("eps", "weight_decay", "grad_clip"):
+    if not o[key] >= 0:
+      raise ValueError(f"config.opt.{key} must be >= 0, got {o[key]}")
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ValueError(f"config.opt.ema_decay must be in [0, 1) (0 disables EMA), "
+                     f"got {o.ema_decay}")
+
+
+def validate_sample(config) -> None:
+  """config.sample: the sampling parameters (checked before any sampling work)."""
+  s = config.sample
+  if not 0.0 < s.top_p <= 1.0:
+    raise ValueError(f"config.sample.top_p={s.top_p} must be in (0, 1] (1 = no nucleus "
+                     f"filtering)")
+  if not (s.temperature >= 0.0 and math.isfinite(s.temperature)):
+    raise ValueError(f"config.sample.temperature={s.temperature} must be >= 0 and finite "
+                     f"(0 = greedy: the most likely token)")
+  if s.num_samples < 1:
+    raise ValueError(f"config.sample.num_samples={s.num_samples} must be >= 1")
+  if s.batch_size < 1:
+    raise ValueError(f"config.sample.batch_size={s.batch_size} must be >= 1")
+  if s.bucket_size < 0:
+    raise ValueError(f"config.sample.bucket_size={s.bucket_size} must be >= 0 (0 = automatic)")

@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgm_jax import fileio, sharding
+
 _GIB = 1024 ** 3
 NO_LIBTPU_ENV = "PGM_JAX_PLAN_NO_LIBTPU"  # "1": behave as if libtpu were not importable
 
@@ -503,11 +505,14 @@ def num_plan_devices(config) -> int:
   the local devices."""
   plan_cfg = config.get("plan", {}) if "plan" in config else {}
   n = plan_cfg.get("num_devices")
-  if n:
+  if n is not None:
+    if int(n) <= 0:
+      raise ValueError(f"config.plan.num_devices={n} must be positive (or None: the "
+                       f"topology's, else the mesh product)")
     return int(n)
   if plan_cfg.get("topology"):
     return resolve_topology(plan_cfg["topology"]).devices
-  shape = [int(s) for s in config.mesh.shape]
+  shape = sharding.parse_mesh_shape(config.mesh.shape)
   if -1 not in shape:
     return math.prod(shape)
   return jax.device_count()
@@ -601,7 +606,7 @@ def plan(config) -> dict:
   if compiler == "tpu":
     devices = topology_devices(topo)
     n = config.plan.get("num_devices")
-    if n and int(n) != len(devices):
+    if n is not None and int(n) != len(devices):
       raise ValueError(f"config.plan.num_devices={n} but config.plan.topology="
                        f"{config.plan.topology} has {len(devices)} devices")
     result = compile_plan(config, list(devices), compiler="tpu")
@@ -692,11 +697,11 @@ def format_table(result: dict) -> str:
 
 def run_plan(config, workdir: str) -> dict:
   """--mode=plan: WORKDIR/plan.json and a printed table (process 0 writes)."""
+  if jax.process_index() == 0:
+    fileio.check_writable_dir(workdir)
   result = plan(config)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    fileio.atomic_write_text(os.path.join(workdir, "plan.json"), json.dumps(result, indent=2))
     print(format_table(result))
   return result
 

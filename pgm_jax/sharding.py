@@ -10,8 +10,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+def parse_mesh_shape(shape) -> list[int]:
+  """config.mesh.shape as a list of ints (one-line error naming the key otherwise)."""
+  try:
+    return [int(s) for s in shape]
+  except (TypeError, ValueError):
+    raise ValueError(f"config.mesh.shape={shape!r}: expected integer sizes such as (-1, 1, 1) "
+                     "(on the command line: --config.mesh.shape=-1,1,1)") from None
+
+
 def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
-  shape = [int(s) for s in shape]
+  shape = parse_mesh_shape(shape)
   if shape.count(-1) > 1:
     raise ValueError(f"config.mesh.shape={tuple(shape)}: at most one axis may be -1")
   known = math.prod(s for s in shape if s != -1)

@@ -9,7 +9,7 @@ generate.py  config -> samples (`generate_samples`), `--mode=sample` (`sample`)
 from pgm_jax.samplers.ar import AR_SAMPLERS, ar_sample
 from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, filtered_log_probs,
                                      keyed_gumbel_argmax, make_prompt, params_mesh_context,
-                                     parse_prompt, unconditional_prompt)
+                                     parse_prompt, split_prompt, unconditional_prompt)
 from pgm_jax.samplers.mdlm import MDLM_SAMPLERS, mdlm_passes, mdlm_sample
 from pgm_jax.samplers.pgm import (PGM_SAMPLERS, SCHEDULES, make_schedule, pgm_plan, pgm_sample,
                                   random_orders)
@@ -21,4 +21,4 @@ __all__ = ["AR_SAMPLERS", "MDLM_SAMPLERS", "PGM_SAMPLERS", "SAMPLERS_BY_KIND", "
            "TRACE_COUNTS", "Prompt", "SampleResult", "ar_sample", "filtered_log_probs",
            "keyed_gumbel_argmax", "make_prompt", "make_schedule", "mdlm_passes", "mdlm_sample",
            "params_mesh_context", "parse_prompt", "pgm_plan", "pgm_sample", "random_orders",
-           "unconditional_prompt"]
+           "split_prompt", "unconditional_prompt"]

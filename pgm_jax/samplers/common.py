@@ -41,33 +41,67 @@ def unconditional_prompt(batch: int, length: int, bos_id: int) -> Prompt:
   return Prompt(tokens, known)
 
 
-def parse_prompt(text: str, tokenizer, length: int) -> tuple[np.ndarray, np.ndarray]:
+_GAP = re.compile(r"\[\[(\d+)\]\]")
+_ESCAPES = {"\\[[": "[[", "\\]]": "]]"}
+
+
+def split_prompt(text: str, key: str = "config.sample.prompt") -> list:
+  """Prompt text -> pieces: str (known text) or int (a gap of that many positions).
+
+  `[[N]]` (N a whole number) is a gap; `\\[[` and `\\]]` are literal `[[` and `]]`. Any
+  other `[[` or `]]` (e.g. `[[x]]`, `[[5]`, `[[ 5 ]]`) is an error naming `key`.
+  """
+  pieces, literal, i = [], [], 0
+  while i < len(text):
+    if text.startswith(("\\[[", "\\]]"), i):
+      literal.append(_ESCAPES[text[i:i + 3]])
+      i += 3
+      continue
+    gap = _GAP.match(text, i)
+    if gap:
+      if literal:
+        pieces.append("".join(literal))
+        literal = []
+      pieces.append(int(gap.group(1)))
+      i = gap.end()
+      continue
+    if text.startswith(("[[", "]]"), i):
+      raise ValueError(
+          f"{key}: malformed gap {text[i:i + 12]!r} at character {i}: a gap is [[N]] with N a "
+          f"whole number; write \\[[ or \\]] for literal brackets")
+    literal.append(text[i])
+    i += 1
+  if literal:
+    pieces.append("".join(literal))
+  return pieces
+
+
+def parse_prompt(text: str, tokenizer, length: int,
+                 key: str = "config.sample.prompt") -> tuple[np.ndarray, np.ndarray]:
   """Prompt text -> (tokens [L], known [L]).
 
   Plain text is a prefix: the rest of the sequence is generated. `[[N]]` inserts N
   positions to generate (infilling), e.g. "To be, or not[[12]]the question". Text
   after the last gap is known; the positions after it, up to L, are generated.
+  `\\[[` and `\\]]` are literal brackets; any other `[[`/`]]` is an error (split_prompt).
   """
   tokens = np.zeros(length, np.int32)
   known = np.zeros(length, bool)
   tokens[0], known[0] = tokenizer.bos_id, True
   cursor = 1
-  for piece in re.split(r"(\[\[\d+\]\])", text):
-    if not piece:
-      continue
-    gap = re.fullmatch(r"\[\[(\d+)\]\]", piece)
-    if gap:
-      cursor += int(gap.group(1))
+  for piece in split_prompt(text, key):
+    if isinstance(piece, int):
+      cursor += piece
       continue
     ids = tokenizer.encode(piece)
     if cursor + len(ids) > length:
-      raise ValueError(f"config.sample.prompt: prompt needs {cursor + len(ids)} positions, "
+      raise ValueError(f"{key}: prompt needs {cursor + len(ids)} positions, "
                        f"more than config.data.seq_len={length}")
     tokens[cursor:cursor + len(ids)] = ids
     known[cursor:cursor + len(ids)] = True
     cursor += len(ids)
   if cursor > length:
-    raise ValueError(f"config.sample.prompt: gaps reach position {cursor}, beyond "
+    raise ValueError(f"{key}: gaps reach position {cursor}, beyond "
                      f"config.data.seq_len={length}")
   return tokens, known
 
@@ -86,9 +120,16 @@ def make_prompt(texts: Sequence[str], batch: int, tokenizer, length: int) -> Pro
 # ----------------------------------------------------------------------------
 
 def filtered_log_probs(logits, mask_id: int, *, top_p: float = 1.0, temperature: float = 1.0):
-  """log-softmax after logit[MASK] = -inf, temperature and nucleus (top-p) filtering."""
+  """log-softmax after logit[MASK] = -inf, temperature and nucleus (top-p) filtering.
+
+  temperature=0 is greedy: all the mass on the most likely token (ties share it), so a
+  Gumbel-max draw returns the argmax. top_p must be in (0, 1] (config_lib.validate_sample).
+  """
   logits = logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
-  if temperature != 1.0:
+  if temperature == 0.0:
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    logits = jnp.where(logits >= best, 0.0, -jnp.inf)
+  elif temperature != 1.0:
     logits = logits / temperature
   logp = jax.nn.log_softmax(logits, axis=-1)
   if top_p < 1.0:
