@@ -8,16 +8,31 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data}. Resume order (see `train.py`):
 latest checkpoint in the workdir, else `config.ckpt.restore_from` (full state),
 else `config.ckpt.init_params_from` (params only), else a fresh init.
+
+A latest step that fails to restore (a corrupt or truncated file) is not fatal:
+`restore_latest` falls back to the previous kept step with a warning that names the
+bad one. Nothing is ever deleted: when training resumes, the bad step is moved to
+WORKDIR/corrupt_checkpoints/<step> (Orbax could not save that step again otherwise).
 """
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from pgm_jax import cli
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint does not fit the config (not a corruption: no fallback)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -71,14 +86,14 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state,
   missing = sorted(set(want) - set(ckpt))
   unexpected = sorted(set(ckpt) - set(want))
   if missing or unexpected:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"checkpoint {directory} does not match the config: missing {missing[:5]}"
         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         f"{'...' if len(unexpected) > 5 else ''} (check config.model.*)")
   for key, spec in want.items():
     got = tuple(getattr(ckpt[key], "shape", ()) or ())
     if got != tuple(spec.shape):
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"checkpoint {directory}: {key} has shape {got}, the config expects "
           f"{tuple(spec.shape)} (check config.model.* and the tokenizer's vocab size, "
           f"config.data.tokenizer_path)")
@@ -86,6 +101,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state,
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
   """Restores (state, data_iter) at `step` onto the shardings of `abstract_state`."""
+  _drop_closed_loop_callbacks()
   check_compatible(manager, step, abstract_state)
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   has_data = (manager.directory / str(step) / "data").exists()
@@ -95,6 +111,90 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   return restored["state"], (restored["data"] if "data" in items else None)
 
 
+def _agree_on_step(step: int) -> int:
+  """The smallest of every process's `step` (all processes must restore the same step)."""
+  if jax.process_count() == 1:
+    return step
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.min(multihost_utils.process_allgather(np.asarray(step, np.int64))))
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """After a failed Orbax restore, tensorstore callbacks still pending for it hit the
+  closed event loop and report "RuntimeError: Event loop is closed" through
+  sys.unraisablehook (hundreds of tracebacks, harmless). Drop those, keep the rest."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_pgm_jax", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._pgm_jax = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves step `step` out of the manager's folder (never deletes it); returns where."""
+  src = manager.directory / str(step)
+  dest_dir = manager.directory.parent / "corrupt_checkpoints"
+  dest = dest_dir / str(step)
+  if dest.exists():
+    dest = dest_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+  if jax.process_index() == 0:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"pgm_jax quarantine {step}")
+  manager.reload()
+  return os.fspath(dest)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter=None, *,
+                   key: str = "--workdir", move_bad: bool = False):
+  """(step, state, data_iter) of the newest kept step that restores, or None if none exist.
+
+  A step that fails to restore (anything but a config mismatch, which is raised) logs a
+  warning naming it, and the previous kept step is tried. With `move_bad` (training, which
+  will save those steps again) the bad steps are moved to corrupt_checkpoints/, not deleted.
+  If no step restores: a one-line ValueError naming `key` and the newest step's error.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  failed = []
+  for step in steps:
+    try:
+      state, data = restore(manager, step, abstract_state, data_iter)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # corrupt: try the previous step
+      failed.append((step, cli.one_line(e)))
+      logging.warning("Checkpoint %s/%d does not restore (%s: %s)%s", manager.directory, step,
+                      type(e).__name__, cli.one_line(e)[:300],
+                      "; trying the previous kept step" if step != steps[-1] else "")
+      continue
+    agreed = _agree_on_step(step)
+    if agreed != step:  # another process could not read this step
+      failed.extend((s, "not restorable on another process") for s in steps if agreed < s <= step)
+      state, data = restore(manager, agreed, abstract_state, data_iter)
+      step = agreed
+    for bad, _ in failed:
+      where = quarantine(manager, bad) if move_bad else None
+      logging.warning(
+          "Checkpoint step %d in %s is bad; restored step %d instead. The bad checkpoint was "
+          "not deleted%s.", bad, manager.directory, step,
+          f": it was moved to {where}" if where else "")
+    return step, state, data
+  details = "; ".join(f"step {s}: {m[:200]}" for s, m in failed)
+  raise ValueError(f"{key}: no checkpoint in {manager.directory} restores ({details}); "
+                   f"nothing was deleted")
+
+
 def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
                    step: Optional[int] = None):
   """One parameter tree (`key`: "ema_params" or "params") of a checkpoint's state.
@@ -102,6 +202,7 @@ def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
   `directory` is a workdir, its `checkpoints/` folder, or a step folder; the latest
   step is used unless `step` is given. Optimizer state is not read.
   """
+  _drop_closed_loop_callbacks()
   path = epath.Path(directory)
   if (path / "checkpoints").exists():
     path = path / "checkpoints"

@@ -18,9 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 
-from pgm_jax import checkpointing, config_lib, samplers, sharding, steps
+from pgm_jax import checkpointing, config_lib, fileio, samplers, sharding, steps
 from pgm_jax.data import tokenizers
 from pgm_jax.models import build_model, model_config_from
 
@@ -120,15 +119,15 @@ def eval_params(state) -> Any:
 
 
 def restore_eval_params(setup: Setup, workdir: str, key: str = "--workdir"):
-  """(step, EMA params) of the latest checkpoint in `workdir` (clear error naming `key`
-  if none)."""
+  """(step, EMA params) of the latest checkpoint in `workdir` that restores (clear error
+  naming `key` if none; a corrupt latest step falls back to the previous kept one, with a
+  warning, and is left where it is)."""
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  step = checkpointing.latest_step(ckpt_dir)
-  if step is None:
+  if checkpointing.latest_step(ckpt_dir) is None:
     raise ValueError(f"{key}: no checkpoint found in {ckpt_dir}")
   manager = checkpointing.make_manager(ckpt_dir, read_only=True)
   try:
-    state, _ = checkpointing.restore(manager, step, setup.abstract_state)
+    step, state, _ = checkpointing.restore_latest(manager, setup.abstract_state, key=key)
   finally:
     manager.close()
   return step, eval_params(state)
@@ -140,5 +139,6 @@ def abspath(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes a small file (local or gs://). Call it from process 0 only."""
-  epath.Path(path).write_text(text, encoding="utf-8")
+  """Writes a small file (local or gs://) atomically: a crash leaves the old file or the
+  new one, never a truncated one. Call it from process 0 only."""
+  fileio.atomic_write_text(path, text)

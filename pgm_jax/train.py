@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from pgm_jax import checkpointing, sharding, steps
+from pgm_jax import checkpointing, fileio, sharding, steps
 from pgm_jax.data import pipeline
 from pgm_jax.evaluation import perplexity
 # make_setup and restore_eval_params are also re-exported here for notebooks written
@@ -110,10 +110,11 @@ def _format_eta(seconds: float) -> str:
 def restore_or_init(setup: Setup, manager, train_iter, rng):
   """Resume order: workdir latest > ckpt.restore_from > ckpt.init_params_from > fresh."""
   ckpt = setup.config.ckpt
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info("Resuming from %s/%d", manager.directory, latest)
-    state, _ = checkpointing.restore(manager, latest, setup.abstract_state, train_iter)
+  restored = checkpointing.restore_latest(manager, setup.abstract_state, train_iter,
+                                          move_bad=True)
+  if restored is not None:
+    step, state, _ = restored
+    logging.info("Resumed from %s/%d", manager.directory, step)
     return state
   if ckpt.get("restore_from"):
     src_dir = ckpt.restore_from
@@ -148,14 +149,13 @@ def restore_or_init(setup: Setup, manager, train_iter, rng):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming automatically) and returns final metrics."""
   setup = make_setup(config)
+  fileio.check_writable_dir(workdir)  # every process: each writes its checkpoint shards
   t_cfg = config.train
   workdir = abspath(workdir)
   is_host0 = jax.process_index() == 0
   train_iter = pipeline.build_train_iterator(
       config.data, setup.tokenizer, seed=config.seed, batch_size=t_cfg.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
-  if is_host0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config.ckpt)
   rng = jax.random.key(config.seed)
   state = restore_or_init(setup, manager, train_iter, jax.random.fold_in(rng, 0))
@@ -240,17 +240,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
           if not math.isfinite(scalars["train/loss"]):
             check_finite(metrics, step)
 
-        if step % t_cfg.eval_every == 0 or step == t_cfg.num_steps:
+        # Save before the eval of the same step: an eval that crashes (or is cut short by
+        # a preemption) cannot cost checkpoint N.
+        if step % config.ckpt.every_steps == 0 or step == t_cfg.num_steps:
+          save(step, metrics)
+
+        # One process knows its own SIGTERM at once and skips a (long) eval to stop sooner;
+        # several processes must all run the eval or none (it is collective).
+        stopping = agree_to_stop is None and preemption.requested
+        if (step % t_cfg.eval_every == 0 or step == t_cfg.num_steps) and not stopping:
           val = perplexity.run_validation(setup, eval_params(state), eval_fn)
           writer.write_scalars(step, {"val/nll": val["val_nll"], "val/ppl": val["val_ppl"]})
           logging.info("step %d | val_ppl %.3f (%d tokens)", step, val["val_ppl"],
                        val["val_tokens"])
           history.update({f"val/{k[4:]}": v for k, v in val.items()})
 
-        if step % config.ckpt.every_steps == 0 or step == t_cfg.num_steps:
-          save(step, metrics)
         # SIGTERM may reach only some hosts: agree on it before anyone saves and stops, or
-        # the others hang (one step late, without blocking: see _StopAgreement).
+        # the others hang (one step late, without blocking: see _StopAgreement). save()
+        # skips a step that is already saved, so a stop on a checkpoint step saves once.
         stop = (preemption.requested if agree_to_stop is None else
                 agree_to_stop(preemption.requested))
         if stop:
@@ -259,27 +266,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
           logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
           history["preempted"] = True
           return history
-    if prev_metrics is not None:
-      check_finite(prev_metrics, step)
-    if step > 0:
-      save(step, None)
-    manager.wait_until_finished()
+      if prev_metrics is not None:
+        check_finite(prev_metrics, step)
+      if step > 0:
+        save(step, None)
+      manager.wait_until_finished()
 
-    if config.train.num_final_samples > 0:
-      # Every process runs the sampler (params are global arrays); only process 0 writes.
-      samples = generate_samples(setup, eval_params(state),
-                                 num_samples=config.train.num_final_samples,
-                                 num_steps=config.sample.steps, seed=config.sample.seed)
-      path = os.path.join(workdir, f"samples_step{step}.txt")
-      if is_host0:
-        write_text(path, "".join(
-            f"=== sample {i} ({config.model.kind}, {s['sampler']}, {s['steps']} steps) "
-            f"===\n{s['text']}\n\n" for i, s in enumerate(samples)))
-      writer.write_texts(step, {f"samples/{i}": s["text"] for i, s in enumerate(samples)})
-      for i, s in enumerate(samples):
-        logging.info("sample %d: %s", i, s["text"][:500].replace("\n", " / "))
-      logging.info("Samples written to %s", path)
-      history["samples"] = [s["text"] for s in samples]
+      # After the loop SIGTERM still only sets the flag (exit 0, nothing saved twice); a
+      # preempted job skips the end-of-training samples.
+      if config.train.num_final_samples > 0 and not preemption.requested:
+        # Every process runs the sampler (params are global arrays); only process 0 writes.
+        samples = generate_samples(setup, eval_params(state),
+                                   num_samples=config.train.num_final_samples,
+                                   num_steps=config.sample.steps, seed=config.sample.seed)
+        path = os.path.join(workdir, f"samples_step{step}.txt")
+        if is_host0:
+          write_text(path, "".join(
+              f"=== sample {i} ({config.model.kind}, {s['sampler']}, {s['steps']} steps) "
+              f"===\n{s['text']}\n\n" for i, s in enumerate(samples)))
+        writer.write_texts(step, {f"samples/{i}": s["text"] for i, s in enumerate(samples)})
+        for i, s in enumerate(samples):
+          logging.info("sample %d: %s", i, s["text"][:500].replace("\n", " / "))
+        logging.info("Samples written to %s", path)
+        history["samples"] = [s["text"] for s in samples]
   finally:
     manager.wait_until_finished()
     manager.close()

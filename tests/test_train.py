@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO_ROOT, load_config
 from pgm_jax import checkpointing, experiment, train
+from pgm_jax.evaluation import perplexity
 
 
 def tiny_config(**overrides):
@@ -224,3 +225,52 @@ def test_sigterm_on_a_checkpoint_step_saves_once(tmp_path, monkeypatch):
       tiny_config(**{"train.num_steps": 6, "ckpt.every_steps": 2}), workdir)
   assert history.get("preempted")
   assert checkpointing.latest_step(checkpointing.checkpoint_dir(workdir)) == 2
+
+
+def test_checkpoint_before_eval_sigterm_in_eval_and_corrupt_resume(tmp_path, monkeypatch, caplog):
+  """A checkpoint step saves before its eval (an eval crash keeps checkpoint N); SIGTERM
+  during that eval stops cleanly with one save; a corrupt latest step on resume falls
+  back to the previous kept one, which is moved aside (not deleted) and trained past."""
+  workdir = str(tmp_path / "order")
+  cfg = lambda n: tiny_config(**{"train.num_steps": n, "ckpt.every_steps": 2,
+                                 "train.eval_every": 2})
+  real_validation = perplexity.run_validation
+
+  def crash(*args, **kwargs):
+    raise RuntimeError("eval crashed")
+
+  monkeypatch.setattr(perplexity, "run_validation", crash)
+  with pytest.raises(RuntimeError, match="eval crashed"):
+    train.train_and_evaluate(cfg(6), workdir)
+  assert checkpointing.latest_step(checkpointing.checkpoint_dir(workdir)) == 2
+
+  saves = []
+  real_save = checkpointing.save
+
+  def counting_save(manager, step, *args, **kwargs):
+    saves.append(step)
+    real_save(manager, step, *args, **kwargs)
+
+  def sigterm_then_eval(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_validation(*args, **kwargs)
+
+  monkeypatch.setattr(checkpointing, "save", counting_save)
+  monkeypatch.setattr(perplexity, "run_validation", sigterm_then_eval)
+  history = train.train_and_evaluate(cfg(6), workdir)
+  assert history.get("preempted") and saves == [4]      # step 4 saved once, then stopped
+
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  for path in glob.glob(os.path.join(ckpt_dir, "4", "state", "**", "d", "*"), recursive=True):
+    with open(path, "r+b") as f:
+      size = len(f.read())
+      f.seek(0)
+      f.write(b"\xff" * size)
+  monkeypatch.setattr(perplexity, "run_validation", real_validation)
+  saves.clear()
+  history = train.train_and_evaluate(cfg(5), workdir)
+  assert history["step"] == 5 and saves == [4, 5]       # resumed from 2, saved 4 again
+  assert any("step 4" in r.getMessage() and "corrupt_checkpoints" in r.getMessage()
+             for r in caplog.records)
+  assert os.listdir(os.path.join(workdir, "corrupt_checkpoints")) == ["4"]
+  assert sorted(os.listdir(ckpt_dir)) == ["4", "5"]            # max_to_keep=2

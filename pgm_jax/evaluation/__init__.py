@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from pgm_jax import config_lib, experiment
+from pgm_jax import config_lib, experiment, fileio
 from pgm_jax.evaluation import judges, perplexity
 from pgm_jax.evaluation.judges import (ARJudge, GPT2Judge, convert_gpt2, load_judge,
                                        load_state_dict, mean_entropy, unigram_entropy)
@@ -25,11 +25,19 @@ from pgm_jax.samplers import generate
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Restores the latest checkpoint's EMA weights and computes validation perplexity."""
+  """Restores the latest checkpoint's EMA weights and computes validation perplexity.
+
+  WORKDIR is checked for writability first, so the result is never computed and then
+  lost; eval.json is replaced atomically.
+  """
+  if jax.process_index() == 0:
+    fileio.check_writable_dir(workdir, create=False)
   setup = experiment.make_setup(config)
   if config.eval.gen_ppl and not config.eval.get("judge_workdir"):
     raise ValueError("config.eval.gen_ppl=True needs config.eval.judge_workdir (the workdir "
                      "of a trained AR judge, e.g. configs/shakespeare.py:ar)")
+  if config.eval.gen_ppl:  # a bad judge fails now, not after the validation pass
+    judges.load_judge(config.eval.judge_workdir)
   step, params = experiment.restore_eval_params(setup, workdir)
   result = perplexity.run_validation(setup, params)
   result.update(step=step, model=config.model.kind, seq_len=config.data.seq_len)

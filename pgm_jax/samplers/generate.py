@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from pgm_jax import config_lib, experiment
+from pgm_jax import config_lib, experiment, fileio
 from pgm_jax.samplers.ar import ar_sample
-from pgm_jax.samplers.common import make_prompt
+from pgm_jax.samplers.common import make_prompt, parse_prompt, split_prompt
 from pgm_jax.samplers.mdlm import mdlm_sample
 from pgm_jax.samplers.pgm import pgm_sample
 
@@ -55,23 +55,43 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
 
 
 def read_prompts(config) -> tuple[str, ...]:
+  """config.sample.prompt and the lines of config.sample.prompt_file, their gap syntax
+  checked (a malformed [[..]] is an error naming the key, and the file's line)."""
   prompts = []
   if config.sample.prompt:
+    split_prompt(config.sample.prompt, "config.sample.prompt")
     prompts.append(config.sample.prompt)
   path = config.sample.get("prompt_file")
   if path:
     if not os.path.isfile(path):
       raise ValueError(f"config.sample.prompt_file: {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-      prompts.extend(line.rstrip("\n") for line in f if line.strip())
+    try:
+      with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f"config.sample.prompt_file: cannot read {path} ({e})") from None
+    for n, line in enumerate(lines, 1):
+      if line.strip():
+        split_prompt(line, f"config.sample.prompt_file {path} line {n}")
+        prompts.append(line)
+    if not prompts:
+      raise ValueError(f"config.sample.prompt_file: {path} has no non-empty line")
   return tuple(prompts)
 
 
 def sample(config, workdir: str) -> list[dict]:
-  """--mode=sample: EMA weights of the latest checkpoint -> WORKDIR/samples.jsonl."""
+  """--mode=sample: EMA weights of the latest checkpoint -> WORKDIR/samples.jsonl.
+
+  Everything is checked before sampling starts (config, prompts, that WORKDIR is
+  writable); the file is replaced atomically, and only by a complete set of samples.
+  """
+  if jax.process_index() == 0:
+    fileio.check_writable_dir(workdir, create=False)
   setup = experiment.make_setup(config)
-  step, params = experiment.restore_eval_params(setup, workdir)
   prompts = read_prompts(config)
+  for prompt in prompts:  # lengths against config.data.seq_len, before any work
+    parse_prompt(prompt, setup.tokenizer, config.data.seq_len)
+  step, params = experiment.restore_eval_params(setup, workdir)
   sampler = config_lib.resolve_sampler(config)
   started = time.time()
 
@@ -84,6 +104,9 @@ def sample(config, workdir: str) -> list[dict]:
                              num_steps=config.sample.steps, seed=config.sample.seed,
                              sampler=sampler, prompts=prompts, progress=progress)
   seconds = time.time() - started
+  if len(samples) != config.sample.num_samples:
+    raise RuntimeError(f"sampling returned {len(samples)} of config.sample.num_samples="
+                       f"{config.sample.num_samples} samples; samples.jsonl left unchanged")
   if jax.process_index() == 0:
     path = os.path.join(workdir, "samples.jsonl")
     experiment.write_text(path, "".join(json.dumps(dict(s, checkpoint_step=step)) + "\n"
