@@ -1,11 +1,16 @@
-"""The Colab notebook's code cells run top to bottom on the embedded default (no Jupyter)."""
+"""The Colab notebook's code cells run top to bottom (no Jupyter): on a trained workdir
+with an AR judge, and on a workdir made by `pgm_jax.convert` without a judge (and
+without its config.json, from a preset name)."""
 import json
 import os
+import struct
 
+import jax
 import matplotlib
+import numpy as np
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import train
+from pgm_jax import checkpointing, convert, experiment, train
 
 matplotlib.use("Agg")
 
@@ -14,8 +19,46 @@ def _code_cells(path):
   nb = json.load(open(path))
   for cell in nb["cells"]:
     if cell["cell_type"] == "code":
-      # Shell and magic lines are Colab setup (install); a checkout is already installed.
+      # Shell and magic lines would be Colab setup; a checkout is already installed.
       yield "".join(l for l in cell["source"] if not l.lstrip().startswith(("!", "%")))
+
+
+def _run_notebook(monkeypatch, env, *, until=None):
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  namespace = {"__name__": "__notebook__"}
+  for source in _code_cells(os.path.join(REPO_ROOT, "notebooks", "pgm_jax_colab.ipynb")):
+    exec(compile(source, "pgm_jax_colab.ipynb", "exec"), namespace)  # pylint: disable=exec-used
+    if until is not None and until in namespace:
+      break
+  return namespace
+
+
+def _write_safetensors(path, tensors):
+  """A float32 safetensors file (the format `convert.read_safetensors` reads)."""
+  header, blobs, offset = {}, [], 0
+  for name, value in tensors.items():
+    data = np.ascontiguousarray(value, np.float32).tobytes()
+    header[name] = {"dtype": "F32", "shape": list(value.shape),
+                    "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  head = json.dumps(header).encode()
+  head += b" " * (-len(head) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def _as_reference_checkpoint(params, ema_params, path):
+  """The trained weights under the authors' PyTorch names (backbone.*, ema.backbone.*)."""
+  expected = convert.expected_torch_params(params)
+  tensors = {}
+  for prefix, tree in (("backbone.", params), ("ema.backbone.", ema_params)):
+    flat = {convert._path_keys(p): np.asarray(v)  # pylint: disable=protected-access
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    for name, (keys, _, transpose) in expected.items():
+      tensors[prefix + name] = flat[keys].T if transpose else flat[keys]
+  _write_safetensors(path, tensors)
 
 
 def test_notebook_runs(tmp_path, monkeypatch):
@@ -27,14 +70,39 @@ def test_notebook_runs(tmp_path, monkeypatch):
       cfg.train[k] = v
     workdirs[preset] = str(tmp_path / preset.replace(",", "_"))
     train.train_and_evaluate(cfg, workdirs[preset])
-  monkeypatch.setenv("PGM_NOTEBOOK_WORKDIR", workdirs["tiny"])
-  monkeypatch.setenv("PGM_NOTEBOOK_JUDGE", workdirs["tiny,ar"])
-  monkeypatch.setenv("PGM_NOTEBOOK_STEPS", "2,4")
-  monkeypatch.setenv("PGM_NOTEBOOK_SAMPLES", "2")
-  namespace = {"__name__": "__notebook__"}
-  for source in _code_cells(os.path.join(REPO_ROOT, "notebooks", "pgm_jax_colab.ipynb")):
-    exec(compile(source, "pgm_jax_colab.ipynb", "exec"), namespace)  # pylint: disable=exec-used
-  results = namespace["results"]
+  trained = _run_notebook(monkeypatch, {
+      "PGM_NOTEBOOK_WORKDIR": workdirs["tiny"], "PGM_NOTEBOOK_JUDGE": workdirs["tiny,ar"],
+      "PGM_NOTEBOOK_STEPS": "2,4", "PGM_NOTEBOOK_SAMPLES": "2"})
+  results = trained["results"]
   assert [r["steps"] for r in results] == [2, 4]
   assert all(r["gen_ppl"] > 1 and r["tokens_per_s"] > 0 for r in results)
   assert os.path.exists(os.path.join(workdirs["tiny"], "notebook_steps.png"))
+
+  # The same weights as an authors'-format checkpoint -> pgm_jax.convert -> the notebook.
+  cfg = load_config("shakespeare", "tiny")
+  setup = experiment.make_setup(cfg)
+  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdirs["tiny"]),
+                                       read_only=True)
+  state, _ = checkpointing.restore(manager, 3, setup.abstract_state)
+  manager.close()
+  ckpt = str(tmp_path / "reference.safetensors")
+  _as_reference_checkpoint(jax.device_get(state.params), jax.device_get(state.ema_params), ckpt)
+  converted = str(tmp_path / "converted")
+  convert.convert(cfg, ckpt, converted, step=3, log=lambda *_: None)
+  assert os.path.isfile(os.path.join(converted, "config.json"))
+  no_judge = str(tmp_path / "no_judge")
+  nb = _run_notebook(monkeypatch, {
+      "PGM_NOTEBOOK_WORKDIR": converted, "PGM_NOTEBOOK_JUDGE": no_judge,
+      "PGM_NOTEBOOK_STEPS": "2", "PGM_NOTEBOOK_SAMPLES": "2"})
+  assert nb["step"] == 3 and nb["judge"] is None
+  assert "gen_ppl" not in nb["results"][0] and nb["results"][0]["entropy"] > 0
+  # Converted EMA weights = the trained EMA weights: the same samples, token for token.
+  assert ([s["tokens"] for s in nb["results"][0]["samples"]] ==
+          [s["tokens"] for s in results[0]["samples"]])
+  assert os.path.exists(os.path.join(converted, "notebook_steps.png"))
+
+  # A converted workdir without config.json: the config comes from a preset name.
+  os.remove(os.path.join(converted, "config.json"))
+  nb = _run_notebook(monkeypatch, {"PGM_NOTEBOOK_CONFIG": "configs/shakespeare.py:tiny"},
+                     until="params")
+  assert nb["step"] == 3 and nb["config"].model.kind == "pgm"
