@@ -2,7 +2,7 @@
 non-zero exit, no traceback, and nothing that existed before is changed.
 
 Each case runs an entry point in this process (`main.run`, `convert.run`,
-`preprocess.main`, `tokenizers._main`, `evaluation.main`: the same parsing and error
+`preprocess.main`, `tokenizers.main`, `evaluation.main`: the same parsing and error
 handling as `python -m ...`) against a folder of good data (a workdir with two
 checkpoints and good output files, a preprocessed corpus, a converted-checkpoint
 source, ...), hashed before and after. A few real subprocesses check the last-resort
@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import checkpointing, cli, convert, evaluation, main, preprocess, tokenizers, train
+from pgm_jax import checkpointing, cli, convert, evaluation, experiment, main, preprocess, samplers
+from pgm_jax import tokenizers
+from pgm_jax.data import preprocess as data_preprocess
 
 CONFIG = f"--config={REPO_ROOT}/configs/shakespeare.py:tiny"
 BENCH = f"--config={REPO_ROOT}/configs/bench.py:cpu"
@@ -60,8 +62,8 @@ def data(tmp_path_factory):
   d = {"root": str(root)}
   # A workdir with checkpoints 1 and 2 (an initial state: no training needed) and outputs.
   cfg = load_config("shakespeare", "tiny")
-  setup = train.make_setup(cfg)
-  state = train.init_state(setup, jax.random.key(0))
+  setup = experiment.make_setup(cfg)
+  state = experiment.init_state(setup, jax.random.key(0))
   for name in ("wd", "wd_corrupt"):
     manager = checkpointing.make_manager(checkpointing.checkpoint_dir(str(root / name)))
     for step in (1, 2):
@@ -119,7 +121,7 @@ def _hashes(root):
 
 
 ENTRY = {"pgm_jax": main.run, "pgm_jax.convert": convert.run,
-         "pgm_jax.preprocess": preprocess.main, "pgm_jax.tokenizers": tokenizers._main,  # pylint: disable=protected-access
+         "pgm_jax.preprocess": preprocess.main, "pgm_jax.tokenizers": tokenizers.main,
          "pgm_jax.evaluation": evaluation.main}
 
 
@@ -410,7 +412,7 @@ def test_unexpected_error_points_to_the_full_traceback(data, tmp_path, capsys, m
   def boom(*args, **kwargs):
     raise RuntimeError("injected failure\nsecond line")
 
-  monkeypatch.setattr(preprocess, "_convert", boom)
+  monkeypatch.setattr(data_preprocess, "_convert", boom)
   code, err = _invoke("pgm_jax.preprocess", [
       f"--source=jsonl:{data['corpus']}/a.jsonl", f"--out={tmp_path}/out",
       "--tokenizer=sentencepiece", "--val_last_docs=1"], capsys)
@@ -439,9 +441,9 @@ def test_process_level_errors_are_one_line(data, tmp_path):
       ("pgm_jax", ["-m", "pgm_jax.main", CONFIG, f"--workdir={data['wd']}", "--mode=sample",
                    "--config.sample.top_p=0"], "config.sample.top_p"),
       # The last-resort handler of a real entry point, around an injected bug.
-      ("pgm_jax.tokenizers", ["-c", "import sys; from pgm_jax import tokenizers as t; "
+      ("pgm_jax.tokenizers", ["-c", "import sys; from pgm_jax.data import tokenizers as t; "
                               "t.expand_inputs = lambda *a, **k: {}['no such key']; "
-                              "t._main(sys.argv[1:])", "train", "--input=x",
+                              "t.main(sys.argv[1:])", "train", "--input=x",
                               f"--model_prefix={tmp_path}/sp"], "unexpected KeyError"),
   ]
   before = _hashes(data["root"])
@@ -459,8 +461,8 @@ def test_corrupt_latest_checkpoint_falls_back(data, tmp_path, capsys, caplog):
   _corrupt(os.path.join(wd, "checkpoints", "2"))
   before = {k: v for k, v in _hashes(wd).items() if k.startswith("checkpoints")}
   cfg = load_config("shakespeare", "tiny")
-  setup = train.make_setup(cfg)
-  step, params = train.restore_eval_params(setup, wd)
+  setup = experiment.make_setup(cfg)
+  step, params = experiment.restore_eval_params(setup, wd)
   assert step == 1 and params is not None
   assert any("step 2" in r.getMessage() and "not deleted" in r.getMessage()
              for r in caplog.records)
@@ -469,30 +471,28 @@ def test_corrupt_latest_checkpoint_falls_back(data, tmp_path, capsys, caplog):
   # Every step bad: one line naming the workdir, nothing deleted.
   _corrupt(os.path.join(wd, "checkpoints", "1"))
   with pytest.raises(ValueError, match="--workdir: no checkpoint in .* restores"):
-    train.restore_eval_params(setup, wd)
+    experiment.restore_eval_params(setup, wd)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "2"]
 
 
 def test_sampling_parameters_temperature_zero_is_greedy():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from pgm_jax import sampling  # pylint: disable=g-import-not-at-top
   logits = jnp.asarray([[0.1, 2.0, -1.0, 1.9, 0.0]])
-  logp = sampling.filtered_log_probs(logits, mask_id=4, temperature=0.0)
+  logp = samplers.filtered_log_probs(logits, mask_id=4, temperature=0.0)
   assert np.isfinite(np.asarray(logp)).sum() == 1 and int(jnp.argmax(logp)) == 1
   for seed in range(5):  # a Gumbel-max draw from it is always the argmax
-    draw = sampling.keyed_gumbel_argmax(jax.random.key(seed), logp[None], jnp.asarray([0]),
+    draw = samplers.keyed_gumbel_argmax(jax.random.key(seed), logp[None], jnp.asarray([0]),
                                         jnp.asarray([[3]]))
     assert int(draw[0, 0]) == 1
 
 
 def test_prompt_gaps_and_escapes():
-  from pgm_jax import sampling  # pylint: disable=g-import-not-at-top
-  assert sampling.split_prompt("To be[[3]]question") == ["To be", 3, "question"]
-  assert sampling.split_prompt(r"a \[[3\]] b \]] c") == ["a [[3]] b ]] c"]
-  assert sampling.split_prompt("[[0]]x[[12]]") == [0, "x", 12]
+  assert samplers.split_prompt("To be[[3]]question") == ["To be", 3, "question"]
+  assert samplers.split_prompt(r"a \[[3\]] b \]] c") == ["a [[3]] b ]] c"]
+  assert samplers.split_prompt("[[0]]x[[12]]") == [0, "x", 12]
   for bad in ("a[[x]]", "a[[3]", "]]", "[[ 3 ]]", "[[]]", "a[[-1]]b"):
     with pytest.raises(ValueError, match=r"config\.sample\.prompt: malformed gap"):
-      sampling.split_prompt(bad)
+      samplers.split_prompt(bad)
 
 
 def test_cli_one_line_helper():
