@@ -13,6 +13,11 @@ coordinator explicitly (any cluster, or several processes on one machine):
       python -m pgm_jax.main ...    # and PGM_JAX_PROCESS_ID=1 in a second process
 
 (CPU collectives then use gloo; tests/test_multiprocess.py runs this.)
+
+Bad input is one line on stderr naming the flag, config key or file, exit 2 (a malformed
+flag) or 1; an unforeseen error is one line too, with the path of a file holding the full
+traceback (PGM_JAX_TRACEBACK=1 also prints it). `run(argv)` is the same command in the
+calling process (tests, notebooks).
 """
 import os
 
