@@ -275,6 +275,11 @@ CASES = [
                                  "--tokenizer=sentencepiece",
                                  "--tokenizer_path={root}/garbage.model",
                                  "--val_last_docs=1"], "--tokenizer_path", 1),
+    _case("pgm_jax.preprocess", ["--source=imagefolder:{root}/images", "--tokenizer=vq_ds8",
+                                 "--out={pp_out}"], "--tokenizer_path", 2),
+    _case("pgm_jax.preprocess", ["--source=imagefolder:{root}/images", "--tokenizer=vq_ds8",
+                                 "--tokenizer_path={root}/no_such_vq.npz", "--out={pp_out}"],
+          "no_such_vq.npz", 1),
     # --- pgm_jax.tokenizers ------------------------------------------------------------
     _case("pgm_jax.tokenizers", ["train", "--input={root}/typo/*.txt",
                                  "--model_prefix={scratch}/sp"], "--input", 1),
@@ -336,6 +341,11 @@ CASES = [
     _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/model.safetensors",
                                  "--to={scratch}/judge", "--n_head=0"], "--n_head", 1),
     _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/model.safetensors"], "--to", 2),
+    _case("pgm_jax.evaluation", ["convert_inception", "--from={root}/x.pth",
+                                 "--to={scratch}/inception.txt"], "--to", 1),
+    _case("pgm_jax.evaluation", ["fid_stats", "--images={root}/no_such_images",
+                                 "--weights={root}/x.npz", "--to={scratch}/s.npz"],
+          "no_such_images", 1),
     _case("pgm_jax.evaluation", [], "command", 2),
 ]
 PARAMS = [pytest.param(*c, id=f"{i:02d}-{c[0].split('.')[-1]}-{c[2]}") for i, c in enumerate(CASES)]

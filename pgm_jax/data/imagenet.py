@@ -305,6 +305,32 @@ def _write_split(source: ImageSource, path: str, encode, *, image_size: int, bat
           "images_per_class_min": int(counts.min()), "images_per_class_max": int(counts.max())}
 
 
+def _write_images(train, val, tmp: dict, vq, vq_path: str, *, image_size: int, batch_size: int,
+                  num_workers: int, hflip: str, limit: int | None, log_every_s: float) -> dict:
+  """Writes both splits and meta.json to the paths in `tmp`; returns the meta dict."""
+  encode = _Encoder(vq, batch_size)
+  kw = dict(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+            limit=limit, log_every_s=log_every_s)
+  grid = image_size // vq.cfg.downsample
+  train_info = _write_split(train, tmp["train.array_record"], encode,
+                            hflip=hflip == "copy", **kw)
+  val_info = _write_split(val, tmp["validation.array_record"], encode,
+                          hflip=False, **kw)
+  meta = dict(kind=KIND, tokenizer="vq_ds8", tokenizer_path=vq_path, image_size=image_size,
+              codes_shape=[grid, grid], codes_per_image=grid * grid,
+              codebook_size=vq.cfg.codebook_size, mask_id=MASK_ID, bos_id=BOS_ID,
+              vocab_size=VOCAB_SIZE, seq_len=1 + grid * grid, num_classes=len(train.classes),
+              classes=train.classes,
+              transform=f"resize shorter side to {image_size} (PIL bilinear), center crop "
+                        f"{image_size}x{image_size}, hflip={hflip}",
+              record_format="msgpack map {codes: int32 little-endian bytes, row-major "
+                            f"{grid}x{grid}; label: int}}",
+              train=train_info, validation=val_info)
+  with open(tmp["meta.json"], "w") as f:
+    json.dump(meta, f, indent=2)
+  return meta
+
+
 def preprocess_images(source: str, out: str, vq_path: str, *, val_source: str | None = None,
                       data_dir: str | None = None, image_size: int = IMAGE_SIZE,
                       batch_size: int = 64, num_workers: int = 8, hflip: str = "none",
@@ -330,26 +356,20 @@ def preprocess_images(source: str, out: str, vq_path: str, *, val_source: str | 
   val = make_source(val_source, "validation", data_dir, "--val_source",
                     classes=train.classes if val_source.startswith("imagefolder:") else None)
   os.makedirs(out, exist_ok=True)
-  encode = _Encoder(vq, batch_size)
-  kw = dict(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-            limit=limit, log_every_s=log_every_s)
-  grid = image_size // vq.cfg.downsample
-  train_info = _write_split(train, os.path.join(out, "train.array_record"), encode,
-                            hflip=hflip == "copy", **kw)
-  val_info = _write_split(val, os.path.join(out, "validation.array_record"), encode,
-                          hflip=False, **kw)
-  meta = dict(kind=KIND, tokenizer="vq_ds8", tokenizer_path=vq_path, image_size=image_size,
-              codes_shape=[grid, grid], codes_per_image=grid * grid,
-              codebook_size=vq.cfg.codebook_size, mask_id=MASK_ID, bos_id=BOS_ID,
-              vocab_size=VOCAB_SIZE, seq_len=1 + grid * grid, num_classes=len(train.classes),
-              classes=train.classes,
-              transform=f"resize shorter side to {image_size} (PIL bilinear), center crop "
-                        f"{image_size}x{image_size}, hflip={hflip}",
-              record_format="msgpack map {codes: int32 little-endian bytes, row-major "
-                            f"{grid}x{grid}; label: int}}",
-              train=train_info, validation=val_info)
-  with open(os.path.join(out, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=2)
+  # Temporary names, renamed over the old files only at the end (meta.json last): a failure
+  # midway (a bad image, a full disk, Ctrl-C) leaves an existing OUT as it was.
+  names = ("train.array_record", "validation.array_record", "meta.json")
+  tmp = {name: os.path.join(out, f".{name}.tmp-{os.getpid()}") for name in names}
+  try:
+    meta = _write_images(train, val, tmp, vq, vq_path, image_size=image_size,
+                         batch_size=batch_size, num_workers=num_workers, hflip=hflip,
+                         limit=limit, log_every_s=log_every_s)
+    for name in names:
+      os.replace(tmp[name], os.path.join(out, name))
+  finally:
+    for path in tmp.values():
+      if os.path.exists(path):
+        os.remove(path)
   return meta
 
 
