@@ -11,10 +11,13 @@ then train, e.g. on a pod (see launch/):
   python -m pgm_jax.main --config=configs/owt.py:pgm_6_6 --workdir=gs://bucket/pgm_6_6 \
       --config.data.data_dir=/data/owt_gpt2_1024
 
-Presets: mdlm (12 layers, 768), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16),
-runlocal (shrinks everything for a CPU smoke run; still needs data_dir).
+Presets: mdlm (12 layers, 768), mdlm_complement (the same MDLM trained with the
+complement-MDLM objective, two views per sequence: 2 accumulation steps, as the reference's
+16 GPUs x 16), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16), runlocal
+(shrinks everything for a CPU smoke run; still needs data_dir).
 
-Every preset fits a v5e-32 and a v4-32 with these defaults (TPU compiler, docs/scaling.md):
+The mdlm and pgm presets fit a v5e-32 and a v4-32 with these defaults (TPU compiler,
+docs/scaling.md; mdlm_complement was not planned):
 
   python -m pgm_jax.main --config=configs/owt.py:pgm_8_8 --workdir=/tmp/plan --mode=plan \
       --config.plan.topology=v5e-32
@@ -23,6 +26,7 @@ from pgm_jax import config_lib
 
 _MODELS = {
     "mdlm": dict(kind="mdlm", hidden=768, num_heads=12, num_layers=12),
+    "mdlm_complement": dict(kind="mdlm", hidden=768, num_heads=12, num_layers=12),
     "pgm_6_6": dict(kind="pgm", hidden=768, num_heads=12, enc_layers=6, dec_layers=6),
     "pgm_8_8": dict(kind="pgm", hidden=768, num_heads=12, enc_layers=8, dec_layers=8),
     "pgm_6_6_dim1024": dict(kind="pgm", hidden=1024, num_heads=16, enc_layers=6,
@@ -48,8 +52,11 @@ def get_config(arg=None):
   c.model.loss_chunk_len = 128      # never materialise float32 [B, L, V] logits
   # No rematerialisation where the plan shows it fits without (mdlm, pgm_6_6); the wider
   # or deeper PGMs save only the weight matmuls' outputs and recompute the rest.
-  c.model.remat = ("none" if chosen[0] in ("mdlm", "pgm_6_6")
+  c.model.remat = ("none" if chosen[0] in ("mdlm", "mdlm_complement", "pgm_6_6")
                    else "dots_with_no_batch_dims_saveable")
+  if chosen[0] == "mdlm_complement":
+    c.train.objective = "complement-mdlm"
+    c.train.grad_accum_steps = 2      # each sequence is fed twice (x_t and its complement)
 
   c.data.name = "array_record"
   c.data.tokenizer = "gpt2"
@@ -70,4 +77,5 @@ def get_config(arg=None):
 
   if preset.runlocal:
     config_lib.apply_runlocal(c, seq_len=128)
+    c.train.grad_accum_steps = 1
   return c

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
                                     # log-prob run over chunks of this many positions
                                     # (rematerialised), so float32 [B, L, V] logits never
                                     # exist in training / eval; 0 = the whole sequence at once
+  c.model.time_conditioning = False  # MDLM only: the DiT reads sigma = -log alpha(t) (the
+                                    # reference's algo.time_conditioning; false in every
+                                    # released config, where the network gets sigma = 0)
 
   # --- data: corpus, tokenizer, packing. ------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -55,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.doc_per_line = False
   c.data.val_plays = ("hamlet", "tempest", "twelfth_night")
   c.data.num_workers = 0
+  c.data.attend_to_padding = False  # True: pads are fed to every attention (and get groups /
+                                    # noise) and are masked only in the loss, as the
+                                    # reference's LM1B; False: keys at pads are masked out
+  c.data.detokenizer = "none"       # text cleanup before tokenizing (pgm_jax.data.detokenizers):
+                                    # none | lm1b | wikitext | ptb | lambada | scientific_papers
 
   # --- train: loop and objective. -------------------------------------------------
   c.train = ml_collections.ConfigDict()
@@ -62,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1      # microbatches per step; batch_size must divide
   c.train.num_steps = 1_000_000
   c.train.sampling_eps = 1e-3       # t ~ U[eps, 1]
+  c.train.objective = "auto"        # auto (the model kind's own) | complement-mdlm (MDLM only:
+                                    # trained on x_t and its complement at time 1 - t; scored
+                                    # as an MDLM in eval, like the reference's ComplementMDLM)
   c.train.antithetic = True         # stratified t over the global batch
   c.train.log_every = 100
   c.train.eval_every = 20_000
@@ -279,6 +290,12 @@ def validate(config, *, num_devices: int, data_parallel: int, mesh_shape=None) -
   for key in ("log_every", "eval_every"):
     if t[key] <= 0:
       raise ValueError(f"config.train.{key} must be positive, got {t[key]}")
+  objective = t.get("objective", "auto")
+  if objective not in ("auto", "complement-mdlm"):
+    raise ValueError(f"config.train.objective must be auto or complement-mdlm, got {objective!r}")
+  if objective == "complement-mdlm" and m.kind != "mdlm":
+    raise ValueError(f"config.train.objective=complement-mdlm trains an MDLM: it needs "
+                     f"config.model.kind='mdlm', got {m.kind!r}")
   if config.ckpt.every_steps <= 0 or config.ckpt.max_to_keep <= 0:
     raise ValueError("config.ckpt.every_steps and config.ckpt.max_to_keep must be positive")
   validate_opt(config.opt)

@@ -145,6 +145,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def read_safetensors_metadata(path: str) -> dict:
+  """The `__metadata__` strings of a safetensors file ({} if none)."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  return dict(header.get("__metadata__") or {})
+
+
 class _Placeholder:
   """Stands in for any non-tensor object of a pickled checkpoint (never runs its code)."""
   qualname = "?"
@@ -238,6 +246,9 @@ class Loaded:
     self.ignored: list[str] = []               # non-backbone entries of a Lightning state_dict
     self.placeholders: list[str] = []
     self.fmt = ""
+    # algo.time_conditioning as recorded by the training run (Lightning hyper-parameters or
+    # safetensors metadata); None when the file does not say.
+    self.time_conditioning: Optional[bool] = None
 
 
 def _strip(name: str) -> str:
@@ -262,6 +273,46 @@ def _split_prefix(sd: dict, out: Loaded) -> dict[str, Any]:
   return result
 
 
+def _as_bool(value) -> Optional[bool]:
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    return value.strip().lower() == "true"
+  return None
+
+
+def find_hparam(obj, key: str, depth: int = 0):
+  """The first value stored under `key` anywhere in a checkpoint's hyper-parameters.
+
+  Walks plain containers and the placeholders that stand for OmegaConf objects (their
+  pickled state: a DictConfig keeps its items in `_content`, a value node in `_val`),
+  without running any code. Returns None if the key is absent.
+  """
+  if depth > 40:
+    return None
+  if isinstance(obj, _Placeholder):
+    return find_hparam(obj.__dict__.get("_state"), key, depth + 1)
+  if isinstance(obj, dict):
+    if key in obj:
+      value = obj[key]
+      if isinstance(value, _Placeholder):
+        value = value.__dict__.get("_state")
+      if isinstance(value, dict) and "_val" in value:
+        value = value["_val"]
+      return value
+    for value in obj.values():
+      found = find_hparam(value, key, depth + 1)
+      if found is not None:
+        return found
+    return None
+  if isinstance(obj, (list, tuple)):
+    for value in obj:
+      found = find_hparam(value, key, depth + 1)
+      if found is not None:
+        return found
+  return None
+
+
 def interpret(obj, fmt: str) -> Loaded:
   """Finds raw weights, EMA weights and the step in a loaded checkpoint object."""
   out = Loaded()
@@ -277,6 +328,8 @@ def interpret(obj, fmt: str) -> Loaded:
     if step is not None:
       out.global_step = int(step)
     out.fmt = f"{fmt}, Lightning layout"
+    out.time_conditioning = _as_bool(find_hparam(obj.get("hyper_parameters"),
+                                                 "time_conditioning"))
   else:
     sd = {k: v for k, v in obj.items() if _is_tensor(v)}
     if not sd:
@@ -300,7 +353,10 @@ def load_checkpoint(path: str, *, unsafe_pickle: bool = False) -> Loaded:
   if not os.path.exists(path):
     raise ConvertError(f"--from={path}: no such file")
   if path.endswith(".safetensors"):
-    return interpret(read_safetensors(path), "safetensors")
+    loaded = interpret(read_safetensors(path), "safetensors")
+    loaded.time_conditioning = _as_bool(
+        read_safetensors_metadata(path).get("time_conditioning"))
+    return loaded
   obj, placeholders = read_torch(path, unsafe_pickle=unsafe_pickle)
   loaded = interpret(obj, "pickle, unsafe" if unsafe_pickle else "pickle, weights_only")
   loaded.placeholders = placeholders
@@ -420,6 +476,23 @@ def convert_weights(loaded: Loaded, abstract_params, head_dim: int, *,
   return params, ema_params, info
 
 
+def check_time_conditioning(loaded: Loaded, config) -> str:
+  """Refuses a checkpoint whose recorded time conditioning differs from the config's:
+  the conditioning input would silently be wrong. Returns a line for the summary."""
+  want = bool(config.model.get("time_conditioning", False))
+  got = loaded.time_conditioning
+  if got is None:
+    return (f"time conditioning: not recorded in the checkpoint; using "
+            f"config.model.time_conditioning={want}")
+  if got != want:
+    raise ConvertError(
+        f"the checkpoint was trained with time_conditioning={got} (its hyper-parameters "
+        f"say so) but config.model.time_conditioning={want}: rerun with "
+        f"--config.model.time_conditioning={got}" +
+        (" (MDLM only)" if got else ""))
+  return f"time conditioning: {got} (checkpoint and config agree)"
+
+
 def build_state(setup, params, ema_params, step: int):
   """A sharded TrainState like the trainer's, with a fresh optimizer state."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -458,6 +531,7 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
     raise ConvertError(f"--from={src}: no such file")
   setup = experiment.make_setup(config)
   loaded = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
+  time_line = check_time_conditioning(loaded, config)
   params, ema_params, info = convert_weights(
       loaded, setup.abstract_state.params, setup.model_cfg.head_dim, ema_only=ema_only,
       raw_only=raw_only)
@@ -485,6 +559,7 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
   log(f"  {config.model.kind}: {info['num_tensors']} tensors, {info['num_params']:,} parameters "
       f"matched the config")
   log(f"  {info['where']}; opt_state freshly initialised; step {step}")
+  log(f"  {time_line}")
   log(f"wrote {info['checkpoint']} and {os.path.join(workdir, 'config.json')}")
   return info
 

@@ -21,6 +21,11 @@ def alpha(t, eps: float = 1e-3):
   return 1.0 - (1.0 - eps) * t
 
 
+def sigma(t, eps: float = 1e-3):
+  """-log alpha(t): the time-conditioning input (`_sigma_from_alphat` in the reference)."""
+  return -jnp.log1p(-(1.0 - eps) * t)
+
+
 def mask_prob(t, eps: float = 1e-3):
   """Probability that a token is masked (in group 1) at time t."""
   return 1.0 - alpha(t, eps)
@@ -103,6 +108,34 @@ def mdlm_loss_terms_from_log_probs(logp_BxL, is_masked_BxL, t_B, valid_BxL):
   counted = is_masked_BxL & valid_BxL.astype(bool)
   nll_sum = jnp.sum(jnp.where(counted, nll_BxL / t_B[:, None], 0.0))
   return LossTerms(nll_sum, nll_sum, valid_BxL.astype(jnp.float32).sum())
+
+
+def complement_mdlm_views(tokens_BxL, is_masked_BxL, mask_id: int):
+  """Complement-MDLM inputs: x_t (MASK where `is_masked`) and its complement (MASK where
+  x_t is clean), stacked as [2B, L] (the reference's `torch.cat([xt, xt_complement])`)."""
+  x_t = jnp.where(is_masked_BxL, mask_id, tokens_BxL)
+  x_c = jnp.where(is_masked_BxL, tokens_BxL, mask_id)
+  return jnp.concatenate([x_t, x_c], axis=0)
+
+
+def complement_mdlm_loss_terms_from_log_probs(logp_2BxL, is_masked_BxL, t_B, valid_BxL):
+  """Complement-MDLM (the reference's `ComplementMDLM`, method §2).
+
+  logp_2BxL: SUBS log p(x0_i | view) of the two views of `complement_mdlm_views`. A
+  position masked in x_t (time t) takes its NLL from x_t with the MDLM weight 1/t; every
+  other position is masked in the complement (time 1 - t) and takes its NLL from there,
+  with weight 1/(1 - t). The training loss halves the sum (two ELBO estimates per
+  sequence); the NLL counts the x_t view only, which is MDLM's estimator (the reference
+  evaluates a complement-MDLM checkpoint as an MDLM).
+  """
+  batch = t_B.shape[0]
+  nll_t, nll_c = -logp_2BxL[:batch], -logp_2BxL[batch:]
+  t_Bx1 = t_B[:, None]
+  valid = valid_BxL.astype(bool)
+  per_token = jnp.where(is_masked_BxL, nll_t / t_Bx1, nll_c / (1.0 - t_Bx1))
+  loss_sum = jnp.sum(jnp.where(valid, per_token, 0.0)) / 2.0
+  nll_sum = jnp.sum(jnp.where(is_masked_BxL & valid, nll_t / t_Bx1, 0.0))
+  return LossTerms(loss_sum, nll_sum, valid.astype(jnp.float32).sum())
 
 
 def subs_log_probs(logits_BxLxV, x_t_BxL, mask_id: int):

@@ -58,8 +58,8 @@ def init_state(rng, *, model, tx, batch_size: int, seq_len: int, kind: str) -> T
   tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
   if kind == "pgm":
     variables = model.init({"params": rng}, tokens, tokens)
-  else:
-    variables = model.init({"params": rng}, tokens)
+  else:  # sigma is read only by a time-conditioned MDLM
+    variables = model.init({"params": rng}, tokens, sigma_B=jnp.zeros((batch_size,)))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=jax.tree.map(lambda x: x, params))
@@ -74,34 +74,63 @@ def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antit
   return ts.reshape(batch)
 
 
+OBJECTIVES = ("auto", "complement-mdlm")
+
+
 def loss_terms(params, batch, t_B, noise_u_BxL, dropout_rng, *, model, mask_id: int,
-               kind: str, train: bool, sampling_eps: float):
-  """LossTerms of one (micro)batch for a PGM or an MDLM model.
+               kind: str, train: bool, sampling_eps: float, objective: str = "auto",
+               attend_to_padding: bool = False):
+  """LossTerms of one (micro)batch for a PGM, an MDLM or an AR model.
 
   `noise_u_BxL` (uniform [0, 1)) decides the partition / the masked tokens:
   token i is in group 1 (masked) iff u_i < 1 - alpha(t). Drawing it for the whole
   global batch makes gradient accumulation exact (same draws for any split).
+  objective: "auto" (the kind's own) or "complement-mdlm" (an MDLM trained on x_t and
+  its complement; in eval, train=False, it is scored as the MDLM it is).
+  attend_to_padding: the model attends to pad tokens (they get groups / noise like any
+  token) and `valid` masks them only in the loss: the reference's LM1B behaviour.
   """
   tokens, valid = batch["tokens"], batch["valid"]
+  model_valid = None if attend_to_padding else valid
   group = objectives.groups_from_uniform(noise_u_BxL, t_B, sampling_eps)
   rngs = {"dropout": dropout_rng} if train else {}
+  time_conditioned = getattr(model.config, "time_conditioning", False)
   # The models return log p(target) [B, L] directly (`targets_BxL`): the float32
   # [B, L, V] logits are never materialised (chunked by config.model.loss_chunk_len);
   # logit[MASK] is the model config's mask_id (the same id as `mask_id`).
   if kind == "pgm":
-    logp = model.apply({"params": params}, tokens, group, valid, train=train, rngs=rngs,
-                       targets_BxL=tokens, mask_logit=-jnp.inf)
+    logp = model.apply({"params": params}, tokens, group, model_valid, train=train,
+                       rngs=rngs, targets_BxL=tokens, mask_logit=-jnp.inf)
     return objectives.pgm_loss_terms_from_log_probs(logp, group, t_B, valid)
   if kind == "ar":  # no noise: next-token prediction on the clean sequence
-    logp = model.apply({"params": params}, tokens, valid, train=train, rngs=rngs,
+    logp = model.apply({"params": params}, tokens, model_valid, train=train, rngs=rngs,
                        targets_BxL=objectives.next_token_targets(tokens),
                        mask_logit=-jnp.inf)
     return objectives.ar_loss_terms_from_log_probs(logp[:, :-1], valid)
   is_masked = group.astype(bool)
+  if objective == "complement-mdlm" and train:
+    views = objectives.complement_mdlm_views(tokens, is_masked, mask_id)
+    both = lambda x: None if x is None else jnp.concatenate([x, x], axis=0)
+    sigma = None
+    if time_conditioned:
+      sigma = jnp.concatenate([objectives.sigma(t_B, sampling_eps),
+                               objectives.sigma(1.0 - t_B, sampling_eps)])
+    logp = model.apply({"params": params}, views, both(model_valid), train=train, rngs=rngs,
+                       targets_BxL=both(tokens), mask_logit=objectives.NEG_INF_MDLM,
+                       sigma_B=sigma)
+    return objectives.complement_mdlm_loss_terms_from_log_probs(logp, is_masked, t_B, valid)
   x_t = jnp.where(is_masked, mask_id, tokens)
-  logp = model.apply({"params": params}, x_t, valid, train=train, rngs=rngs,
-                     targets_BxL=tokens, mask_logit=objectives.NEG_INF_MDLM)
+  sigma = objectives.sigma(t_B, sampling_eps) if time_conditioned else None
+  logp = model.apply({"params": params}, x_t, model_valid, train=train, rngs=rngs,
+                     targets_BxL=tokens, mask_logit=objectives.NEG_INF_MDLM, sigma_B=sigma)
   return objectives.mdlm_loss_terms_from_log_probs(logp, is_masked, t_B, valid)
+
+
+def objective_options(config) -> dict:
+  """The loss_terms keywords a config sets (config.train.objective,
+  config.data.attend_to_padding)."""
+  return dict(objective=config.train.get("objective", "auto"),
+              attend_to_padding=bool(config.data.get("attend_to_padding", False)))
 
 
 def _keep_batch_sharded(x_AxBx):
@@ -143,7 +172,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
 
   def micro_loss(params, micro, t_mb, u_mb, r):
     terms = loss_terms(params, micro, t_mb, u_mb, r, model=model, mask_id=mask_id, kind=kind,
-                       train=True, sampling_eps=t_cfg.sampling_eps)
+                       train=True, sampling_eps=t_cfg.sampling_eps, **objective_options(config))
     denom = jnp.maximum(terms.num_tokens, 1.0)
     return terms.loss_sum / denom, terms.nll_sum / denom
 
@@ -192,7 +221,7 @@ def eval_step(params, batch, rng, *, model, config, mask_id: int, data_parallel:
   noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
   terms = loss_terms(params, batch, t_B, noise_u_BxL, None, model=model, mask_id=mask_id,
                      kind=config.model.kind, train=False,
-                     sampling_eps=config.train.sampling_eps)
+                     sampling_eps=config.train.sampling_eps, **objective_options(config))
   return terms.nll_sum, terms.num_tokens
 
 

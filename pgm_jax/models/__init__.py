@@ -28,6 +28,11 @@ def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:
   remat_policy(m.get("remat", "none"))  # a clear error for an unknown policy name
   if int(m.get("loss_chunk_len", 0) or 0) < 0:
     raise ValueError(f"config.model.loss_chunk_len must be >= 0, got {m.loss_chunk_len}")
+  time_conditioning = bool(m.get("time_conditioning", False))
+  if time_conditioning and m.kind != "mdlm":
+    raise ValueError(f"config.model.time_conditioning=True needs config.model.kind='mdlm' "
+                     f"(got {m.kind!r}): the reference's PGM and AR models are never time "
+                     f"conditioned")
   return ModelConfig(
       kind=m.kind, vocab_size=vocab_size, mask_id=mask_id, hidden=m.hidden,
       num_heads=m.num_heads, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
@@ -36,6 +41,7 @@ def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:
       attn_impl=config.attn.impl, block_q=config.attn.block_q,
       block_kv=config.attn.block_kv, sorted_layout=config.attn.sorted_layout,
       remat=m.get("remat", "none"), loss_chunk_len=int(m.get("loss_chunk_len", 0) or 0),
+      time_conditioning=time_conditioning,
       logical_axis_rules=logical_rules(config.mesh))
 
 

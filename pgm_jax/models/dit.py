@@ -30,19 +30,22 @@ class DiT(nn.Module):
                train: bool = False, causal: bool = False, decode: bool = False,
                positions_BxL: Optional[jax.Array] = None,
                targets_BxL: Optional[jax.Array] = None,
-               mask_logit: float = objectives.NEG_INF_MDLM) -> jax.Array:
+               mask_logit: float = objectives.NEG_INF_MDLM,
+               sigma_B: Optional[jax.Array] = None) -> jax.Array:
     """Float32 logits [B, L, V] (no SUBS; see objectives).
 
     causal (or kind "ar"): position i attends to positions <= i. decode: one token per
     call against the "cache" collection (see DiTBlock); positions_BxL then gives the
     token's position. targets_BxL: return float32 log p(targets) [B, L] instead (with
     logit[MASK] = mask_logit), without materialising the logits (`FinalLayer`).
+    sigma_B: -log alpha(t) per sequence; read only with config.time_conditioning
+    (otherwise the conditioning is sigma = 0, as in every released config).
     """
     cfg = self.config
     batch, length = tokens_BxL.shape
     x_BxLxH = VocabEmbedding(cfg.vocab_size, cfg.hidden, name="vocab_embed")(tokens_BxL)
     x_BxLxH = cfg.constrain(x_BxLxH)
-    cond_BxC = conditioning(cfg, batch)
+    cond_BxC = conditioning(cfg, batch, sigma_B)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
     causal = causal or cfg.kind == "ar"

@@ -48,6 +48,7 @@ class ModelConfig:
   sorted_layout: bool = False   # config.attn.sorted_layout: PGM training in group-sorted order
   remat: str = "none"           # config.model.remat: jax.checkpoint policy of every block
   loss_chunk_len: int = 0       # config.model.loss_chunk_len: positions per output chunk
+  time_conditioning: bool = False  # config.model.time_conditioning: the DiT reads sigma(t)
   logical_axis_rules: tuple = ()  # config.mesh.logical_axis_rules (activation constraints)
 
   @property
@@ -410,8 +411,17 @@ class FinalLayer(nn.Module):
     return projection.target_log_probs(h, targets_BxL, mask_logit)
 
 
-def conditioning(cfg: ModelConfig, batch: int, name: str = "sigma_map"):
-  """t_cond = SiLU(sigma_map(sigma)), with sigma = 0 (time_conditioning=False)."""
-  sigma_B = jnp.zeros((batch,), jnp.float32)
+def conditioning(cfg: ModelConfig, batch: int, sigma_B=None, name: str = "sigma_map"):
+  """t_cond = SiLU(sigma_map(sigma)).
+
+  Without time conditioning (every released config) sigma = 0 whatever is passed, as
+  the reference's `_process_sigma` does; with it, sigma_B = -log alpha(t) is required.
+  """
+  if not cfg.time_conditioning:
+    sigma_B = jnp.zeros((batch,), jnp.float32)
+  elif sigma_B is None:
+    raise ValueError("config.model.time_conditioning=True: the model needs sigma_B "
+                     "(-log alpha(t)) on every call")
+  sigma_B = jnp.broadcast_to(jnp.asarray(sigma_B, jnp.float32), (batch,))
   return nn.silu(TimestepEmbedder(cfg.cond_dim, name=name)(sigma_B))
 

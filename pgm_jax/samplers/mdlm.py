@@ -20,12 +20,15 @@ from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, device_
 MDLM_SAMPLERS = ("ddpm_cache", "ddpm")
 
 
-def _mdlm_logits(params, x, *, model):
+def _mdlm_logits(params, x, t=None, *, model):
   """The denoiser's logits in the model's compute dtype: that is the dtype they are
   computed in (the output projection runs in it), so the cast loses nothing, and the
   `ddpm_cache` cache is half the size of a float32 one (3.3 GB instead of 6.6 GB at
-  B 32, L 1024, V 50258)."""
-  logits = model.apply({"params": params}, x, train=False)
+  B 32, L 1024, V 50258). `t` is read only by a time-conditioned model (sigma(t))."""
+  sigma = None
+  if getattr(model.config, "time_conditioning", False):
+    sigma = jnp.full((x.shape[0],), objectives.sigma(t), jnp.float32)
+  logits = model.apply({"params": params}, x, train=False, sigma_B=sigma)
   return logits.astype(model.config.compute_dtype)
 
 
@@ -60,15 +63,18 @@ def _mdlm_run(params, x0, key, *, model, steps: int, cache: bool, mask_id: int, 
   TRACE_COUNTS["mdlm"] += 1
   batch, length = x0.shape
   timesteps = jnp.linspace(1.0, eps, steps + 1)
-  denoise = lambda x: _mdlm_logits(params, x, model=model)
+  # A time-conditioned denoiser changes with t: its output is never reused (as the
+  # reference's cache, which is only used without time conditioning).
+  cache = cache and not getattr(model.config, "time_conditioning", False)
   update = lambda x, logits, k, p: _mdlm_update(x, logits, key, k, p, mask_id=mask_id,
                                                 top_p=top_p, temperature=temperature)
 
   def body(k, carry):
     x, logits_cache, fresh, passes = carry
-    recompute = jnp.logical_or(~fresh, not cache)
-    logits = jax.lax.cond(recompute, denoise, lambda _: logits_cache, x)
     t, s = timesteps[k], timesteps[k + 1]
+    recompute = jnp.logical_or(~fresh, not cache)
+    logits = jax.lax.cond(recompute, lambda x: _mdlm_logits(params, x, t, model=model),
+                          lambda _: logits_cache, x)
     a_t, a_s = objectives.alpha(t), objectives.alpha(s)
     x_new = update(x, logits, k, (a_s - a_t) / (1.0 - a_t))
     unchanged = jnp.all(x_new == x)
@@ -80,7 +86,8 @@ def _mdlm_run(params, x0, key, *, model, steps: int, cache: bool, mask_id: int, 
   x, logits_cache, fresh, passes = jax.lax.fori_loop(0, steps, body, init)
   # Final reveal step (alpha_s = 1): every remaining MASK is drawn.
   recompute = jnp.logical_or(~fresh, not cache)
-  logits = jax.lax.cond(recompute, denoise, lambda _: logits_cache, x)
+  logits = jax.lax.cond(recompute, lambda x: _mdlm_logits(params, x, timesteps[-1], model=model),
+                        lambda _: logits_cache, x)
   x = update(x, logits, steps, 1.0)
   return x, passes + recompute.astype(jnp.int32)
 
@@ -107,7 +114,8 @@ def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed
   put = device_put_fn(params)
   x0 = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
   traces_before = TRACE_COUNTS["mdlm"]
-  static = dict(model=model, steps=steps, cache=sampler == "ddpm_cache", mask_id=mask_id,
+  cache = sampler == "ddpm_cache" and not getattr(model.config, "time_conditioning", False)
+  static = dict(model=model, steps=steps, cache=cache, mask_id=mask_id,
                 eps=eps, top_p=top_p, temperature=temperature)
   start = time.perf_counter()
   if execute:
@@ -121,7 +129,7 @@ def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed
   flops = None
   if measure_flops:
     # Denoiser passes x cost of one pass, plus the sampling work of every step.
-    pass_flops = lowered_flops(_mdlm_logits_jit, params, x0, model=model)
+    pass_flops = lowered_flops(_mdlm_logits_jit, params, x0, 1.0, model=model)
     vocab = model.config.vocab_size
     logits = jax.ShapeDtypeStruct((1,) + x0.shape[1:] + (vocab,), model.config.compute_dtype)
     # The update loops over sequences and XLA costs a loop body once: cost one sequence.
