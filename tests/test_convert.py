@@ -601,3 +601,101 @@ def test_cli_converts_and_eval_restores(tmp_path):
   # Converting again into the same workdir refuses rather than shadowing a checkpoint.
   with pytest.raises(convert.ConvertError, match="already holds checkpoint 40"):
     convert.convert(cfg, str(tmp_path / "tiny.ckpt"), str(wd), log=lambda *_: None)
+
+
+# ----------------------------------------------------------------------------
+# LM1B as the reference scores it: pads are fed to the model, masked in the loss only.
+# ----------------------------------------------------------------------------
+
+def _log_softmax64(x):
+  x = np.asarray(x, np.float64)
+  m = np.max(np.where(np.isfinite(x), x, -1e300), -1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _padded_batch(rng):
+  """[CLS] w... [SEP] [PAD]... rows of different lengths (vocab of `write_vocab`)."""
+  tokens = np.zeros((B, L), np.int32)             # [PAD] = 0
+  valid = np.zeros((B, L), bool)
+  for b, n in enumerate((L, 7, 4)):
+    tokens[b, :n] = np.concatenate([[2], rng.integers(5, V, n - 2), [3]])
+    valid[b, :n] = True
+  return tokens, valid
+
+
+@pytest.mark.parametrize("kind", ["pgm", "mdlm"])
+def test_lm1b_padded_batch_matches_reference_rule(tmp_path, kind):
+  """Eval NLL of converted weights on a padded batch (attend_to_padding=True, the LM1B
+  presets) equals the reference's rule: the full padded sequence through the network,
+  pads in groups / noised like any token, and only valid tokens scored."""
+  from pgm_jax import steps  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(write_vocab(tmp_path / "vocab.txt"), kind, "learn+freqs")
+  cfg.data.attend_to_padding = True
+  assert load_config("lm1b", "pgm").data.attend_to_padding     # the presets' default
+  setup = experiment.make_setup(cfg)
+  layout = pgm_layout() if kind == "pgm" else mdlm_layout()
+  raw = random_weights(layout, seed=11)
+  params, _, _ = convert.convert_weights(_loaded(raw), setup.abstract_state.params,
+                                         setup.model_cfg.head_dim)
+  rng = np.random.default_rng(12)
+  tokens, valid = _padded_batch(rng)
+  t = np.array([0.3, 0.6, 0.9], np.float32)
+  u = rng.random((B, L)).astype(np.float32)
+  group = u < (1 - 1e-3) * t[:, None]
+  mask_id = setup.mask_id
+
+  def nll_sum(attend_to_padding):
+    return float(steps.loss_terms(
+        params, {"tokens": tokens, "valid": valid}, t, u, None, model=setup.model,
+        mask_id=mask_id, kind=kind, train=False, sampling_eps=1e-3,
+        attend_to_padding=attend_to_padding).nll_sum)
+
+  if kind == "pgm":
+    logits = ref_pgm_training(raw, "learn+freqs", tokens, group.astype(np.int32))
+    logits[..., mask_id] = -np.inf
+    scored = group
+  else:
+    x_t = np.where(group, mask_id, tokens)
+    logits = ref_mdlm(raw, x_t)
+    logits[..., mask_id] = -1e6
+    scored = group                       # SUBS carry-over: unmasked positions score 0
+  logp = np.take_along_axis(_log_softmax64(logits), tokens[..., None], -1)[..., 0]
+  want = np.sum(np.where(scored & valid, -logp / t[:, None], 0.0))
+  got = nll_sum(True)
+  assert abs(got - want) / abs(want) < 1e-5, (got, want)
+  # Masking pads out of the attention (attend_to_padding=False) is a different function.
+  assert abs(nll_sum(False) - want) / abs(want) > 1e-3
+
+
+def test_convert_refuses_mismatched_time_conditioning(pgm_setup):
+  d, _, _ = pgm_setup
+  raw = random_weights(mdlm_layout(), seed=0)
+  path = d / "tc.ckpt"
+  # OmegaConf-like hyper-parameters: unknown classes load as placeholders (code never runs).
+  algo = _ConfigLike({"name": "mdlm", "time_conditioning": _NodeLike(True)})
+  save_lightning(path, raw, raw, extra={"hyper_parameters": {"config": _ConfigLike(
+      {"algo": algo, "model": _ConfigLike({"length": 128})})}})
+  loaded = convert.load_checkpoint(str(path))
+  assert loaded.time_conditioning is True
+  cfg = load_config("shakespeare", "tiny,mdlm")
+  with pytest.raises(convert.ConvertError, match="config.model.time_conditioning=True"):
+    convert.check_time_conditioning(loaded, cfg)
+  cfg.model.time_conditioning = True
+  assert "agree" in convert.check_time_conditioning(loaded, cfg)
+  plain = convert.interpret({"state_dict": {}, "hyper_parameters": {"config": {
+      "algo": {"time_conditioning": False}}}}, "test")
+  assert plain.time_conditioning is False
+  with pytest.raises(convert.ConvertError, match="time_conditioning=False"):
+    convert.check_time_conditioning(plain, cfg)
+
+
+class _ConfigLike:
+  """Pickles like an OmegaConf DictConfig: its items live in `_content`."""
+
+  def __init__(self, content):
+    self._content = content
+
+
+class _NodeLike:
+  def __init__(self, val):
+    self._val = val

