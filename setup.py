@@ -4,6 +4,10 @@ The pins are the set that installs together on CPython 3.11 (checked 2026-11-28)
 see docs/ and README.md. TensorFlow is deliberately not a dependency: metrics are
 written as TensorBoard event files with tensorboardX, and TFDS is read through
 its TF-free ArrayRecord `data_source` path.
+
+`pip install -e .` installs what training, eval, sampling and the benches need (the
+README's first command); TFDS sources (LM1B, `preprocess --source=tfds:...`), the test
+suite, lm-evaluation-harness, the TPU compiler and PyTorch checkpoint import are extras.
 """
 import setuptools
 
@@ -15,7 +19,6 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
     "ml_collections==1.1.0",
-    "tensorflow-datasets==4.9.10",
     "array_record==0.8.6",
     "sentencepiece==0.2.3",
     "clu==0.0.12",
@@ -27,11 +30,20 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
 ]
 
+# TFDS datasets (config.data.name=lm1b, zero-shot sets prepared with TFDS, preprocess
+# --source=tfds:...), read through the TF-free `tfds.data_source` (it pulls pyarrow).
+DATA = ["tensorflow-datasets==4.9.10"]
+# lm-evaluation-harness for `--mode=harness` (no torch needed: pgm_jax scores the requests).
+HARNESS = ["lm-eval==0.4.13"]
+
 EXTRAS_REQUIRE = {
     # torch (CPU wheel) and safetensors build reference checkpoints in tests/test_convert.py;
-    # matplotlib runs the Colab notebook's plotting cell in tests/test_notebook.py.
+    # matplotlib runs the Colab notebook's plotting cell in tests/test_notebook.py; the
+    # data and harness extras are exercised by their tests.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "safetensors==0.8.0",
-             "matplotlib==3.10.8"],
+             "matplotlib==3.10.8"] + DATA + HARNESS,
+    "data": DATA,
+    "harness": HARNESS,
     "notebook": ["matplotlib==3.10.8"],
     # What `pip install "jax[tpu]==0.10.2"` pulls (checked with pip --dry-run, 2026-11-29):
     # jaxlib==0.10.2 (already pinned above), libtpu 0.0.42.1 (about 137 MB) and requests.

@@ -12,12 +12,15 @@ Weights are random unless `bench.pgm_workdir` / `bench.mdlm_workdir` name checkp
 (speed does not depend on the weights; MDLM's cache hits depend only on the reveal
 process). With `bench.flops_only` nothing runs: paper-size FLOPs on a CPU.
 """
+import copy
 import json
 import os
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from pgm_jax import checkpointing, fileio, samplers
@@ -61,10 +64,145 @@ def _measure(run, *, warmup: int, repeats: int, flops_only: bool):
   return first, statistics.median(times)
 
 
+BENCH_WHAT = ("sample", "train", "all")
+
+
+class _TrainStepTimer:
+  """One model's jitted train step on a fixed random batch, ready to be timed."""
+
+  def __init__(self, config, batch_size: int):
+    from pgm_jax import experiment, sharding, train  # pylint: disable=g-import-not-at-top
+    config.train.batch_size = batch_size
+    config.train.grad_accum_steps = 1
+    setup = experiment.make_setup(config)
+    self.state = experiment.init_state(setup, jax.random.key(0))
+    self.step_fn = train.make_train_step(setup)
+    self.rng = jax.jit(lambda: jax.random.key(1),
+                       out_shardings=sharding.replicated(setup.mesh))()
+    tokens = np.random.default_rng(0).integers(
+        0, setup.tokenizer.vocab_size - 1, (batch_size, config.data.seq_len)).astype(np.int32)
+    tokens[tokens == setup.mask_id] = 0
+    self.batch = sharding.global_batch(
+        {"tokens": tokens, "valid": np.ones_like(tokens, bool)}, setup.batch_sharding)
+    self.tokens_per_step = batch_size * config.data.seq_len
+    self.params = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
+    self.metrics, self.times = None, []
+
+  def step(self, timed: bool) -> None:
+    """One step, synchronised (the state is donated: the next step waits for it anyway)."""
+    start = time.perf_counter()
+    self.state, self.metrics = self.step_fn(self.state, self.batch, self.rng)
+    jax.block_until_ready((self.state, self.metrics))
+    if timed:
+      self.times.append(time.perf_counter() - start)
+
+  def result(self) -> dict:
+    mean = statistics.mean(self.times)
+    return {"step_seconds": mean, "step_seconds_std": statistics.pstdev(self.times),
+            "step_seconds_median": statistics.median(self.times),
+            "tokens_per_s": self.tokens_per_step / mean, "params": self.params,
+            "loss": float(jax.device_get(self.metrics.loss.compute())),
+            "timed_steps": len(self.times)}
+
+
+def time_train_steps(configs: dict, batch_size: int, steps: int, warmup: int) -> dict:
+  """{name: timing} of `train.make_train_step` for each config, on random tokens.
+
+  Every model is compiled and warmed up (`warmup` untimed steps, at least one) first;
+  then `steps` rounds each time one synchronised step of every model in turn, so that a
+  change of machine load hits all models alike and their ratios stay fair.
+  """
+  timers = {}
+  for name, config in configs.items():
+    logging.info("bench: compiling the train step of %s", name)
+    timers[name] = _TrainStepTimer(config, batch_size)
+    for _ in range(max(warmup, 1)):
+      timers[name].step(timed=False)
+  for _ in range(steps):
+    for timer in timers.values():
+      timer.step(timed=True)
+  return {name: timer.result() for name, timer in timers.items()}
+
+
+def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict:
+  """`time_train_steps` of one config."""
+  return time_train_steps({"model": config}, batch_size, steps, warmup)["model"]
+
+
+def train_bench_config(config, kind: str, dims: dict):
+  """The bench config turned into a train config of one bench model (bench.seq_len,
+  the bench's tokenizer, model dtype and attention)."""
+  c = copy.deepcopy(config)
+  dims = dict(dims)
+  dims.pop("name", None)
+  c.model.kind = kind
+  for key in ("hidden", "num_heads", "cond_dim", "num_layers", "enc_layers", "dec_layers",
+              "query_mode"):
+    if key in dims:
+      c.model[key] = dims[key]
+  c.data.seq_len = config.bench.seq_len
+  c.sample.steps = min(c.sample.steps, c.data.seq_len - 1)
+  return c
+
+
+def run_train_bench(config) -> dict:
+  """PGM vs MDLM vs AR train-step speed at equal settings (see the module docstring)."""
+  b = config.bench
+  models = [("mdlm", "mdlm", dict(b.mdlm)), ("ar", "ar", dict(b.mdlm))]
+  models += [(dict(d).get("name", "pgm"), "pgm", dict(d)) for d in b.pgm]
+  logging.info("bench: train steps of %s, B=%d L=%d", [m[0] for m in models], b.batch_size,
+               b.seq_len)
+  rows = time_train_steps({name: train_bench_config(config, kind, dims)
+                           for name, kind, dims in models}, b.batch_size, b.repeats, b.warmup)
+  for name, kind, _ in models:
+    rows[name]["kind"] = kind
+  mdlm = rows["mdlm"]["step_seconds"]
+  ratios = {name: r["step_seconds"] / mdlm for name, r in rows.items() if name != "mdlm"}
+  first_pgm = models[2][0]
+  return {"train": {"batch_size": b.batch_size, "seq_len": b.seq_len, "models": rows,
+                    "step_time_ratio_vs_mdlm": ratios},
+          "train_tokens_per_s": {name: r["tokens_per_s"] for name, r in rows.items()},
+          "train_step_time_ratio": ratios[first_pgm]}
+
+
 def run_bench(config, workdir: str) -> dict:
   b = config.bench
   if jax.process_index() == 0:
     fileio.check_writable_dir(workdir)
+  what = b.get("what", "sample")
+  if what not in BENCH_WHAT:
+    raise ValueError(f"config.bench.what must be one of {BENCH_WHAT}, got {what!r}")
+  if b.flops_only and what != "sample":
+    raise ValueError(f"config.bench.flops_only needs config.bench.what=sample (got {what!r}): "
+                     f"the train bench times real steps, run it on the target accelerator")
+  if what == "train":
+    report = {"setting": _setting(config)}
+    report.update(run_train_bench(config))
+    return _write(report, workdir)
+  report = run_sample_bench(config)
+  if what == "all":
+    report.update(run_train_bench(config))
+  return _write(report, workdir)
+
+
+def _setting(config) -> dict:
+  b = config.bench
+  return {"name": b.setting, "what": b.get("what", "sample"), "batch_size": b.batch_size,
+          "seq_len": b.seq_len, "steps": b.steps,
+          "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+          "backend": jax.default_backend(), "flops_only": bool(b.flops_only),
+          "model_dtype": config.model.dtype, "attn_impl": config.attn.impl}
+
+
+def _write(report: dict, workdir: str) -> dict:
+  print(format_table(report))
+  if jax.process_index() == 0:
+    fileio.atomic_write_text(os.path.join(workdir, "bench.json"), json.dumps(report, indent=2))
+  return report
+
+
+def run_sample_bench(config) -> dict:
+  b = config.bench
   tokenizer = tokenizers.get_tokenizer(config.data)
   length, steps, batch = b.seq_len, b.steps, b.batch_size
   if length < 3:
@@ -121,26 +259,45 @@ def run_bench(config, workdir: str) -> dict:
                                     else pgm["tokens_per_s"] / rows["mdlm"]["tokens_per_s"])}
     variants.append(variant)
 
-  report = {
-      "setting": {"name": b.setting, "batch_size": batch, "seq_len": length, "steps": steps,
-                  "vocab_size": tokenizer.vocab_size, "device": jax.devices()[0].device_kind,
-                  "backend": jax.default_backend(), "flops_only": bool(b.flops_only),
+  setting = _setting(config)
+  setting.update({"vocab_size": tokenizer.vocab_size,
                   "bucket_size": config.sample.bucket_size or max(8, length // 16),
                   "weights": {"pgm": b.get("pgm_workdir") or "random",
-                              "mdlm": b.get("mdlm_workdir") or "random"}},
+                              "mdlm": b.get("mdlm_workdir") or "random"}})
+  return {
+      "setting": setting,
       "mdlm": rows["mdlm"],
       "pgm": variants[0]["pgm"],
       "throughput_ratio": variants[0]["throughput_ratio"],
       "flop_ratio": variants[0]["flop_ratio"],
       "variants": variants,
   }
-  print(format_table(report))
-  if jax.process_index() == 0:
-    fileio.atomic_write_text(os.path.join(workdir, "bench.json"), json.dumps(report, indent=2))
-  return report
 
 
 def format_table(report: dict) -> str:
+  parts = []
+  if "variants" in report:
+    parts.append(_sample_table(report))
+  if "train" in report:
+    parts.append(_train_table(report))
+  return "\n".join(parts)
+
+
+def _train_table(report: dict) -> str:
+  s, t = report["setting"], report["train"]
+  lines = [f"train step ({s['name']}): B={t['batch_size']} L={t['seq_len']} on {s['backend']} "
+           f"({s['device']} x{s['num_devices']}), {s['model_dtype']}, attn {s['attn_impl']}",
+           f"{'model':<18}{'params':>10}{'ms/step':>10}{'+-':>8}{'tokens/s':>12}{'vs MDLM':>9}"]
+  for name, r in t["models"].items():
+    ratio = t["step_time_ratio_vs_mdlm"].get(name)
+    lines.append(f"{name:<18}{r['params'] / 1e6:>9.2f}M{1e3 * r['step_seconds']:>10.1f}"
+                 f"{1e3 * r['step_seconds_std']:>8.1f}{r['tokens_per_s']:>12.0f}"
+                 f"{'-' if ratio is None else f'{ratio:.2f}':>9}")
+  lines.append("vs MDLM = step time / MDLM step time (> 1: slower than MDLM)")
+  return "\n".join(lines)
+
+
+def _sample_table(report: dict) -> str:
   s = report["setting"]
   lines = [f"bench {s['name']}: B={s['batch_size']} L={s['seq_len']} S={s['steps']} "
            f"V={s['vocab_size']} on {s['backend']} ({s['device']})",

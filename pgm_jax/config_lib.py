@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.gen_ppl = False            # --mode=eval also samples and scores: gen PPL + entropy
   c.eval.judge_workdir = placeholder(str)  # workdir of a trained "ar" model (the judge)
   c.eval.gen_num_samples = 16       # samples scored (config.sample.* picks sampler, steps)
+  c.eval.datasets = ""              # zero-shot sets instead of the validation split, e.g.
+                                    # "wikitext2,ptb,lambada" or "ptb=/data/ptb_val.jsonl"
+                                    # (pgm_jax/evaluation/zero_shot.py; never downloaded)
+  c.eval.datasets_dir = placeholder(str)  # folder of <set>.jsonl files / TFDS data_dir
+  c.eval.group_docs = 1000          # zero-shot packing: records per group (remainder dropped)
 
   # --- opt: AdamW, warmup then constant, clipping, EMA. ---------------------------
   c.opt = ml_collections.ConfigDict()
@@ -170,8 +175,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.prompt = ""              # prefix, or infill with [[N]] gaps: "To be[[5]]question"
   c.sample.prompt_file = placeholder(str)  # one prompt per line (cycled over samples)
 
+  # --- harness: --mode=harness, lm-evaluation-harness tasks (pgm_jax/evaluation/harness.py). --
+  c.harness = ml_collections.ConfigDict()
+  c.harness.tasks = ("arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,race,"
+                     "social_iqa,mathqa,piqa,lambada_openai")  # the reference's list
+  c.harness.num_mc_samples = 1024   # MDLM / PGM: noised copies per request (the paper's)
+  c.harness.batch_size = 64         # copies per forward pass (divides num_mc_samples)
+  c.harness.likelihood = "reference"  # reference (whole sequence noised, mean per token) |
+                                    # conditional (context clean, continuation ELBO summed)
+  c.harness.bucket_size = 32        # requests padded to a multiple (bounded compiles)
+  c.harness.seed = 0
+  c.harness.limit = placeholder(int)       # lm_eval --limit: examples per task (debugging)
+  c.harness.num_fewshot = placeholder(int)
+  c.harness.include_path = placeholder(str)  # folder of extra lm_eval task YAMLs (local data)
+  c.harness.output_path = placeholder(str)   # default WORKDIR/harness.json
+
   # --- bench: sampling throughput, PGM vs MDLM (--mode=bench; see configs/bench.py). --
   c.bench = ml_collections.ConfigDict()
+  c.bench.what = "sample"           # sample: samplers' tokens/s and FLOPs | train: the jitted
+                                    # train step's tokens/s (PGM vs MDLM vs AR) | all: both
   c.bench.setting = "cpu"
   c.bench.batch_size = 8
   c.bench.seq_len = 128

@@ -19,6 +19,7 @@ flag) or 1; an unforeseen error is one line too, with the path of a file holding
 traceback (PGM_JAX_TRACEBACK=1 also prints it). `run(argv)` is the same command in the
 calling process (tests, notebooks).
 """
+import json
 import os
 
 from absl import app, flags, logging
@@ -26,7 +27,7 @@ from ml_collections import config_flags
 
 from pgm_jax import cli
 
-MODES = ("train", "eval", "sample", "bench", "plan")
+MODES = ("train", "eval", "sample", "bench", "plan", "harness")
 
 
 def define_flags(flag_values=flags.FLAGS, sys_argv=None) -> None:
@@ -45,7 +46,8 @@ def define_flags(flag_values=flags.FLAGS, sys_argv=None) -> None:
       "latest checkpoint -> WORKDIR/samples.jsonl. bench: sampling throughput and FLOPs, PGM "
       "vs MDLM (configs/bench.py) -> WORKDIR/bench.json. plan: compile (not run) the train "
       "step on config.mesh.shape over config.plan.num_devices (virtual CPU devices if "
-      "needed) -> per-device memory and FLOPs in WORKDIR/plan.json.",
+      "needed) -> per-device memory and FLOPs in WORKDIR/plan.json. harness: lm-evaluation-"
+      "harness tasks (config.harness.*) on the latest checkpoint -> WORKDIR/harness.json.",
       flag_values=flag_values)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
@@ -99,7 +101,10 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     train.train_and_evaluate(config, workdir)
   elif mode == "eval":
     result = evaluation.evaluate(config, workdir)
-    print(f"val_ppl={result['val_ppl']:.6f}")
+    for name, r in result.get("zero_shot", {}).items():
+      print(f"{name}: val_ppl={r['val_ppl']:.6f} ({int(r['val_tokens'])} tokens)")
+    if "val_ppl" in result:
+      print(f"val_ppl={result['val_ppl']:.6f}")
     for key in ("gen_ppl", "gen_ppl_raw", "entropy"):
       if key in result:
         print(f"{key}={result[key]:.6f}")
@@ -107,6 +112,10 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     for s in generate.sample(config, workdir)[:4]:
       print(f"--- sample {s['index']} ({s['sampler']}, {s['steps']} steps, seed {s['seed']})")
       print(s["text"])
+  elif mode == "harness":
+    from pgm_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+    summary = harness.run_harness(config, workdir)
+    print(json.dumps(summary["results"], indent=2))
   elif mode == "plan":
     from pgm_jax import plan  # pylint: disable=g-import-not-at-top
     plan.run_plan(config, workdir)

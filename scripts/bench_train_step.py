@@ -1,8 +1,10 @@
-r"""Train-step throughput, PGM vs MDLM, Pallas vs dense XLA attention, in one run.
+r"""Train-step throughput of whole configs, Pallas vs dense XLA attention, in one run.
 
 Times the jitted, sharded train step (`train.make_train_step`, the one training runs) on
-random tokens, after warm-up, synchronised, on all local devices. Prints a table and
-writes JSON; the ratios are measured in this one run.
+random tokens, after warm-up, synchronised, on all local devices, with the timing of
+`pgm_jax.bench.time_train_step`. Prints a table and writes JSON; the ratios are measured
+in this one run. (PGM vs MDLM vs AR at the bench settings, in bench.json:
+`python -m pgm_jax.main --config=configs/bench.py:cpu --mode=bench --config.bench.what=train`.)
 
   # the paper models at L = 1024 (on a GPU or TPU; the "prepared script" of docs/scaling.md)
   python scripts/bench_train_step.py --configs=owt.py:pgm_6_6,owt.py:mdlm \
@@ -24,9 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from pgm_jax import experiment, sharding, train  # noqa: E402
+from pgm_jax import bench  # noqa: E402
 
 
 def load_config(spec: str):
@@ -41,27 +42,9 @@ def load_config(spec: str):
 
 
 def time_step(config, batch_size: int, steps: int, warmup: int) -> dict:
-  config.train.batch_size = batch_size
-  config.train.grad_accum_steps = 1
-  setup = experiment.make_setup(config)
-  state = experiment.init_state(setup, jax.random.key(0))
-  step_fn = train.make_train_step(setup)
-  rng = jax.jit(lambda: jax.random.key(1), out_shardings=sharding.replicated(setup.mesh))()
-  tokens = np.random.default_rng(0).integers(
-      0, setup.tokenizer.vocab_size - 1, (batch_size, config.data.seq_len)).astype(np.int32)
-  batch = sharding.global_batch({"tokens": tokens, "valid": np.ones_like(tokens, bool)},
-                                setup.batch_sharding)
-  for _ in range(warmup):
-    state, metrics = step_fn(state, batch, rng)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step_fn(state, batch, rng)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / steps
-  return {"step_seconds": seconds,
-          "tokens_per_s": batch_size * config.data.seq_len / seconds,
-          "loss": float(jax.device_get(metrics.loss.compute()))}
+  """`pgm_jax.bench.time_train_step` (the timing `--mode=bench --config.bench.what=train`
+  uses too)."""
+  return bench.time_train_step(config, batch_size, steps, warmup)
 
 
 def main():

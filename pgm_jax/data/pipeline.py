@@ -296,8 +296,18 @@ def _array_record_source(data_config, tokenizer, split: str):
   return grain.MapDataset.source(src).map(BlockToExample(int(data_config.seq_len)))
 
 
+def import_tfds(key: str = "config.data.name"):
+  """tensorflow_datasets, or a clear error saying which extra installs it."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f"{key}: reading TFDS data needs tensorflow-datasets: "
+                     f"pip install -e '.[data]'") from None
+  return tfds
+
+
 def _tfds_source(data_config, tokenizer, split: str):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = import_tfds()
   data_dir = _resolve_dir(_get(data_config, "data_dir"), "config.data.data_dir")
   name = _get(data_config, "tfds_name", None) or "lm1b"
   tfds_split = "train" if split == "train" else (_get(data_config, "val_split", None) or "test")
@@ -402,15 +412,17 @@ def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1,
 
 
 def build_eval_iterator(data_config, tokenizer, *, batch_size: int,
-                        process_index: int = 0, process_count: int = 1, max_batches: int | None = None):
+                        process_index: int = 0, process_count: int = 1, max_batches: int | None = None,
+                        source: grain.MapDataset | None = None):
   """Finite, deterministic pass over the validation split (no shuffle), host-local batches.
 
   Every host yields the same number of batches; the final partial batch is padded with rows whose
   valid is all False, so every validation token is counted exactly once (unless max_batches cuts
-  the pass short) and shapes stay static.
+  the pass short) and shapes stay static. `source`: these examples instead of the
+  validation split (zero-shot sets).
   """
   b_host = _host_batch(batch_size, process_index, process_count, "config.eval.batch_size")
-  src = build_source(data_config, tokenizer, "validation")
+  src = source if source is not None else build_source(data_config, tokenizer, "validation")
   shard = src[process_index::process_count]
   n_batches = num_eval_batches(len(src), batch_size, process_count, max_batches)
   if _get(data_config, "name", None) == "imagenet_codes":

@@ -1,12 +1,14 @@
 """Evaluation: validation perplexity, generative perplexity under a judge, entropy.
 
 perplexity.py   val PPL over the validation split (make_eval_fn, run_validation)
+zero_shot.py    val PPL on the reference's zero-shot sets (config.eval.datasets)
 judges.py       AR-baseline and converted GPT-2 judges (load_judge), unigram entropy
 inception.py    the FID Inception-v3 in Flax, from pytorch-fid's weights file
 fid.py          FID, Inception Score, reference statistics, fid_and_is (images)
 __main__.py     `python -m pgm_jax.evaluation convert_gpt2 | convert_inception | fid_stats`
 
     evaluate(config, workdir) -> {"val_ppl": ..., ...}, also WORKDIR/eval.json  (--mode=eval)
+    with config.eval.datasets: {"zero_shot": {set: {"val_ppl": ...}}, ...} instead
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 import jax
 
 from pgm_jax import config_lib, experiment, fileio
-from pgm_jax.evaluation import judges, perplexity
+from pgm_jax.evaluation import judges, perplexity, zero_shot
 from pgm_jax.evaluation.judges import (ARJudge, GPT2Judge, convert_gpt2, load_judge,
                                        load_state_dict, mean_entropy, unigram_entropy)
 from pgm_jax.evaluation.perplexity import make_eval_fn, run_validation
@@ -38,8 +40,14 @@ def evaluate(config, workdir: str) -> dict:
                      "of a trained AR judge, e.g. configs/shakespeare.py:ar)")
   if config.eval.gen_ppl:  # a bad judge fails now, not after the validation pass
     judges.load_judge(config.eval.judge_workdir)
+  # Zero-shot sets are read first: a bad name or a missing file fails before the restore.
+  sets = zero_shot.load_sets(setup) if config.eval.get("datasets") else None
   step, params = experiment.restore_eval_params(setup, workdir)
-  result = perplexity.run_validation(setup, params)
+  if sets:
+    result = {"zero_shot": zero_shot.evaluate_sets(
+        setup, params, sets, perplexity.run_validation, perplexity.make_eval_fn(setup))}
+  else:
+    result = perplexity.run_validation(setup, params)
   result.update(step=step, model=config.model.kind, seq_len=config.data.seq_len)
   if config.eval.gen_ppl:
     result.update(generation_metrics(setup, params, config.eval.judge_workdir))

@@ -20,14 +20,15 @@ def make_eval_fn(setup: experiment.Setup):
                  out_shardings=sharding.replicated(setup.mesh))  # host-readable everywhere
 
 
-def run_validation(setup: experiment.Setup, params, eval_fn=None) -> dict:
-  """Validation perplexity exp(total NLL / total valid tokens) over the val split."""
+def run_validation(setup: experiment.Setup, params, eval_fn=None, source=None) -> dict:
+  """Validation perplexity exp(total NLL / total valid tokens) over the val split, or over
+  `source` (a grain.MapDataset of example dicts, e.g. a zero-shot set)."""
   config = setup.config
   eval_fn = eval_fn or make_eval_fn(setup)
   it = pipeline.build_eval_iterator(
       config.data, setup.tokenizer, batch_size=config.eval.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      max_batches=config.eval.get("max_batches"))
+      max_batches=config.eval.get("max_batches"), source=source)
   base = jax.random.key(config.eval.seed)
   if jax.process_count() > 1:  # a global key: the params span processes
     base = sharding.put_replicated(base, setup.mesh)
