@@ -11,16 +11,42 @@ Presets:
               B=8, L=128, S=32, SentencePiece vocab 2049: about a minute on 2 CPU cores.
   paper       L=1024, S=128, B=32, GPT-2 vocab: MDLM 12L/768 vs PGM 6+6/768, 8+8/768,
               6+6/1024 (method §5; analytic FLOP ratios 4.96x, 3.75x, 2.87x).
+  lm1b        the LM1B setting: L=128, S=128, B=32, BERT vocabulary (pass
+              --config.data.tokenizer_path=/path/to/vocab.txt): MDLM 12L/768 vs PGM 6+6/768.
   flops_only  cost analysis only (nothing is executed).
+  runlocal    shrinks any of them for a CPU smoke run (B=2, L=32, S=4, H=64, 1 timed run).
 Trained weights: --config.bench.pgm_workdir=workdirs/pgm --config.bench.mdlm_workdir=...
+
+Training speed (the reference's latency_train): add --config.bench.what=train (or all),
+e.g. at the paper setting on a GPU/TPU:
+  python -m pgm_jax.main --config=configs/bench.py:paper --workdir=workdirs/bench_train \
+      --mode=bench --config.bench.what=train
 """
 from pgm_jax import config_lib
 
 
 def get_config(arg=None):
-  preset = config_lib.parse_arg(arg, cpu=False, paper=False, flops_only=False)
+  preset = config_lib.parse_arg(arg, cpu=False, paper=False, lm1b=False, flops_only=False,
+                                runlocal=False)
+  if preset.paper + preset.lm1b + preset.cpu > 1:
+    raise ValueError("config presets 'cpu', 'paper' and 'lm1b' are mutually exclusive")
   c = config_lib.base_config()
-  if preset.paper:
+  if preset.lm1b:
+    c.data.tokenizer = "bert_wordpiece"
+    c.data.tokenizer_path = config_lib.placeholder(str)
+    c.data.seq_len = 128
+    c.model.dtype = "bfloat16"
+    c.model.cond_dim = 128
+    c.bench.setting = "lm1b"
+    c.bench.batch_size = 32            # the reference's loader.eval_batch_size
+    c.bench.seq_len = 128
+    c.bench.steps = 127                # S <= L - 1 (the reference runs 128 on 128 tokens)
+    c.bench.repeats = 10
+    c.bench.warmup = 2
+    c.bench.mdlm = dict(hidden=768, num_heads=12, num_layers=12)
+    c.bench.pgm = (dict(name="pgm_6_6", hidden=768, num_heads=12, enc_layers=6,
+                        dec_layers=6),)
+  elif preset.paper:
     c.data.tokenizer = "gpt2"
     c.data.tokenizer_path = "third_party/gpt2/gpt2.tiktoken"
     c.data.seq_len = 1024
@@ -52,4 +78,12 @@ def get_config(arg=None):
     c.bench.pgm = (dict(name="pgm_2_2", hidden=128, num_heads=2, enc_layers=2, dec_layers=2,
                         cond_dim=64),)
   c.bench.flops_only = preset.flops_only
+  if preset.runlocal:
+    c.data.seq_len = 32
+    c.model.dtype = "float32"
+    c.model.cond_dim = 32
+    c.bench.update(dict(batch_size=2, seq_len=32, steps=4, repeats=1, warmup=1))
+    c.bench.mdlm = dict(hidden=64, num_heads=2, num_layers=2, cond_dim=32)
+    c.bench.pgm = tuple(dict(name=dict(p)["name"], hidden=64, num_heads=2, enc_layers=1,
+                             dec_layers=1, cond_dim=32) for p in c.bench.pgm)
   return c

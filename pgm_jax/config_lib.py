@@ -233,6 +233,8 @@ def apply_runlocal(c, *, hidden: int = 128, cond_dim: int | None = None,
   c.eval.max_batches = eval_max_batches
   c.ckpt.every_steps = 10
   c.sample.steps = 8
+  c.eval.gen_num_samples = 2
+  c.harness.update(dict(num_mc_samples=4, batch_size=4, bucket_size=16))
   return c
 
 
