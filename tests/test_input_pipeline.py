@@ -251,5 +251,7 @@ def test_lm1b_tfds_source(tmp_path):
   it = ip.build_train_iterator(cfg, tok, seed=0, batch_size=5)
   b = next(it)
   lens = sorted(b["valid"].sum(1).tolist())
-  assert lens == [3, 6, 6, 6, 8]  # "a a ... a" (12 words) truncated to seq_len without trailing EOS
+  assert lens == [3, 6, 6, 6, 8]  # "a a ... a" (12 words) truncated to [CLS] + 6 + [SEP]
   assert (b["tokens"][:, 0] == tok.bos_id).all()
+  longest = b["tokens"][b["valid"].sum(1) == 8][0]
+  assert longest.tolist() == [2] + [v["a"]] * 6 + [3]  # truncation keeps the final [SEP] (HF)
