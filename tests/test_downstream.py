@@ -13,7 +13,7 @@ import pytest
 from conftest import load_config
 from pgm_jax import checkpointing, evaluation, experiment, steps
 from pgm_jax.data import detokenizers, pipeline
-from pgm_jax.evaluation import harness, zero_shot
+from pgm_jax.evaluation import harness
 
 
 def _noisy(params, seed):
