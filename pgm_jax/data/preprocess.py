@@ -62,8 +62,8 @@ def iter_documents(source: str, data_dir: str | None = None, text_key: str = "te
   order). A bad file or line is a ValueError naming `key`, the file and the line."""
   kind, files = _source_files(source, key)
   if kind == "tfds":
-    tfds = ip.import_tfds("--source")
-    name, _, sp = arg.partition("/")
+    tfds = ip.import_tfds(key)
+    name, _, sp = source.partition(":")[2].partition("/")
     try:
       src = tfds.data_source(name, split=sp or split, data_dir=data_dir)
     except Exception as e:  # pylint: disable=broad-except  # unknown/unprepared dataset, bad split
