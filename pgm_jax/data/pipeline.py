@@ -19,6 +19,8 @@ Sources (`config.data.name`):
   "imagenet_codes" VQ-8 codes of ImageNet from `python -m pgm_jax.preprocess --tokenizer=vq_ds8`
                  in `data_dir` (pgm_jax.data.imagenet): examples {"tokens": [BOS] + 1024 codes,
                  "labels": int32 class, "valid"}; seq_len must be 1025; the tokenizer is unused.
+  image sources  `pgm_jax.data.images.IMAGE_SOURCES` ("digits"): {"tokens": [BOS] + code grid,
+                 "labels": class, "valid"} per image.
 Packed corpora (shakespeare, text_files) are tokenized in memory once per process (cached by
 tokenizer, files+mtimes and seq_len); nothing is written to disk.
 
@@ -40,6 +42,7 @@ import grain
 import numpy as np
 
 from pgm_jax.data import detokenizers, imagenet
+from pgm_jax.data import images
 from pgm_jax.data import tokenizers as tok_lib
 
 DEFAULT_PLAYS_DIR = "third_party/shakespeare/plays"
@@ -363,8 +366,11 @@ def build_source(data_config, tokenizer, split: str) -> grain.MapDataset:
     return _tfds_source(data_config, tokenizer, split)
   if name == "imagenet_codes":
     return _imagenet_codes_source(data_config, split)
+  if name in images.IMAGE_SOURCES:
+    return images.build_source(data_config, tokenizer, split)
   raise ValueError(f"config.data.name: unknown source {name!r}; expected shakespeare, text_files, "
-                   "array_record, lm1b or imagenet_codes")
+                   f"array_record, lm1b, imagenet_codes or an image source "
+                   f"{sorted(images.IMAGE_SOURCES)}")
 
 
 def _host_batch(batch_size: int, process_index: int, process_count: int, key: str) -> int:
@@ -428,6 +434,9 @@ def build_eval_iterator(data_config, tokenizer, *, batch_size: int,
   if _get(data_config, "name", None) == "imagenet_codes":
     pad = PaddedEvalElement(shard, int(data_config.seq_len), imagenet.MASK_ID,
                             (("labels", imagenet.NULL_CLASS),))
+  elif _get(data_config, "name", None) in images.IMAGE_SOURCES:
+    pad = PaddedEvalElement(shard, int(data_config.seq_len), int(tokenizer.pad_id),
+                            (("labels", 0),))
   else:
     pad = PaddedEvalElement(shard, int(data_config.seq_len), int(tokenizer.pad_id))
   ds = grain.MapDataset.range(n_batches * b_host).map(pad)

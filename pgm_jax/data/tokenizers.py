@@ -360,6 +360,9 @@ def get_tokenizer(data_config) -> Tokenizer:
   kind = get("tokenizer", None)
   if kind is None:
     raise ValueError(f"config.data.tokenizer: missing; expected one of {TOKENIZERS}")
+  if kind == "image_codes":  # images: codes + MASK + BOS (config.data.num_codes, grid)
+    from pgm_jax.data import images  # pylint: disable=g-import-not-at-top
+    return images.image_vocab(data_config)
   return make_tokenizer(kind, get("tokenizer_path", None))
 
 
