@@ -209,12 +209,64 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def image_base_config() -> ml_collections.ConfigDict:
+  """`base_config()` plus the image keys (method §7), with the image reference's training
+  hyperparameters: AdamW(0.9, 0.999), weight decay 0.03, lr 1e-4, 2500 warmup steps, a cosine
+  decay over the last 10% of the run down to 1% of lr, clipping 1.0, no EMA, label dropout 0.1.
+  configs/digits.py and configs/imagenet.py build on it."""
+  c = base_config()
+  c.model.kind = "pgm_image"        # pgm_image (class-conditional PartitionDiT) | maskgit
+  c.model.num_classes = 1000        # the class table has one more row: the null class (CFG)
+  c.model.register = 2              # learned register tokens (pgm_image: half per group;
+                                    # maskgit: appended after the codes)
+  c.model.dropout = 0.1
+  # (config.model.cond_dim is not used: images condition on a class embedding of width H.)
+
+  c.data.name = "digits"            # an image source of pgm_jax.data.images.IMAGE_SOURCES
+  c.data.tokenizer = "image_codes"  # codes, then MASK = num_codes, BOS = num_codes + 1
+  c.data.num_codes = 17
+  c.data.grid = 8                   # G: G x G codes per image, row-major
+  c.data.seq_len = 1 + 8 * 8        # [BOS] + the codes
+
+  c.train.label_dropout = 0.1       # labels -> null class w.p. 0.1 (classifier-free guidance)
+  c.train.num_final_samples = 1     # > 0: a PNG grid (one row per class) at the end
+
+  c.opt.lr = 1e-4
+  c.opt.weight_decay = 0.03
+  c.opt.warmup_steps = 2500
+  c.opt.ema_decay = 0.0             # no EMA (the reference's image runs)
+  c.opt.schedule = "cosine_tail"    # constant | cosine_tail (cosine over the last
+  c.opt.decay_fraction = 0.1        # decay_fraction of decay_end steps, floored at
+  c.opt.min_lr_fraction = 0.01      # min_lr_fraction * lr)
+  c.opt.decay_end = placeholder(int)  # None = config.train.num_steps
+
+  c.sample.sampler = "auto"         # auto (= halton) | halton | confidence
+  c.sample.steps = 32
+  c.sample.cfg_w = 0.0              # classifier-free guidance w (w_k = w k / (S - 1))
+  c.sample.temperature = 1.0        # Halton: logits x linspace(temperature_min, temperature,
+  c.sample.temperature_min = 1.0    # S)[k], x0.5 on step 0; confidence: logits x temperature
+  c.sample.r_temp = 5.0             # confidence: Gumbel noise scale r_temp (1 - k / (S - 1))
+  c.sample.classes = ()             # classes of the --mode=sample grid (one row each);
+                                    # () = every class when num_classes <= 16, else 0..9
+  c.sample.samples_per_class = 8    # columns of the grid
+  c.sample.batch_size = 64          # images per sampling batch
+
+  c.eval.metric = "classifier"      # classifier (digits: the repo's small classifier) | fid
+  c.eval.samples_per_class = 50     # class-conditional samples per class for the metrics
+
+  c.bench.sampler = "auto"          # the sampler both models run
+  c.bench.latency_batch_size = 1    # latency at batch 1, images/s at bench.batch_size
+  c.bench.analytic = True           # also the analytic FLOP ratio (method §5 formulas)
+  c.bench.maskgit = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
+  return c
+
+
 def resolve_sampler(config) -> str:
   """config.sample.sampler with "auto" resolved by config.model.kind."""
   sampler = config.sample.sampler
   if sampler == "auto":
-    return {"pgm": "efficient-uniform", "mdlm": "ddpm_cache", "ar": "ar"}.get(
-        config.model.kind, sampler)
+    return {"pgm": "efficient-uniform", "mdlm": "ddpm_cache", "ar": "ar",
+            "pgm_image": "halton", "maskgit": "halton"}.get(config.model.kind, sampler)
   return sampler
 
 

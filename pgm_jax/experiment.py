@@ -63,13 +63,12 @@ def make_setup(config, devices=None) -> Setup:
     pallas_attention.check_block_sizes(config.data.seq_len, config.data.seq_len,
                                        config.attn.block_q, config.attn.block_kv)
   sampler = config_lib.resolve_sampler(config)
-  allowed = {"pgm": samplers.PGM_SAMPLERS, "mdlm": samplers.MDLM_SAMPLERS,
-             "ar": samplers.AR_SAMPLERS}[model_cfg.kind]
+  allowed = samplers.SAMPLERS_BY_KIND[model_cfg.kind]
   if sampler not in allowed:
     raise ValueError(f"config.sample.sampler={sampler!r} is not a {model_cfg.kind} sampler; "
                      f"use one of {allowed} or 'auto'")
   model = build_model(model_cfg)
-  tx = steps.make_optimizer(config.opt)
+  tx = steps.make_optimizer(config.opt, config.train.num_steps)
   boxed = jax.eval_shape(_boxed_init_fn(model, tx, config), jax.random.key(0))
   rules = sharding.logical_rules(config.mesh)
   state_shardings = sharding.shardings_from_boxed(boxed, mesh, rules)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF_MDLM = -1e6  # the reference's `neg_infinity` for SUBS
+IMAGE_KINDS = ("pgm_image", "maskgit")  # config.model.kind values trained on image batches
 
 
 def alpha(t, eps: float = 1e-3):
@@ -167,4 +168,34 @@ def ar_loss_terms_from_log_probs(logp_BxLm1, valid_BxL):
   nll_BxLm1 = -logp_BxLm1
   counted = valid_BxL[:, 1:].astype(bool)
   nll_sum = jnp.sum(jnp.where(counted, nll_BxLm1, 0.0))
+  return LossTerms(nll_sum, nll_sum, counted.astype(jnp.float32).sum())
+
+
+# ----------------------------------------------------------------------------
+# Images (method §7): arccos masking, plain cross-entropy, label dropout.
+# ----------------------------------------------------------------------------
+
+def arccos_rate(r_B):
+  """Share of an image's codes that go to group 1 (are masked) at r ~ U(0, 1):
+  arccos(r) / (pi / 2), MaskGIT's arccos schedule."""
+  return jnp.arccos(jnp.clip(r_B, 0.0, 1.0)) / (jnp.pi / 2)
+
+
+def image_groups(u_BxL, r_B):
+  """Group 1 (masked) iff u_i < arccos(r)/(pi/2), over [BOS] + codes; BOS (position 0) is
+  always in group 0. int32 [B, L]."""
+  group = (u_BxL < arccos_rate(r_B)[:, None]).astype(jnp.int32)
+  return group.at[:, 0].set(0)
+
+
+def drop_labels(labels_B, u_B, rate: float, null_class: int):
+  """Classifier-free guidance training: each label becomes the null class w.p. `rate`."""
+  return jnp.where(u_B < rate, null_class, labels_B).astype(jnp.int32)
+
+
+def image_loss_terms_from_log_probs(logp_BxN, counted_BxN):
+  """Plain mean cross-entropy over the counted positions (no ELBO weight, no 1/2):
+  PGM counts every code of both groups, MaskGIT the masked codes."""
+  counted = counted_BxN.astype(bool)
+  nll_sum = jnp.sum(jnp.where(counted, -logp_BxN, 0.0))
   return LossTerms(nll_sum, nll_sum, counted.astype(jnp.float32).sum())

@@ -33,9 +33,20 @@ class TrainMetrics(clu_metrics.Collection):
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
 
 
-def learning_rate_schedule(opt_config):
-  """Linear warmup from 0 to lr over warmup_steps, then constant (the reference)."""
+SCHEDULES = ("constant", "cosine_tail")
+
+
+def learning_rate_schedule(opt_config, num_steps: int | None = None):
+  """Linear warmup from 0 to lr over warmup_steps, then constant (the text reference), or,
+  with opt.schedule = "cosine_tail" (the image reference), constant until the last
+  opt.decay_fraction of opt.decay_end steps (None: `num_steps`, config.train.num_steps), then a
+  cosine decay floored at opt.min_lr_fraction * lr."""
   warmup = max(int(opt_config.warmup_steps), 0)
+  schedule = opt_config.get("schedule", "constant")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"config.opt.schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if schedule == "cosine_tail":
+    return _cosine_tail_schedule(opt_config, warmup, num_steps)
   if warmup == 0:
     return optax.constant_schedule(opt_config.lr)
   return optax.join_schedules(
@@ -43,11 +54,31 @@ def learning_rate_schedule(opt_config):
        optax.constant_schedule(opt_config.lr)], [warmup])
 
 
-def make_optimizer(opt_config) -> optax.GradientTransformation:
+def _cosine_tail_schedule(opt_config, warmup: int, num_steps: int | None):
+  end = opt_config.get("decay_end")
+  lr, end = float(opt_config.lr), int(num_steps if end is None else end)
+  fraction, floor = float(opt_config.decay_fraction), float(opt_config.min_lr_fraction)
+  if end <= 0 or not 0.0 < fraction <= 1.0 or not 0.0 <= floor <= 1.0:
+    raise ValueError(f"config.opt: cosine_tail needs decay_end > 0 (got {end}), decay_fraction "
+                     f"in (0, 1] (got {fraction}) and min_lr_fraction in [0, 1] (got {floor})")
+  decay_steps = fraction * end
+  start = end - decay_steps
+
+  def schedule(count):
+    c = jnp.asarray(count, jnp.float32)
+    warm = lr * c / max(warmup, 1)
+    progress = jnp.clip((c - start) / decay_steps, 0.0, 1.0)
+    tail = jnp.maximum(0.5 * lr * (1.0 + jnp.cos(jnp.pi * progress)), floor * lr)
+    return jnp.where(c < warmup, warm, jnp.where(c > start, tail, lr))
+
+  return schedule
+
+
+def make_optimizer(opt_config, num_steps: int | None = None) -> optax.GradientTransformation:
   parts = []
   if opt_config.grad_clip and opt_config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(opt_config), b1=opt_config.b1,
+  parts.append(optax.adamw(learning_rate_schedule(opt_config, num_steps), b1=opt_config.b1,
                            b2=opt_config.b2, eps=opt_config.eps,
                            weight_decay=opt_config.weight_decay))
   return optax.chain(*parts)
@@ -56,8 +87,13 @@ def make_optimizer(opt_config) -> optax.GradientTransformation:
 def init_state(rng, *, model, tx, batch_size: int, seq_len: int, kind: str) -> TrainState:
   """Boxed (logically partitioned) initial state; jit it with out_shardings."""
   tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+  labels = jnp.zeros((batch_size,), jnp.int32)
   if kind == "pgm":
     variables = model.init({"params": rng}, tokens, tokens)
+  elif kind == "pgm_image":
+    variables = model.init({"params": rng}, tokens, tokens, labels)
+  elif kind == "maskgit":  # codes only: position 0 of a batch is BOS
+    variables = model.init({"params": rng}, tokens[:, 1:], labels)
   else:  # sigma is read only by a time-conditioned MDLM
     variables = model.init({"params": rng}, tokens, sigma_B=jnp.zeros((batch_size,)))
   params = variables["params"]
@@ -90,10 +126,14 @@ def loss_terms(params, batch, t_B, noise_u_BxL, dropout_rng, *, model, mask_id: 
   attend_to_padding: the model attends to pad tokens (they get groups / noise like any
   token) and `valid` masks them only in the loss: the reference's LM1B behaviour.
   """
-  tokens, valid = batch["tokens"], batch["valid"]
+  tokens = batch["tokens"]
+  valid = batch["valid"] if "valid" in batch else jnp.ones(tokens.shape, bool)
+  rngs = {"dropout": dropout_rng} if train else {}
+  if kind in objectives.IMAGE_KINDS:
+    return _image_loss_terms(params, tokens, batch["labels"], valid, t_B, noise_u_BxL, rngs,
+                             model=model, mask_id=mask_id, kind=kind, train=train)
   model_valid = None if attend_to_padding else valid
   group = objectives.groups_from_uniform(noise_u_BxL, t_B, sampling_eps)
-  rngs = {"dropout": dropout_rng} if train else {}
   time_conditioned = getattr(model.config, "time_conditioning", False)
   # The models return log p(target) [B, L] directly (`targets_BxL`): the float32
   # [B, L, V] logits are never materialised (chunked by config.model.loss_chunk_len);
@@ -133,6 +173,35 @@ def objective_options(config) -> dict:
               attend_to_padding=bool(config.data.get("attend_to_padding", False)))
 
 
+def _image_loss_terms(params, tokens, labels, valid, r_B, noise_u_BxL, rngs, *, model, mask_id,
+                      kind, train):
+  """Images (method §7), tokens = [BOS] + codes and r_B ~ U(0, 1) per image: a code is in
+  group 1 / masked iff its uniform draw is below arccos(r)/(pi/2). Plain cross-entropy with
+  logit[MASK] = -1e6: PGM over every code of both groups, MaskGIT over the masked codes."""
+  counted = valid[:, 1:].astype(bool)
+  if kind == "pgm_image":
+    group = objectives.image_groups(noise_u_BxL, r_B)
+    logp = model.apply({"params": params}, tokens, group, labels, valid, train=train, rngs=rngs,
+                       targets_BxL=tokens, mask_logit=objectives.NEG_INF_MDLM)
+    return objectives.image_loss_terms_from_log_probs(logp[:, 1:], counted)
+  codes = tokens[:, 1:]
+  masked = noise_u_BxL[:, 1:] < objectives.arccos_rate(r_B)[:, None]
+  logp = model.apply({"params": params}, jnp.where(masked, mask_id, codes), labels, train=train,
+                     rngs=rngs, targets_BxN=codes, mask_logit=objectives.NEG_INF_MDLM)
+  return objectives.image_loss_terms_from_log_probs(logp, masked & counted)
+
+
+def _image_draws(rng, batch, *, config):
+  """(r_B ~ U(0, 1), the batch with its labels dropped to the null class w.p.
+  config.train.label_dropout) for an image train step."""
+  r_rng, drop_rng = jax.random.split(rng)
+  batch_size = batch["tokens"].shape[0]
+  r_B = jax.random.uniform(r_rng, (batch_size,))
+  labels = objectives.drop_labels(batch["labels"], jax.random.uniform(drop_rng, (batch_size,)),
+                                  config.train.label_dropout, config.model.num_classes)
+  return r_B, dict(batch, labels=labels)
+
+
 def _keep_batch_sharded(x_AxBx):
   """Microbatches [accum, B/accum, ...]: keep dim 1 sharded over the batch mesh axes.
 
@@ -166,8 +235,11 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
   t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
   batch_size, seq_len = batch["tokens"].shape
   accum = t_cfg.grad_accum_steps
-  t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=t_cfg.sampling_eps,
-                         antithetic=t_cfg.antithetic)
+  if kind in objectives.IMAGE_KINDS:  # r ~ U(0, 1) per image (the "t" slot), label dropout
+    t_B, batch = _image_draws(t_rng, batch, config=config)
+  else:
+    t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=t_cfg.sampling_eps,
+                           antithetic=t_cfg.antithetic)
   noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
 
   def micro_loss(params, micro, t_mb, u_mb, r):
@@ -204,20 +276,24 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
     ema = params
   metrics = TrainMetrics.single_from_model_output(
       loss=loss, nll=nll, grad_norm=optax.tree.norm(grads),
-      learning_rate=learning_rate_schedule(config.opt)(state.step))
+      learning_rate=learning_rate_schedule(config.opt, t_cfg.num_steps)(state.step))
   return TrainState(step=new_step, params=params, opt_state=opt_state, ema_params=ema), metrics
 
 
 def eval_step(params, batch, rng, *, model, config, mask_id: int, data_parallel: int):
   """(nll_sum, num_tokens) of a validation batch, one random t per sequence.
 
-  As in the reference, t is stratified over each device's slice of the batch.
+  As in the reference, t is stratified over each device's slice of the batch. Images: one
+  r ~ U(0, 1) per image and the image cross-entropy (`_image_loss_terms`), labels kept.
   """
   batch_size, seq_len = batch["tokens"].shape
   t_rng, noise_rng = jax.random.split(rng)
-  t_B = stratified_times(t_rng, batch_size, groups=data_parallel,
-                         sampling_eps=config.train.sampling_eps,
-                         antithetic=config.train.antithetic)
+  if config.model.kind in objectives.IMAGE_KINDS:  # r ~ U(0, 1); labels kept (conditional)
+    t_B = jax.random.uniform(t_rng, (batch_size,))
+  else:
+    t_B = stratified_times(t_rng, batch_size, groups=data_parallel,
+                           sampling_eps=config.train.sampling_eps,
+                           antithetic=config.train.antithetic)
   noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
   terms = loss_terms(params, batch, t_B, noise_u_BxL, None, model=model, mask_id=mask_id,
                      kind=config.model.kind, train=False,

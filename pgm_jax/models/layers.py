@@ -28,7 +28,7 @@ Dtype = Any
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static model hyperparameters (built from `config.model` by `model_config_from`)."""
-  kind: str                     # "pgm" | "mdlm"
+  kind: str                     # "pgm" | "mdlm" | "ar" | "pgm_image" | "maskgit"
   vocab_size: int               # includes MASK
   mask_id: int
   hidden: int = 768
@@ -50,6 +50,11 @@ class ModelConfig:
   loss_chunk_len: int = 0       # config.model.loss_chunk_len: positions per output chunk
   time_conditioning: bool = False  # config.model.time_conditioning: the DiT reads sigma(t)
   logical_axis_rules: tuple = ()  # config.mesh.logical_axis_rules (activation constraints)
+  # Images (pgm_image, maskgit): class conditioning, learned register tokens, and MaskGIT's
+  # learned position table (one row per code).
+  num_classes: int = 0          # config.model.num_classes; the class table has one more row
+  register: int = 0             # config.model.register
+  num_positions: int = 0        # config.data.grid ** 2 (maskgit)
 
   @property
   def head_dim(self) -> int:
@@ -123,19 +128,23 @@ def logical(init: Callable, names: tuple[Optional[str], ...]):
 
 
 class Linear(nn.Module):
-  """Dense layer with PyTorch default init (or zero init) and logical axes."""
+  """Dense layer with PyTorch default init (or zero init, or Xavier-uniform with a zero
+  bias: `xavier=True`, MaskGIT's init) and logical axes."""
   features: int
   in_axis: str
   out_axis: str
   use_bias: bool = True
   zero_init: bool = False
   dtype: Dtype = jnp.float32
+  xavier: bool = False
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
     if self.zero_init:
       kernel_init, bias_init = nn.initializers.zeros_init(), nn.initializers.zeros_init()
+    elif self.xavier:
+      kernel_init, bias_init = nn.initializers.xavier_uniform(), nn.initializers.zeros_init()
     else:
       kernel_init, bias_init = torch_linear_kernel_init(), torch_linear_bias_init(fan_in)
     kernel = self.param("kernel", logical(kernel_init, (self.in_axis, self.out_axis)),
@@ -238,6 +247,20 @@ class VocabEmbedding(nn.Module):
     table = self.param("embedding", logical(init, ("vocab", "embed")),
                        (self.vocab_size, self.hidden), jnp.float32)
     return jnp.take(table, tokens_BxL, axis=0)
+
+
+class ClassEmbedding(nn.Module):
+  """A class-label table [num_classes + 1, H] (the last row is the null class of
+  classifier-free guidance), init N(0, stddev^2); returns float32 [B, H]."""
+  num_embeddings: int
+  features: int
+  stddev: float = 1.0
+
+  @nn.compact
+  def __call__(self, labels_B):
+    table = self.param("embedding", logical(nn.initializers.normal(self.stddev), (None, "cond")),
+                       (self.num_embeddings, self.features), jnp.float32)
+    return jnp.take(table, labels_B, axis=0)
 
 
 class TimestepEmbedder(nn.Module):
@@ -366,28 +389,34 @@ class VocabProjection(nn.Module):
     return dense(h_BxLxH, self.kernel, self.bias, self.config.compute_dtype).astype(jnp.float32)
 
   def target_log_probs(self, h_BxLxH, targets_BxL, mask_logit: float):
-    cfg = self.config
-    kernel, bias = self.kernel, self.bias
+    return projected_log_probs(self.config, h_BxLxH, self.kernel, self.bias, targets_BxL,
+                               mask_logit)
 
-    def chunk_log_probs(h, targets):
-      logits = dense(h, kernel, bias, cfg.compute_dtype)
-      return objectives.token_log_probs(logits, targets, cfg.mask_id, mask_logit=mask_logit)
 
-    batch, length, hidden = h_BxLxH.shape
-    chunk = cfg.loss_chunk_len
-    if chunk <= 0 or chunk >= length:
-      return chunk_log_probs(h_BxLxH, targets_BxL)
-    num_chunks = -(-length // chunk)
-    pad = num_chunks * chunk - length
-    if pad:
-      h_BxLxH = jnp.pad(h_BxLxH, ((0, 0), (0, pad), (0, 0)))
-      targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
-    h_NxBxCxH = h_BxLxH.reshape(batch, num_chunks, chunk, hidden).swapaxes(0, 1)
-    t_NxBxC = targets_BxL.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-    # The kernel and bias are closed over: their cotangents accumulate across chunks.
-    step = jax.checkpoint(chunk_log_probs)
-    logp_NxBxC = jax.lax.map(lambda args: step(*args), (h_NxBxCxH, t_NxBxC))
-    return logp_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
+def projected_log_probs(cfg: ModelConfig, h_BxLxH, kernel_HxV, bias_V, targets_BxL,
+                        mask_logit: float):
+  """log p(target) [B, L] of the projection h @ kernel + bias, after logit[MASK] =
+  mask_logit, chunked over `cfg.loss_chunk_len` positions (see `VocabProjection`)."""
+
+  def chunk_log_probs(h, targets):
+    logits = dense(h, kernel_HxV, bias_V, cfg.compute_dtype)
+    return objectives.token_log_probs(logits, targets, cfg.mask_id, mask_logit=mask_logit)
+
+  batch, length, hidden = h_BxLxH.shape
+  chunk = cfg.loss_chunk_len
+  if chunk <= 0 or chunk >= length:
+    return chunk_log_probs(h_BxLxH, targets_BxL)
+  num_chunks = -(-length // chunk)
+  pad = num_chunks * chunk - length
+  if pad:
+    h_BxLxH = jnp.pad(h_BxLxH, ((0, 0), (0, pad), (0, 0)))
+    targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+  h_NxBxCxH = h_BxLxH.reshape(batch, num_chunks, chunk, hidden).swapaxes(0, 1)
+  t_NxBxC = targets_BxL.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+  # The kernel and bias are closed over: their cotangents accumulate across chunks.
+  step = jax.checkpoint(chunk_log_probs)
+  logp_NxBxC = jax.lax.map(lambda args: step(*args), (h_NxBxCxH, t_NxBxC))
+  return logp_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
 
 
 class FinalLayer(nn.Module):
