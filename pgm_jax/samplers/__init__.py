@@ -4,21 +4,26 @@ common.py    prompts, categorical draws, device placement, SampleResult (shared)
 pgm.py       PGM: efficient-uniform, efficient-non-uniform, naive
 mdlm.py      MDLM: ddpm_cache, ddpm
 ar.py        AR baseline: left to right with a KV cache
-generate.py  config -> samples (`generate_samples`), `--mode=sample` (`sample`)
+image.py     images (PGM image model, MaskGIT): halton, confidence; classifier-free guidance
+generate.py  config -> samples (`generate_samples`, `generate_images`), `--mode=sample`
 """
 from pgm_jax.samplers.ar import AR_SAMPLERS, ar_sample
 from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, filtered_log_probs,
-                                     keyed_gumbel_argmax, make_prompt, params_mesh_context,
-                                     parse_prompt, split_prompt, unconditional_prompt)
+                                     keyed_gumbel, keyed_gumbel_argmax, make_prompt,
+                                     params_mesh_context, parse_prompt, split_prompt,
+                                     unconditional_prompt)
+from pgm_jax.samplers.image import IMAGE_SAMPLERS, image_sample
 from pgm_jax.samplers.mdlm import MDLM_SAMPLERS, mdlm_passes, mdlm_sample
 from pgm_jax.samplers.pgm import (PGM_SAMPLERS, SCHEDULES, make_schedule, pgm_plan, pgm_sample,
                                   random_orders)
 
 # config.model.kind -> the samplers of that family.
-SAMPLERS_BY_KIND = {"pgm": PGM_SAMPLERS, "mdlm": MDLM_SAMPLERS, "ar": AR_SAMPLERS}
+SAMPLERS_BY_KIND = {"pgm": PGM_SAMPLERS, "mdlm": MDLM_SAMPLERS, "ar": AR_SAMPLERS,
+                    "pgm_image": IMAGE_SAMPLERS, "maskgit": IMAGE_SAMPLERS}
 
-__all__ = ["AR_SAMPLERS", "MDLM_SAMPLERS", "PGM_SAMPLERS", "SAMPLERS_BY_KIND", "SCHEDULES",
-           "TRACE_COUNTS", "Prompt", "SampleResult", "ar_sample", "filtered_log_probs",
-           "keyed_gumbel_argmax", "make_prompt", "make_schedule", "mdlm_passes", "mdlm_sample",
+__all__ = ["AR_SAMPLERS", "IMAGE_SAMPLERS", "MDLM_SAMPLERS", "PGM_SAMPLERS", "SAMPLERS_BY_KIND",
+           "SCHEDULES", "TRACE_COUNTS", "Prompt", "SampleResult", "ar_sample",
+           "filtered_log_probs", "image_sample", "keyed_gumbel", "keyed_gumbel_argmax",
+           "make_prompt", "make_schedule", "mdlm_passes", "mdlm_sample",
            "params_mesh_context", "parse_prompt", "pgm_plan", "pgm_sample", "random_orders",
            "split_prompt", "unconditional_prompt"]

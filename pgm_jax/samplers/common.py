@@ -19,7 +19,7 @@ import numpy as np
 from pgm_jax import sharding
 
 # Trace counters (one increment per compilation of a sampler program; tests count them).
-TRACE_COUNTS = {"pgm_efficient": 0, "pgm_naive": 0, "mdlm": 0, "ar": 0}
+TRACE_COUNTS = {"pgm_efficient": 0, "pgm_naive": 0, "mdlm": 0, "ar": 0, "image": 0}
 
 
 # ----------------------------------------------------------------------------
@@ -152,6 +152,16 @@ def keyed_gumbel_argmax(key, logp_BxQxV, seq_ids_B, positions_BxQ):
 
   noise = jax.vmap(lambda s, ps: jax.vmap(lambda p: one(s, p))(ps))(seq_ids_B, positions_BxQ)
   return jnp.argmax(logp_BxQxV + noise, axis=-1).astype(jnp.int32)
+
+
+def keyed_gumbel(key, seq_ids_B, positions_BxQ):
+  """One standard Gumbel draw per (sequence id, position), float32 [B, Q]; like
+  `keyed_gumbel_argmax`, it does not depend on where the position sits in the batch."""
+  def one(seq, pos):
+    return jax.random.gumbel(jax.random.fold_in(jax.random.fold_in(key, seq), pos), (),
+                             jnp.float32)
+
+  return jax.vmap(lambda s, ps: jax.vmap(lambda p: one(s, p))(ps))(seq_ids_B, positions_BxQ)
 
 
 # ----------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Samples from a config and params: the driver shared by `--mode=sample`, the end of
-training, gen-PPL evaluation and the notebook.
+training, evaluation and the notebook.
 
     generate_samples(setup, params, num_samples=..., num_steps=..., seed=...) -> [dict]
-    sample(config, workdir) -> [dict], also WORKDIR/samples.jsonl   (--mode=sample)
+    generate_images(setup, params, labels, ...) -> tokens [n, 1 + G*G]      (image configs)
+    sample(config, workdir) -> [dict], also WORKDIR/samples.jsonl   (--mode=sample, text)
+      image configs: WORKDIR/samples.png (one row per class) and WORKDIR/samples.npz
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -13,10 +16,13 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from pgm_jax import config_lib, experiment, fileio
+from pgm_jax import config_lib, experiment, fileio, objectives
+from pgm_jax.data import images
 from pgm_jax.samplers.ar import ar_sample
 from pgm_jax.samplers.common import make_prompt, parse_prompt, split_prompt
+from pgm_jax.samplers.image import image_sample
 from pgm_jax.samplers.mdlm import mdlm_sample
 from pgm_jax.samplers.pgm import pgm_sample
 
@@ -79,14 +85,100 @@ def read_prompts(config) -> tuple[str, ...]:
   return tuple(prompts)
 
 
-def sample(config, workdir: str) -> list[dict]:
-  """--mode=sample: EMA weights of the latest checkpoint -> WORKDIR/samples.jsonl.
+def generate_images(setup: experiment.Setup, params, labels, *, num_steps: int, seed: int,
+                    sampler: str | None = None, cfg_w: float | None = None,
+                    progress=None) -> np.ndarray:
+  """Class-conditional token grids int32 [len(labels), 1 + G*G] ([BOS] + codes), in batches
+  of config.sample.batch_size (batch i seeded with seed + i)."""
+  cfg = setup.config
+  sampler = sampler or config_lib.resolve_sampler(cfg)
+  cfg_w = cfg.sample.cfg_w if cfg_w is None else cfg_w
+  labels = np.asarray(labels, np.int32)
+  batch_size = max(1, min(cfg.sample.batch_size, len(labels)))
+  out = []
+  for first in range(0, len(labels), batch_size):
+    result = image_sample(
+        params, labels[first:first + batch_size], model=setup.model, sampler=sampler,
+        steps=num_steps, seed=seed + first // batch_size, grid=cfg.data.grid, cfg_w=cfg_w,
+        temperature=cfg.sample.temperature, temperature_min=cfg.sample.temperature_min,
+        r_temp=cfg.sample.r_temp, bucket_size=cfg.sample.bucket_size, progress=progress)
+    out.append(result.tokens)
+  return np.concatenate(out)
+
+
+def grid_classes(config) -> list[int]:
+  """The classes of a sample grid: config.sample.classes, or every class (at most 16)."""
+  classes = [int(c) for c in config.sample.classes]
+  num_classes = config.model.num_classes
+  if not classes:
+    classes = list(range(min(num_classes, 16)))
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f"config.sample.classes: {bad} not in [0, config.model.num_classes="
+                     f"{num_classes})")
+  return classes
+
+
+def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: str) -> dict:
+  """Writes PREFIX.npz (codes [n, G, G], labels, tokens) and, when the source has a pixel
+  decoder, PREFIX.png: a rows x cols grid, one row per class. Call from process 0."""
+  grid = config.data.grid
+  codes = np.asarray(tokens)[:, 1:].reshape(-1, grid, grid)
+  buf = io.BytesIO()
+  np.savez(buf, codes=codes, labels=np.asarray(labels, np.int32), tokens=np.asarray(tokens))
+  epath.Path(prefix + ".npz").write_bytes(buf.getvalue())
+  paths = {"npz": prefix + ".npz"}
+  try:
+    pixels = images.tokens_to_pixels(config.data, tokens)
+  except ValueError as e:
+    logging.warning("no PNG grid: %s", e)
+    return paths
+  scale = max(1, 64 // pixels.shape[1])  # digits: 8 px -> 64 px cells
+  png = images.encode_png(images.tile_grid(pixels, rows, cols, scale=scale))
+  epath.Path(prefix + ".png").write_bytes(png)
+  paths["png"] = prefix + ".png"
+  return paths
+
+
+def sample_images(config, workdir: str, *, setup=None, params=None, step=None,
+                  prefix: str = "samples") -> dict:
+  """Image configs: config.sample.samples_per_class samples of each of `grid_classes`, with
+  config.sample.{sampler, steps, cfg_w} -> WORKDIR/PREFIX.{png,npz}. Without `params`, the
+  latest checkpoint's."""
+  setup = setup or experiment.make_setup(config)
+  if params is None:
+    step, params = experiment.restore_eval_params(setup, workdir)
+  classes = grid_classes(config)
+  cols = config.sample.samples_per_class
+  labels = np.repeat(np.asarray(classes, np.int32), cols)
+  sampler = config_lib.resolve_sampler(config)
+  started = time.time()
+  tokens = generate_images(setup, params, labels, num_steps=config.sample.steps,
+                           seed=config.sample.seed, sampler=sampler)
+  seconds = time.time() - started
+  info = {"sampler": sampler, "steps": config.sample.steps, "cfg_w": config.sample.cfg_w,
+          "classes": classes, "samples_per_class": cols, "checkpoint_step": step,
+          "seconds": seconds}
+  if jax.process_index() == 0:
+    info.update(write_image_samples(config, tokens, labels, len(classes), cols,
+                                    os.path.join(workdir, prefix)))
+    logging.info("%d images (%s, %d steps, cfg_w %g) in %.1fs: %s", len(labels), sampler,
+                 config.sample.steps, config.sample.cfg_w, seconds,
+                 ", ".join(v for k, v in info.items() if k in ("png", "npz")))
+  return info
+
+
+def sample(config, workdir: str):
+  """--mode=sample: EMA weights of the latest checkpoint -> WORKDIR/samples.jsonl (text), or
+  WORKDIR/samples.png + samples.npz (image configs; returns a dict of what was written).
 
   Everything is checked before sampling starts (config, prompts, that WORKDIR is
   writable); the file is replaced atomically, and only by a complete set of samples.
   """
   if jax.process_index() == 0:
     fileio.check_writable_dir(workdir, create=False)
+  if config.model.kind in objectives.IMAGE_KINDS:
+    return sample_images(config, workdir)
   setup = experiment.make_setup(config)
   prompts = read_prompts(config)
   for prompt in prompts:  # lengths against config.data.seq_len, before any work

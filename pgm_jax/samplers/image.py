@@ -1,0 +1,421 @@
+"""Image samplers (method §7): Halton and confidence, for the PGM image model and MaskGIT,
+with classifier-free guidance.
+
+An image sampler is "an order + a count schedule + a selection rule + an execution". Token
+position p >= 1 is grid cell p - 1 (row-major); position 0 is BOS.
+  * halton:     the fixed 2D Halton order of the grid (bases 2 and 3). Step k reveals the
+                next r_k - r_{k-1} positions of that order, with the cumulative count
+                r_k = max(k + 1, floor(N (1 - arccos((k + 1) / S) / (pi / 2)))).
+                Logits x temperature_k = linspace(temperature_min, temperature, S)[k],
+                x 0.5 on step 0.
+  * confidence: step k draws a token at EVERY unknown position, scores it by
+                log p(token) + r_temp (1 - k / (S - 1)) Gumbel noise and keeps the best n_k;
+                the cumulative count max(k + 1, floor(N (1 - arccos(k / (S - 1)) / (pi / 2))))
+                reveals 1 token on step 0 and all that remain on step S - 1. Logits x
+                temperature.
+  * execution:  "efficient" (PGM): the encoder runs on the packed known tokens only; the
+                decoder queries the new positions (halton) or every unknown position
+                (confidence: it needs all their confidences). "full": the model runs on the
+                whole grid, MASK at the unknown positions (MaskGIT; for the PGM, the training
+                layout with the unknown positions as group 1: the oracle that the efficient
+                execution is tested against).
+Classifier-free guidance: logits = (1 + w_k) cond - w_k uncond with w_k = w k / (S - 1),
+from one doubled batch whose second half has the null class. MASK and BOS are never drawn.
+Draws are keyed by (step, sequence, position), so both executions give the same tokens for
+the same model, order and key (tests check this token for token).
+
+Compilation: as the text PGM sampler (samplers/pgm.py), the efficient encoder length and
+query count are padded to multiples of `bucket_size` (default max(8, L / 16)); along a run
+the first only grows and (confidence) the second only shrinks, so a run compiles at most
+about 2 L / bucket_size programs whatever S is. The full execution compiles one program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgm_jax import sharding
+from pgm_jax.ops import AttentionMask
+from pgm_jax.samplers.common import (TRACE_COUNTS, SampleResult, device_put_fn,
+                                     keyed_gumbel, keyed_gumbel_argmax, lowered_flops,
+                                     params_mesh, params_mesh_context)
+
+IMAGE_SAMPLERS = ("halton", "confidence")
+EXECUTIONS = ("efficient", "full")
+
+
+# ----------------------------------------------------------------------------
+# Orders, schedules and per-step scalars (host side: they fix the program shapes).
+# ----------------------------------------------------------------------------
+
+def halton_sequence(base: int, n: int) -> np.ndarray:
+  """The first n points of the van der Corput / Halton sequence in `base` (0 first)."""
+  out = np.empty(n, np.float64)
+  num, den = 0, 1
+  for i in range(n):
+    x = den - num
+    if x == 1:
+      num, den = 1, den * base
+    else:
+      y = den // base
+      while x <= y:
+        y //= base
+      num = (base + 1) * y - x
+    out[i] = num / den
+  return out
+
+
+def halton_order(grid: int) -> np.ndarray:
+  """Grid cells (row * grid + col) in the 2D Halton order: rows from base 2, columns from
+  base 3, floor(point * grid), each cell at its first occurrence. int32 [grid^2]."""
+  n_points = 10_000
+  while True:
+    rows = np.floor(halton_sequence(2, n_points) * grid).astype(np.int64)
+    cols = np.floor(halton_sequence(3, n_points) * grid).astype(np.int64)
+    cells = rows * grid + cols
+    _, first = np.unique(cells, return_index=True)
+    if len(first) == grid * grid:
+      return cells[np.sort(first)].astype(np.int32)
+    n_points *= 4
+
+
+def _check_steps(steps: int, num_codes: int):
+  if not 1 <= steps <= num_codes:
+    raise ValueError(f"config.sample.steps={steps} must be in [1, {num_codes}] (the number of "
+                     "codes per image)")
+
+
+def halton_counts(num_codes: int, steps: int) -> np.ndarray:
+  """Codes revealed per step: diff of r_k = max(k+1, floor(N (1 - arccos((k+1)/S)/(pi/2))))."""
+  _check_steps(steps, num_codes)
+  k = np.arange(steps)
+  cum = np.floor(num_codes * (1.0 - np.arccos((k + 1) / steps) / (np.pi / 2)))
+  cum = np.maximum(k + 1, cum.astype(np.int64))
+  cum[-1] = num_codes  # arccos(1) = 0: all of them (guards the float rounding)
+  return np.diff(np.concatenate([[0], cum])).astype(np.int32)
+
+
+def confidence_counts(num_codes: int, steps: int) -> np.ndarray:
+  """Codes revealed per step: diff of max(k+1, floor(N (1 - arccos(k/(S-1))/(pi/2)))),
+  so 1 on step 0 and all that remain on step S - 1."""
+  _check_steps(steps, num_codes)
+  if steps == 1:
+    return np.asarray([num_codes], np.int32)
+  k = np.arange(steps)
+  cum = np.floor(num_codes * (1.0 - np.arccos(k / (steps - 1)) / (np.pi / 2)))
+  cum = np.maximum(k + 1, cum.astype(np.int64))
+  cum[-1] = num_codes
+  return np.diff(np.concatenate([[0], cum])).astype(np.int32)
+
+
+def cfg_weights(w: float, steps: int) -> np.ndarray:
+  """w_k = w k / (S - 1) (0 when S = 1)."""
+  return np.asarray([w * k / max(steps - 1, 1) for k in range(steps)], np.float32)
+
+
+def cfg_logits(cond, uncond, w_k):
+  """Classifier-free guidance: (1 + w_k) cond - w_k uncond."""
+  return (1.0 + w_k) * cond - w_k * uncond
+
+
+def halton_temperatures(t_min: float, t_max: float, steps: int) -> np.ndarray:
+  """linspace(t_min, t_max, S), halved on step 0 (the reference's temp_warmup = 1)."""
+  temps = np.linspace(t_min, t_max, steps).astype(np.float32)
+  temps[0] *= 0.5
+  return temps
+
+
+def confidence_noise(r_temp: float, steps: int) -> np.ndarray:
+  """Scale of the Gumbel noise on log-confidence: r_temp (1 - k / (S - 1))."""
+  return np.asarray([r_temp * (1.0 - k / max(steps - 1, 1)) for k in range(steps)], np.float32)
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+  return min(cap, -(-n // multiple) * multiple)
+
+
+# ----------------------------------------------------------------------------
+# One step (jitted; bounded number of programs).
+# ----------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ImageState:
+  canvas: jax.Array     # [B, L] tokens; MASK where unknown, BOS at 0
+  clean_tok: jax.Array  # [B, L] packed known tokens (first clean_len valid)
+  clean_pos: jax.Array  # [B, L] their positions
+  clean_len: jax.Array  # [B]
+  rem_pos: jax.Array    # [B, L] unknown positions, in candidate order (first rem_len valid)
+  rem_len: jax.Array    # [B]
+
+
+def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model, kind: str,
+                  execution: str, n_enc: int, cfg: bool, mask_id: int, null_class: int):
+  """Float32 logits [B, Q, V] at the query positions, guidance applied."""
+  batch = labels_B.shape[0]
+  if cfg:
+    labels = jnp.concatenate([labels_B, jnp.full_like(labels_B, null_class)])
+    dbl = lambda x: jnp.concatenate([x, x], axis=0)
+  else:
+    labels, dbl = labels_B, (lambda x: x)
+  q_pos = dbl(q_pos_BxQ)
+  if execution == "efficient":
+    mask = AttentionMask.packed(dbl(st.clean_len), n_enc)
+    logits = model.apply({"params": params}, dbl(st.clean_tok[:, :n_enc]),
+                         dbl(st.clean_pos[:, :n_enc]), mask, q_pos, labels, method="infer")
+  elif kind == "pgm_image":  # the training layout: the unknown positions are group 1
+    canvas = dbl(st.canvas)
+    full = model.apply({"params": params}, canvas, (canvas == mask_id).astype(jnp.int32), labels)
+    logits = jnp.take_along_axis(full, q_pos[..., None], axis=1)
+  else:  # maskgit: the codes only
+    full = model.apply({"params": params}, dbl(st.canvas)[:, 1:], labels)
+    logits = jnp.take_along_axis(full, jnp.maximum(q_pos - 1, 0)[..., None], axis=1)
+  logits = logits.astype(jnp.float32)
+  if cfg:
+    logits = cfg_logits(logits[:batch], logits[batch:], w_k)
+  return logits
+
+
+def _image_step(params, st: ImageState, labels_B, key, k, count, w_k, temp_k, noise_k, *,
+                model, kind: str, execution: str, sampler: str, n_enc: int, n_query: int,
+                cfg: bool, mask_id: int, bos_id: int, null_class: int):
+  TRACE_COUNTS["image"] += 1
+  batch, length = st.canvas.shape
+  j = jnp.arange(n_query)[None, :]
+  q_pos = st.rem_pos[:, :n_query]
+  q_valid = j < st.rem_len[:, None]
+  logits = _query_logits(params, st, labels_B, q_pos, w_k, model=model, kind=kind,
+                         execution=execution, n_enc=n_enc, cfg=cfg, mask_id=mask_id,
+                         null_class=null_class)
+  logits = (logits * temp_k).at[..., mask_id].set(-jnp.inf)
+  if bos_id < logits.shape[-1]:
+    logits = logits.at[..., bos_id].set(-jnp.inf)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  step_key = jax.random.fold_in(key, k)
+  seq = jnp.arange(batch)
+  draw = keyed_gumbel_argmax(jax.random.fold_in(step_key, 0), logp, seq, q_pos)
+  if sampler == "halton":  # the first `count` candidates of the Halton order
+    selected = q_valid & (j < count)
+  else:
+    conf = jnp.take_along_axis(logp, draw[..., None], axis=-1)[..., 0]
+    conf = conf + noise_k * keyed_gumbel(jax.random.fold_in(step_key, 1), seq, q_pos)
+    conf = jnp.where(q_valid, conf, -jnp.inf)
+    # Rank by confidence, ties by position: the choice does not depend on the slot order.
+    order = jnp.lexsort((q_pos, -conf), axis=-1)
+    rank = jnp.argsort(order, axis=-1)
+    selected = q_valid & (rank < count)
+  return _reveal(st, q_pos, draw, selected)
+
+
+def _reveal(st: ImageState, q_pos, draw, selected) -> ImageState:
+  """Writes the selected draws into the canvas, appends them to the packed known tokens and
+  removes them from the candidates (the others keep their order)."""
+  batch, length = st.canvas.shape
+  n_query = q_pos.shape[1]
+  rows = jnp.arange(batch)[:, None]
+  sel = selected.astype(jnp.int32)
+  n_sel = sel.sum(axis=1)
+  canvas = st.canvas.at[rows, jnp.where(selected, q_pos, length)].set(draw, mode="drop")
+  write = jnp.where(selected, st.clean_len[:, None] + jnp.cumsum(sel, axis=1) - 1, length)
+  clean_tok = st.clean_tok.at[rows, write].set(draw, mode="drop")
+  clean_pos = st.clean_pos.at[rows, write].set(q_pos, mode="drop")
+  sel_full = jnp.pad(selected, ((0, 0), (0, length - n_query)))
+  keep = (jnp.arange(length)[None, :] < st.rem_len[:, None]) & ~sel_full
+  perm = jnp.argsort(~keep, axis=1, stable=True)
+  return ImageState(canvas=canvas, clean_tok=clean_tok, clean_pos=clean_pos,
+                    clean_len=st.clean_len + n_sel,
+                    rem_pos=jnp.take_along_axis(st.rem_pos, perm, axis=1),
+                    rem_len=st.rem_len - n_sel)
+
+
+_STATIC = ("model", "kind", "execution", "sampler", "n_enc", "n_query", "cfg", "mask_id",
+           "bos_id", "null_class")
+_image_step_jit = jax.jit(_image_step, static_argnames=_STATIC, donate_argnames=("st",))
+
+
+# ----------------------------------------------------------------------------
+# The driver.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ImagePlan:
+  """Host-side plan of a run: candidate order [B, N] (token positions), counts [S], and the
+  per-step guidance weight, temperature and confidence-noise scale [S]."""
+  order: np.ndarray
+  counts: np.ndarray
+  w: np.ndarray
+  temperature: np.ndarray
+  noise: np.ndarray
+
+
+def image_plan(sampler: str, batch: int, grid: int, steps: int, *, cfg_w: float = 0.0,
+               temperature: float = 1.0, temperature_min: Optional[float] = None,
+               r_temp: float = 5.0, order: Optional[np.ndarray] = None) -> ImagePlan:
+  if sampler not in IMAGE_SAMPLERS:
+    raise ValueError(f"config.sample.sampler must be one of {IMAGE_SAMPLERS} for an image "
+                     f"model, got {sampler!r}")
+  n = grid * grid
+  if sampler == "halton":
+    counts = halton_counts(n, steps)
+    base = halton_order(grid) + 1
+    t_min = temperature if temperature_min is None else temperature_min
+    temps = halton_temperatures(t_min, temperature, steps)
+    noise = np.zeros(steps, np.float32)
+  else:
+    counts = confidence_counts(n, steps)
+    base = np.arange(1, n + 1, dtype=np.int32)
+    temps = np.full(steps, temperature, np.float32)
+    noise = confidence_noise(r_temp, steps)
+  if order is None:
+    order = np.broadcast_to(base, (batch, n))
+  order = np.asarray(order, np.int32)
+  if order.shape != (batch, n) or not all(sorted(row) == list(range(1, n + 1)) for row in order):
+    raise ValueError(f"image sampler order must be [{batch}, {n}] permutations of 1..{n}")
+  return ImagePlan(order=order, counts=counts, w=cfg_weights(cfg_w, steps), temperature=temps,
+                   noise=noise)
+
+
+def _initial_state(order: np.ndarray, mask_id: int, bos_id: int, put) -> ImageState:
+  batch, n = order.shape
+  length = n + 1
+  canvas = np.full((batch, length), mask_id, np.int32)
+  canvas[:, 0] = bos_id
+  clean_tok = np.zeros((batch, length), np.int32)
+  clean_tok[:, 0] = bos_id
+  rem_pos = np.zeros((batch, length), np.int32)
+  rem_pos[:, :n] = order
+  return ImageState(canvas=put(canvas), clean_tok=put(clean_tok),
+                    clean_pos=put(np.zeros((batch, length), np.int32)),
+                    clean_len=put(np.ones((batch,), np.int32)), rem_pos=put(rem_pos),
+                    rem_len=put(np.full((batch,), n, np.int32)))
+
+
+def _put_fn(params):
+  """Host values -> device arrays replicated over the params' mesh (when there is one), so
+  that the first step sees the same input shardings as the later ones (which take the
+  previous step's outputs) and is not compiled twice."""
+  mesh = params_mesh(params)
+  if jax.process_count() > 1 or mesh is None:
+    return device_put_fn(params)
+  return lambda x: jax.device_put(x, sharding.replicated(mesh))
+
+
+def default_execution(kind: str) -> str:
+  return "efficient" if kind == "pgm_image" else "full"
+
+
+def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, grid: int,
+                 cfg_w: float = 0.0, temperature: float = 1.0,
+                 temperature_min: Optional[float] = None, r_temp: float = 5.0,
+                 execution: Optional[str] = None, bucket_size: int = 0,
+                 order: Optional[np.ndarray] = None, measure_flops: bool = False,
+                 execute: bool = True,
+                 progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
+  """Class-conditional samples: tokens int32 [B, 1 + grid^2] ([BOS] + codes), one per label.
+
+  `model.config` gives the kind ("pgm_image" | "maskgit"), MASK, the vocabulary and the null
+  class; BOS is the id after MASK. With execute=False nothing runs (FLOPs only, from
+  lowering: `measure_flops`).
+  """
+  cfg = model.config
+  kind = cfg.kind
+  if kind not in ("pgm_image", "maskgit"):
+    raise ValueError(f"image_sample: model kind {kind!r} is not an image model")
+  execution = execution or default_execution(kind)
+  if execution not in EXECUTIONS or (execution == "efficient" and kind != "pgm_image"):
+    raise ValueError(f"image_sample: execution {execution!r} is not available for {kind}")
+  labels = np.asarray(labels, np.int32).reshape(-1)
+  batch, n = len(labels), grid * grid
+  length = n + 1
+  if labels.min(initial=0) < 0 or labels.max(initial=0) > cfg.num_classes:
+    raise ValueError(f"image_sample: labels must be in [0, {cfg.num_classes}] "
+                     f"(config.model.num_classes; {cfg.num_classes} = the null class)")
+  plan = image_plan(sampler, batch, grid, steps, cfg_w=cfg_w, temperature=temperature,
+                    temperature_min=temperature_min, r_temp=r_temp, order=order)
+  mask_id, bos_id = cfg.mask_id, cfg.mask_id + 1
+  bucket = bucket_size or max(8, length // 16)
+  put = _put_fn(params)
+  st = _initial_state(plan.order, mask_id, bos_id, put)
+  labels_dev, key = put(labels), put(jax.random.key(seed))
+  static = dict(model=model, kind=kind, execution=execution, sampler=sampler,
+                cfg=bool(cfg_w != 0), mask_id=mask_id, bos_id=bos_id,
+                null_class=cfg.num_classes)
+  traces_before = TRACE_COUNTS["image"]
+  flops = 0.0 if measure_flops else None
+  cost_cache: dict = {}
+  revealed, passes = 0, 0
+  start = time.perf_counter()
+  with params_mesh_context(params):
+    for k, count in enumerate(plan.counts):
+      count = int(count)
+      if count == 0:
+        continue
+      if execution == "efficient":
+        n_enc = _round_up(1 + revealed, bucket, length)
+        n_query = _round_up(count if sampler == "halton" else n - revealed, bucket, length)
+      else:
+        n_enc, n_query = 0, length
+      shapes = dict(static, n_enc=n_enc, n_query=n_query)
+      args = (params, st, labels_dev, key, put(np.int32(k)), put(np.int32(count)),
+              put(plan.w[k]), put(plan.temperature[k]), put(plan.noise[k]))
+      if measure_flops:
+        if (n_enc, n_query) not in cost_cache:
+          cost_cache[(n_enc, n_query)] = lowered_flops(_image_step_jit, *args, **shapes)
+        flops += cost_cache[(n_enc, n_query)]
+      if execute:
+        st = _image_step_jit(*args, **shapes)
+      revealed += count
+      passes += 1
+      if progress is not None:
+        progress(k + 1, len(plan.counts))
+    tokens = sharding.host_value(st.canvas)
+  seconds = time.perf_counter() - start
+  return SampleResult(tokens=tokens, sampler=sampler, steps=steps, passes=passes,
+                      compiles=TRACE_COUNTS["image"] - traces_before,
+                      flops_per_seq=None if flops is None else flops / batch, seconds=seconds)
+
+
+def analytic_flops_per_image(model_cfg, sampler: str, grid: int, steps: int, *,
+                             cfg_w: float = 0.0) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one image's run, unpadded (method §5, adapted):
+
+  PGM step k with n known tokens (+ the group-0 registers) and m queries:
+    Ne (24 n H^2 + 4 n^2 H) + (Nd + 1)(4 n H^2 + 4 m n H) + (20 Nd + 4) m H^2 + 2 m H V;
+  MaskGIT, every step on T = N + register tokens with SwiGLU width F:
+    Nl (8 T H^2 + 6 T H F + 4 T^2 H) + 2 N H V.
+  Classifier-free guidance doubles every pass. Conditioning (one vector per image) and
+  the non-matmul work are left out.
+  """
+  from pgm_jax.models.maskgit import swiglu_hidden  # pylint: disable=g-import-not-at-top
+  n_codes = grid * grid
+  h, v = model_cfg.hidden, model_cfg.vocab_size
+  counts = halton_counts(n_codes, steps) if sampler == "halton" else confidence_counts(n_codes,
+                                                                                        steps)
+  total, revealed = 0.0, 0
+  for count in counts:
+    if count == 0:
+      continue
+    if model_cfg.kind == "pgm_image":
+      n = 1 + revealed + (model_cfg.register - model_cfg.register // 2)
+      m = int(count) if sampler == "halton" else n_codes - revealed
+      ne, nd = model_cfg.enc_layers, model_cfg.dec_layers
+      total += (ne * (24 * n * h * h + 4 * n * n * h) + (nd + 1) * (4 * n * h * h + 4 * m * n * h)
+                + (20 * nd + 4) * m * h * h + 2 * m * h * v)
+    else:
+      t = n_codes + model_cfg.register
+      f = swiglu_hidden(model_cfg.mlp_ratio * h)
+      total += (model_cfg.num_layers * (8 * t * h * h + 6 * t * h * f + 4 * t * t * h)
+                + 2 * n_codes * h * v)
+    revealed += int(count)
+  return total * (2.0 if cfg_w != 0 else 1.0)
+
+
+__all__ = ["IMAGE_SAMPLERS", "EXECUTIONS", "ImagePlan", "analytic_flops_per_image",
+           "cfg_logits", "cfg_weights", "confidence_counts", "confidence_noise",
+           "default_execution", "halton_counts", "halton_order", "halton_sequence",
+           "halton_temperatures", "image_plan", "image_sample"]
