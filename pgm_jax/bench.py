@@ -1,4 +1,5 @@
 """--mode=bench: sampling throughput and FLOPs, PGM (efficient-uniform) vs MDLM (ddpm_cache).
+(Image configs: PGM vs MaskGIT, see bench_images.py.)
 
 Everything is measured in one process and one run, with the same batch, steps and
 length for every model:
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pgm_jax import checkpointing, fileio, samplers
+from pgm_jax import checkpointing, fileio, objectives, samplers
 from pgm_jax.data import tokenizers
 from pgm_jax.models import ModelConfig, build_model
 
@@ -166,6 +167,9 @@ def run_train_bench(config) -> dict:
 
 
 def run_bench(config, workdir: str) -> dict:
+  if config.model.kind in objectives.IMAGE_KINDS:  # images: PGM vs MaskGIT
+    from pgm_jax import bench_images  # pylint: disable=g-import-not-at-top
+    return bench_images.run_image_bench(config, workdir)
   b = config.bench
   if jax.process_index() == 0:
     fileio.check_writable_dir(workdir)

@@ -43,8 +43,10 @@ def define_flags(flag_values=flags.FLAGS, sys_argv=None) -> None:
       "mode", "train", list(MODES),
       "train: train (resuming from WORKDIR). eval: validation PPL of the latest checkpoint's "
       "EMA weights -> WORKDIR/eval.json. sample: config.sample.num_samples samples from the "
-      "latest checkpoint -> WORKDIR/samples.jsonl. bench: sampling throughput and FLOPs, PGM "
-      "vs MDLM (configs/bench.py) -> WORKDIR/bench.json. plan: compile (not run) the train "
+      "latest checkpoint -> WORKDIR/samples.jsonl (image configs: samples.png, one row per "
+      "class, and samples.npz). bench: sampling throughput and FLOPs, PGM vs MDLM "
+      "(configs/bench.py; image configs: PGM vs MaskGIT) -> WORKDIR/bench.json. plan: "
+      "compile (not run) the train "
       "step on config.mesh.shape over config.plan.num_devices (virtual CPU devices if "
       "needed) -> per-device memory and FLOPs in WORKDIR/plan.json. harness: lm-evaluation-"
       "harness tasks (config.harness.*) on the latest checkpoint -> WORKDIR/harness.json.",
@@ -96,6 +98,7 @@ def init_distributed(env) -> None:
 
 def _run_mode(mode: str, config, workdir: str) -> None:
   from pgm_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.objectives import IMAGE_KINDS  # pylint: disable=g-import-not-at-top
   from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
   if mode == "train":
     train.train_and_evaluate(config, workdir)
@@ -105,9 +108,13 @@ def _run_mode(mode: str, config, workdir: str) -> None:
       print(f"{name}: val_ppl={r['val_ppl']:.6f} ({int(r['val_tokens'])} tokens)")
     if "val_ppl" in result:
       print(f"val_ppl={result['val_ppl']:.6f}")
-    for key in ("gen_ppl", "gen_ppl_raw", "entropy"):
+    for key in ("gen_ppl", "gen_ppl_raw", "entropy", "sample_class_accuracy", "fd_classifier",
+                "classifier_accuracy", "fid", "inception_score", "images_per_s"):
       if key in result:
         print(f"{key}={result[key]:.6f}")
+  elif mode == "sample" and config.model.kind in IMAGE_KINDS:
+    info = generate.sample(config, workdir)
+    print(" ".join(f"{k}={info[k]}" for k in ("png", "npz") if k in info))
   elif mode == "sample":
     for s in generate.sample(config, workdir)[:4]:
       print(f"--- sample {s['index']} ({s['sampler']}, {s['steps']} steps, seed {s['seed']})")

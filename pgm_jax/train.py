@@ -30,7 +30,9 @@ from pgm_jax.experiment import (  # pylint: disable=unused-import
     Setup, abspath, eval_params, init_state, make_setup, restore_eval_params, with_mesh,
     write_text)
 from pgm_jax.metric_writers import MetricWriter
-from pgm_jax.samplers.generate import generate_samples  # pylint: disable=unused-import
+from pgm_jax.objectives import IMAGE_KINDS
+from pgm_jax.samplers.generate import (generate_samples,  # pylint: disable=unused-import
+                                       sample_images)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -274,7 +276,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
       # After the loop SIGTERM still only sets the flag (exit 0, nothing saved twice); a
       # preempted job skips the end-of-training samples.
-      if config.train.num_final_samples > 0 and not preemption.requested:
+      final = config.train.num_final_samples > 0 and not preemption.requested
+      if final and config.model.kind in IMAGE_KINDS:
+        # A PNG grid (one row per class) and the codes: samples_step<N>.{png,npz}.
+        history["samples"] = sample_images(config, workdir, setup=setup,
+                                           params=eval_params(state), step=step,
+                                           prefix=f"samples_step{step}")
+      elif final:
         # Every process runs the sampler (params are global arrays); only process 0 writes.
         samples = generate_samples(setup, eval_params(state),
                                    num_samples=config.train.num_final_samples,

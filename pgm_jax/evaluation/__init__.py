@@ -5,6 +5,8 @@ zero_shot.py    val PPL on the reference's zero-shot sets (config.eval.datasets)
 judges.py       AR-baseline and converted GPT-2 judges (load_judge), unigram entropy
 inception.py    the FID Inception-v3 in Flax, from pytorch-fid's weights file
 fid.py          FID, Inception Score, reference statistics, fid_and_is (images)
+images.py       image configs: class-conditional samples, judged by FID / IS (ImageNet) or by
+                the repo's digits classifier (digits_classifier.py)
 __main__.py     `python -m pgm_jax.evaluation convert_gpt2 | convert_inception | fid_stats`
 
     evaluate(config, workdir) -> {"val_ppl": ..., ...}, also WORKDIR/eval.json  (--mode=eval)
@@ -18,8 +20,8 @@ import time
 
 import jax
 
-from pgm_jax import config_lib, experiment, fileio
-from pgm_jax.evaluation import judges, perplexity, zero_shot
+from pgm_jax import config_lib, experiment, fileio, objectives
+from pgm_jax.evaluation import images, judges, perplexity, zero_shot
 from pgm_jax.evaluation.judges import (ARJudge, GPT2Judge, convert_gpt2, load_judge,
                                        load_state_dict, mean_entropy, unigram_entropy)
 from pgm_jax.evaluation.perplexity import make_eval_fn, run_validation
@@ -27,13 +29,16 @@ from pgm_jax.samplers import generate
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Restores the latest checkpoint's EMA weights and computes validation perplexity.
+  """Restores the latest checkpoint's EMA weights and computes validation perplexity
+  (image configs: `images.evaluate_images`).
 
   WORKDIR is checked for writability first, so the result is never computed and then
   lost; eval.json is replaced atomically.
   """
   if jax.process_index() == 0:
     fileio.check_writable_dir(workdir, create=False)
+  if config.model.kind in objectives.IMAGE_KINDS:
+    return images.evaluate_images(config, workdir)
   setup = experiment.make_setup(config)
   if config.eval.gen_ppl and not config.eval.get("judge_workdir"):
     raise ValueError("config.eval.gen_ppl=True needs config.eval.judge_workdir (the workdir "

@@ -1,0 +1,97 @@
+"""`--mode=eval` for image configs: sample class-conditionally, then judge the samples.
+
+For every class, config.eval.samples_per_class samples (config.sample.{sampler, steps,
+cfg_w, ...}); images/s is timed on a second pass over the same work (after compilation).
+config.eval.metric:
+  "classifier" (digits): the repo's digits classifier (evaluation/digits_classifier.py)
+      sample_class_accuracy  share of samples put in the class asked for;
+      fd_classifier          Frechet distance between samples and the held-out digits in the
+                             classifier's 64-d feature space;
+      fd_classifier_train    the same for the training digits: the floor a perfect model
+                             would reach with as many images;
+      classifier_accuracy    the classifier's own held-out accuracy.
+  "fid" (ImageNet): FID and Inception Score of the decoded samples, by
+      pgm_jax.evaluation.fid (issue 11 part B); not in this build.
+Also: the validation loss (val_nll = mean cross-entropy per code, as in training).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from pgm_jax import config_lib, experiment
+from pgm_jax.data import images
+from pgm_jax.evaluation import digits_classifier, fid, perplexity
+from pgm_jax.samplers import generate
+
+METRICS = ("classifier", "fid")
+
+
+def classifier_metrics(tokens, labels, held_out_levels, train_levels) -> dict:
+  clf = digits_classifier.train_classifier()
+  x = digits_classifier.tokens_to_inputs(tokens)
+  feats = clf.features(x)
+  held_out = clf.features(digits_classifier.levels_to_inputs(held_out_levels))
+  train = clf.features(digits_classifier.levels_to_inputs(train_levels))
+  n = min(len(feats), len(train))
+  ref = fid.stats_from_features(held_out)
+  fd = lambda x: fid.frechet_distance_of_features(x, ref["mu"], ref["sigma"])
+  return {"sample_class_accuracy": float((clf.predict(x) == np.asarray(labels)).mean()),
+          "fd_classifier": fd(feats), "fd_classifier_train": fd(train[:n]),
+          "classifier_accuracy": clf.accuracy,
+          "classifier": "MLP 64-256-64-10 on the 1,437 training digits"}
+
+
+def _check_metric(config):
+  metric = config.eval.metric
+  if metric not in METRICS:
+    raise ValueError(f"config.eval.metric must be one of {METRICS}, got {metric!r}")
+  if metric == "classifier" and config.data.name != "digits":
+    raise ValueError("config.eval.metric='classifier' judges the digits only "
+                     f"(config.data.name={config.data.name!r}); use 'fid'")
+  if metric == "fid":
+    raise ValueError("config.eval.metric='fid' needs the Inception FID/IS evaluator and the "
+                     "VQ-8 decoder of issue 11 part B, which this build does not have")
+
+
+def sample_metrics(setup: experiment.Setup, params, *, sampler: str, steps: int,
+                   cfg_w: float) -> dict:
+  """config.eval.samples_per_class samples of every class, timed, and judged."""
+  config = setup.config
+  _check_metric(config)
+  per_class = config.eval.samples_per_class
+  labels = np.repeat(np.arange(config.model.num_classes, dtype=np.int32), per_class)
+  kw = dict(num_steps=steps, seed=config.sample.seed, sampler=sampler, cfg_w=cfg_w)
+  # Warm-up (compiles every program of the run), then the timed pass.
+  generate.generate_images(setup, params, labels[:config.sample.batch_size], **kw)
+  started = time.perf_counter()
+  tokens = generate.generate_images(setup, params, labels, **kw)
+  seconds = time.perf_counter() - started
+  result = {"model": config.model.kind, "sampler": sampler, "steps": steps,
+            "cfg_w": float(cfg_w), "num_samples": int(len(labels)),
+            "images_per_s": len(labels) / seconds,
+            "images_per_s_unit": "class-conditional images/s after compilation, batch "
+                                 f"{config.sample.batch_size}, {jax.devices()[0].device_kind}"}
+  held_out, _ = images.digits_split("validation")
+  train, _ = images.digits_split("train")
+  result.update(classifier_metrics(tokens, labels, held_out, train))
+  return result
+
+
+def evaluate_images(config, workdir: str, *, setup=None, params=None, step=None) -> dict:
+  """Image metrics of the latest checkpoint (or `params`) -> WORKDIR/eval.json."""
+  _check_metric(config)
+  setup = setup or experiment.make_setup(config)
+  if params is None:
+    step, params = experiment.restore_eval_params(setup, workdir)
+  result = {"step": step}
+  result.update(sample_metrics(setup, params, sampler=config_lib.resolve_sampler(config),
+                               steps=config.sample.steps, cfg_w=config.sample.cfg_w))
+  result.update(perplexity.run_validation(setup, params))
+  if jax.process_index() == 0:
+    experiment.write_text(os.path.join(workdir, "eval.json"), json.dumps(result, indent=2))
+  return result
