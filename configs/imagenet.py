@@ -10,6 +10,11 @@ config.data.data_dir.
       --config.data.data_dir=/data/imagenet_vq8
   python -m pgm_jax.main --config=configs/imagenet.py:maskgit --workdir=gs://.../maskgit \
       --config.data.data_dir=/data/imagenet_vq8
+  # 50 samples per class -> FID and IS (eval.json), with the files of docs/images.md:
+  python -m pgm_jax.main --config=configs/imagenet.py:pgm_12_12 --workdir=gs://.../pgm_12_12 \
+      --mode=eval --config.data.tokenizer_path=assets/vq_ds8_c2i.npz \
+      --config.eval.fid_weights=assets/inception_fid.npz \
+      --config.eval.fid_ref_stats=assets/imagenet256_val_stats.npz --config.sample.cfg_w=2
   # The paper's speed setting (S = 32, batch 32) as FLOPs only, on any machine:
   python -m pgm_jax.main --config=configs/imagenet.py:pgm_12_12 --workdir=workdirs/bench_imagenet \
       --mode=bench --config.bench.flops_only=True
@@ -39,6 +44,7 @@ def get_config(arg=None):
   c.data.num_codes = 16384          # LlamaGen VQ-8 codebook
   c.data.grid = 32                  # 256 px / 8
   c.data.seq_len = 1 + 32 * 32
+  c.data.tokenizer_path = ""        # the VQ-8 weights: decodes samples (PNG grids, FID)
 
   c.model.num_classes = 1000
   c.model.hidden = 1024

@@ -227,6 +227,8 @@ def image_base_config() -> ml_collections.ConfigDict:
   c.data.num_codes = 17
   c.data.grid = 8                   # G: G x G codes per image, row-major
   c.data.seq_len = 1 + 8 * 8        # [BOS] + the codes
+  c.data.tokenizer_path = ""        # VQ codes: the VQ-8 weights (vq_ds8_c2i.npz), used to
+                                    # decode samples into pixels (PNG grids, FID); digits: unused
 
   c.train.label_dropout = 0.1       # labels -> null class w.p. 0.1 (classifier-free guidance)
   c.train.num_final_samples = 1     # > 0: a PNG grid (one row per class) at the end
@@ -253,6 +255,9 @@ def image_base_config() -> ml_collections.ConfigDict:
 
   c.eval.metric = "classifier"      # classifier (digits: the repo's small classifier) | fid
   c.eval.samples_per_class = 50     # class-conditional samples per class for the metrics
+  c.eval.fid_weights = placeholder(str)    # fid: the FID Inception weights (inception_fid.npz)
+  c.eval.fid_ref_stats = placeholder(str)  # fid: reference statistics .npz (mu, sigma) or a
+                                           # folder of reference images
 
   c.bench.sampler = "auto"          # the sampler both models run
   c.bench.latency_batch_size = 1    # latency at batch 1, images/s at bench.batch_size

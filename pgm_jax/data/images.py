@@ -219,12 +219,3 @@ def encode_png(image: np.ndarray) -> bytes:
   header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
   return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
           + chunk(b"IEND", b""))
-
-
-def tokens_to_pixels(data_config, tokens_BxL: np.ndarray) -> np.ndarray:
-  """uint8 images of token grids: the digits' grey levels. Sources of VQ codes decode with
-  their VQ decoder, which this function does not have: a clear error names the source."""
-  if data_config.name == "digits":
-    return digits_to_pixels(tokens_BxL)
-  raise ValueError(f"config.data.name={data_config.name!r}: no pixel decoder for these codes "
-                   "here (VQ codes need the VQ-8 decoder); the codes are saved in the .npz")

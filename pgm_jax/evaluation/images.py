@@ -10,8 +10,10 @@ config.eval.metric:
       fd_classifier_train    the same for the training digits: the floor a perfect model
                              would reach with as many images;
       classifier_accuracy    the classifier's own held-out accuracy.
-  "fid" (ImageNet): FID and Inception Score of the decoded samples, by
-      pgm_jax.evaluation.fid (issue 11 part B); not in this build.
+  "fid" (ImageNet): `fid` and `inception_score` (10 splits) of the samples decoded by the
+      VQ-8 decoder (config.data.tokenizer_path), against config.eval.fid_ref_stats, with the
+      Inception weights of config.eval.fid_weights (pgm_jax.evaluation.fid). Samples are
+      decoded and scored batch by batch; images/s times the sampler alone. One process.
 Also: the validation loss (val_nll = mean cross-entropy per code, as in training).
 """
 from __future__ import annotations
@@ -54,8 +56,12 @@ def _check_metric(config):
     raise ValueError("config.eval.metric='classifier' judges the digits only "
                      f"(config.data.name={config.data.name!r}); use 'fid'")
   if metric == "fid":
-    raise ValueError("config.eval.metric='fid' needs the Inception FID/IS evaluator and the "
-                     "VQ-8 decoder of issue 11 part B, which this build does not have")
+    for key in ("fid_weights", "fid_ref_stats"):
+      if not config.eval.get(key):
+        raise ValueError(f"config.eval.{key}: not set (config.eval.metric='fid'; the files "
+                         "are listed in docs/images.md)")
+    if jax.process_count() > 1:
+      raise ValueError("config.eval.metric='fid' runs on one process")
 
 
 def sample_metrics(setup: experiment.Setup, params, *, sampler: str, steps: int,
@@ -65,20 +71,37 @@ def sample_metrics(setup: experiment.Setup, params, *, sampler: str, steps: int,
   _check_metric(config)
   per_class = config.eval.samples_per_class
   labels = np.repeat(np.arange(config.model.num_classes, dtype=np.int32), per_class)
-  kw = dict(num_steps=steps, seed=config.sample.seed, sampler=sampler, cfg_w=cfg_w)
-  # Warm-up (compiles every program of the run), then the timed pass.
-  generate.generate_images(setup, params, labels[:config.sample.batch_size], **kw)
-  started = time.perf_counter()
-  tokens = generate.generate_images(setup, params, labels, **kw)
-  seconds = time.perf_counter() - started
+  batch = config.sample.batch_size
+  kw = dict(num_steps=steps, sampler=sampler, cfg_w=cfg_w)
+  # Warm-up (compiles every program of the run), then the timed pass, batch by batch
+  # (batch i seeded with sample.seed + i, as generate_images does for a whole run).
+  generate.generate_images(setup, params, labels[:batch], seed=config.sample.seed, **kw)
+  seconds = 0.0
+
+  def batches():
+    nonlocal seconds
+    for i, first in enumerate(range(0, len(labels), batch)):
+      started = time.perf_counter()
+      tokens = generate.generate_images(setup, params, labels[first:first + batch],
+                                        seed=config.sample.seed + i, **kw)
+      seconds += time.perf_counter() - started
+      yield tokens
+
   result = {"model": config.model.kind, "sampler": sampler, "steps": steps,
-            "cfg_w": float(cfg_w), "num_samples": int(len(labels)),
-            "images_per_s": len(labels) / seconds,
-            "images_per_s_unit": "class-conditional images/s after compilation, batch "
-                                 f"{config.sample.batch_size}, {jax.devices()[0].device_kind}"}
-  held_out, _ = images.digits_split("validation")
-  train, _ = images.digits_split("train")
-  result.update(classifier_metrics(tokens, labels, held_out, train))
+            "cfg_w": float(cfg_w), "num_samples": int(len(labels))}
+  if config.eval.metric == "fid":
+    scores = fid.fid_and_is((generate.decode_images(config, t) for t in batches()),
+                            os.path.expanduser(config.eval.fid_ref_stats),
+                            os.path.expanduser(config.eval.fid_weights))
+    result.update(scores)
+  else:
+    tokens = np.concatenate(list(batches()))
+    held_out, _ = images.digits_split("validation")
+    train, _ = images.digits_split("train")
+    result.update(classifier_metrics(tokens, labels, held_out, train))
+  result.update(images_per_s=len(labels) / seconds,
+                images_per_s_unit="class-conditional images/s of the sampler after "
+                f"compilation, batch {batch}, {jax.devices()[0].device_kind}")
   return result
 
 

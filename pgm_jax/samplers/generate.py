@@ -8,6 +8,7 @@ training, evaluation and the notebook.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -119,6 +120,29 @@ def grid_classes(config) -> list[int]:
   return classes
 
 
+@functools.lru_cache(maxsize=2)
+def _vq_tokenizer(path: str):
+  from pgm_jax.models import vq  # pylint: disable=g-import-not-at-top
+  return vq.load_vq(path)
+
+
+def decode_images(config, tokens_BxL) -> np.ndarray:
+  """Token grids ([BOS] + codes) -> uint8 images: the digits' grey levels [B, G, G], or RGB
+  [B, 8G, 8G, 3] from the VQ-8 decoder whose weights config.data.tokenizer_path names
+  (`vq_ds8_c2i.npz` or the .pt, docs/images.md)."""
+  if config.data.name == "digits":
+    return images.digits_to_pixels(tokens_BxL)
+  path = config.data.get("tokenizer_path") or ""
+  if not path:
+    raise ValueError("config.data.tokenizer_path: not set; name the VQ-8 weights "
+                     "(vq_ds8_c2i.npz, see docs/images.md) to decode codes into images")
+  from pgm_jax.models import vq  # pylint: disable=g-import-not-at-top
+  grid = config.data.grid
+  codes = np.clip(np.asarray(tokens_BxL)[:, 1:], 0, config.data.num_codes - 1)
+  pixels = _vq_tokenizer(os.path.expanduser(path)).decode(codes.reshape(-1, grid, grid))
+  return np.asarray(vq.images_to_uint8(pixels))
+
+
 def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: str) -> dict:
   """Writes PREFIX.npz (codes [n, G, G], labels, tokens) and, when the source has a pixel
   decoder, PREFIX.png: a rows x cols grid, one row per class. Call from process 0."""
@@ -129,8 +153,8 @@ def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: st
   epath.Path(prefix + ".npz").write_bytes(buf.getvalue())
   paths = {"npz": prefix + ".npz"}
   try:
-    pixels = images.tokens_to_pixels(config.data, tokens)
-  except ValueError as e:
+    pixels = decode_images(config, tokens)
+  except ValueError as e:  # no VQ weights: the codes are saved, the picture is not
     logging.warning("no PNG grid: %s", e)
     return paths
   scale = max(1, 64 // pixels.shape[1])  # digits: 8 px -> 64 px cells
