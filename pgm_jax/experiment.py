@@ -97,8 +97,11 @@ def abstract_batch(setup: Setup, batch_size: int | None = None) -> dict:
   """ShapeDtypeStructs (with the batch sharding) of one global training batch."""
   b = setup.config.train.batch_size if batch_size is None else batch_size
   shape = (b, setup.config.data.seq_len)
-  return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
-          "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=setup.batch_sharding)}
+  batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
+           "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=setup.batch_sharding)}
+  if setup.model_cfg.num_classes:  # image models: one class label per example
+    batch["labels"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=setup.batch_sharding)
+  return batch
 
 
 def with_mesh(mesh, fn):

@@ -246,7 +246,7 @@ ALIVE_FRACTION = {"full": 1.0, "same_group": 2.0 / 3.0, "other_group": 1.0 / 3.0
 
 def attention_layers(model_cfg, seq_len: int) -> list[tuple[str, float]]:
   """(mask kind, alive fraction) of every attention layer of one training forward pass."""
-  if model_cfg.kind == "pgm":
+  if model_cfg.kind in ("pgm", "pgm_image"):
     # Encoder self-attention within the group; GroupSwap + every decoder block
     # cross-attend to the other group.
     return ([("same_group", ALIVE_FRACTION["same_group"])] * model_cfg.enc_layers
