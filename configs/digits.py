@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.sample.batch_size = 100
   c.eval.samples_per_class = 50
 
+  c.bench.setting = "digits"
   c.bench.batch_size = 32
   c.bench.steps = 16
   c.bench.repeats = 3

@@ -38,8 +38,8 @@ def load_config(preset: str):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--pgm", required=True, help="workdir of configs/digits.py:pgm")
-  parser.add_argument("--maskgit", required=True, help="workdir of configs/digits.py:maskgit")
+  parser.add_argument("--pgm", default=None, help="workdir of configs/digits.py:pgm")
+  parser.add_argument("--maskgit", default=None, help="workdir of configs/digits.py:maskgit")
   parser.add_argument("--steps", default="8,16,32", help="sampling steps S, comma separated")
   parser.add_argument("--cfg_w", default="0,2", help="guidance weights, comma separated")
   parser.add_argument("--samplers", default="halton,confidence")
@@ -48,7 +48,10 @@ def main(argv=None):
   steps = [int(s) for s in args.steps.split(",")]
   weights = [float(w) for w in args.cfg_w.split(",")]
   rows = []
-  for name, workdir in (("pgm", args.pgm), ("maskgit", args.maskgit)):
+  models = [(name, wd) for name, wd in (("pgm", args.pgm), ("maskgit", args.maskgit)) if wd]
+  if not models:
+    parser.error("give --pgm and/or --maskgit")
+  for name, workdir in models:
     config = load_config(name)
     setup = experiment.make_setup(config)
     step, params = experiment.restore_eval_params(setup, workdir)

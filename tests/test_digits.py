@@ -120,6 +120,7 @@ def test_tiny_digits_train_sample_eval_bench(tmp_path):
   assert 0.0 <= stored["sample_class_accuracy"] <= 1.0 and stored["fd_classifier"] > 0
 
   config.bench.repeats, config.bench.warmup, config.bench.steps = 1, 1, 2
+  config.bench.latency_batch_size = config.bench.batch_size  # no extra programs to compile
   report = bench.run_bench(config, str(tmp_path / "bench"))
   stored = json.load(open(tmp_path / "bench" / "bench.json"))
   for key in ("throughput_ratio", "flop_ratio", "analytic_flop_ratio", "latency_ratio"):
