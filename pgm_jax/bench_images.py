@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pgm_jax import config_lib
+from pgm_jax import config_lib, fileio
 from pgm_jax.data import tokenizers
 from pgm_jax.models import ModelConfig, build_model
 from pgm_jax.samplers import image as image_samplers
@@ -71,6 +71,8 @@ def _measure(run, *, warmup: int, repeats: int, flops_only: bool):
 
 def run_image_bench(config, workdir: str) -> dict:
   b = config.bench
+  if jax.process_index() == 0:
+    fileio.check_writable_dir(workdir)
   vocab = tokenizers.get_tokenizer(config.data)
   grid, steps = config.data.grid, b.steps
   sampler = b.sampler if b.sampler != "auto" else config_lib.resolve_sampler(config)
@@ -136,9 +138,7 @@ def run_image_bench(config, workdir: str) -> dict:
   }
   print(format_table(report))
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "bench.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    fileio.atomic_write_text(os.path.join(workdir, "bench.json"), json.dumps(report, indent=2))
   return report
 
 

@@ -1,6 +1,7 @@
 """Output files that are never left half-written, and output folders checked before work.
 
-  atomic_write_text(path, text)  tmp file in the same folder, fsync, rename over `path`:
+  atomic_write_text(path, text)  tmp file in the same folder, fsync, rename over `path`
+  atomic_write_bytes(path, data) (the same for bytes):
                                  a crash or a full disk leaves the old file or the new one,
                                  never a truncated mix
   check_writable_dir(path, flag) one-line ValueError naming `flag` when `path` is a file,
@@ -24,15 +25,20 @@ def is_url(path: str) -> bool:
 
 def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically (local: tmp + fsync + rename; URL: one upload)."""
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` atomically, as `atomic_write_text` (PNG grids, .npz files)."""
   path = os.fspath(path)
   if is_url(path):
-    epath.Path(path).write_text(text, encoding="utf-8")
+    epath.Path(path).write_bytes(data)
     return
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

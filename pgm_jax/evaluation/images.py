@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from pgm_jax import config_lib, experiment
+from pgm_jax import config_lib, experiment, fileio
 from pgm_jax.data import images
 from pgm_jax.evaluation import digits_classifier, fid, perplexity
 from pgm_jax.samplers import generate
@@ -116,5 +116,5 @@ def evaluate_images(config, workdir: str, *, setup=None, params=None, step=None)
                                steps=config.sample.steps, cfg_w=config.sample.cfg_w))
   result.update(perplexity.run_validation(setup, params))
   if jax.process_index() == 0:
-    experiment.write_text(os.path.join(workdir, "eval.json"), json.dumps(result, indent=2))
+    fileio.atomic_write_text(os.path.join(workdir, "eval.json"), json.dumps(result, indent=2))
   return result

@@ -17,7 +17,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
 from pgm_jax import config_lib, experiment, fileio, objectives
 from pgm_jax.data import images
@@ -150,7 +149,7 @@ def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: st
   codes = np.asarray(tokens)[:, 1:].reshape(-1, grid, grid)
   buf = io.BytesIO()
   np.savez(buf, codes=codes, labels=np.asarray(labels, np.int32), tokens=np.asarray(tokens))
-  epath.Path(prefix + ".npz").write_bytes(buf.getvalue())
+  fileio.atomic_write_bytes(prefix + ".npz", buf.getvalue())
   paths = {"npz": prefix + ".npz"}
   try:
     pixels = decode_images(config, tokens)
@@ -159,7 +158,7 @@ def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: st
     return paths
   scale = max(1, 64 // pixels.shape[1])  # digits: 8 px -> 64 px cells
   png = images.encode_png(images.tile_grid(pixels, rows, cols, scale=scale))
-  epath.Path(prefix + ".png").write_bytes(png)
+  fileio.atomic_write_bytes(prefix + ".png", png)
   paths["png"] = prefix + ".png"
   return paths
 
