@@ -261,7 +261,6 @@ def image_base_config() -> ml_collections.ConfigDict:
 
   c.bench.sampler = "auto"          # the sampler both models run
   c.bench.latency_batch_size = 1    # latency at batch 1, images/s at bench.batch_size
-  c.bench.analytic = True           # also the analytic FLOP ratio (method §5 formulas)
   c.bench.maskgit = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
   return c
 
