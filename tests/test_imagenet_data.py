@@ -5,6 +5,7 @@ The VQ has the VQ-8 structure at toy size (one downsampling, 8x8 images -> 4x4 c
 codebook 64) so that the whole module compiles one small encoder; the records'
 codes are checked against that VQ's own `encode` of the same transformed images.
 """
+import dataclasses
 import json
 import os
 
@@ -183,3 +184,90 @@ def test_errors_name_the_flag_or_key(built, tmp_path):
     pipeline.build_source(_data_config(str(tmp_path / "text")), None, "train")
   with pytest.raises(SystemExit):
     preprocess_lib.main(["--source=imagefolder:/nope", "--tokenizer=vq_ds8", f"--out={tmp_path}"])
+
+
+# ----------------------------------------------------------------------------------------------
+# configs/imagenet.py end to end, at toy size: train on the records above, --mode=sample (PNG
+# decoded by a VQ), --mode=eval (FID and IS with Inception weights made here).
+# ----------------------------------------------------------------------------------------------
+
+def _random_inception_npz(path):
+  """FID Inception weights at random (He-scaled kernels, identity batch norm), so that the
+  pool features stay finite through the 94 layers; written in `convert_inception`'s format."""
+  from pgm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+
+  def leaf(path_keys, a):
+    name = path_keys[-1].key
+    if name == "kernel":
+      fan_in = int(np.prod(a.shape[:-1]))
+      return rng.normal(0.0, np.sqrt(2.0 / fan_in), a.shape).astype(np.float32)
+    return (np.ones if name in ("scale", "var") else np.zeros)(a.shape, np.float32)
+
+  inception.save_npz(jax.tree_util.tree_map_with_path(leaf, inception.abstract_params()), path)
+  return path
+
+
+def _tiny_imagenet_config(out, workdir_files):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config("imagenet", "pgm_12_12")
+  config.data.data_dir = out
+  config.data.grid = SIZE // 2
+  config.data.seq_len = SEQ
+  config.data.tokenizer_path = workdir_files["vq"]
+  config.model.update(dict(num_classes=3, hidden=32, num_heads=2, enc_layers=1, dec_layers=1,
+                           dtype="float32", dropout=0.0))
+  config.train.update(dict(batch_size=4, num_steps=2, log_every=1, eval_every=2,
+                           num_final_samples=0))
+  config.opt.warmup_steps = 1
+  config.eval.update(dict(batch_size=4, max_batches=1, samples_per_class=4,
+                          fid_weights=workdir_files["inception"],
+                          fid_ref_stats=workdir_files["ref"]))
+  config.ckpt.every_steps = 2
+  config.sample.update(dict(steps=3, batch_size=6, classes=(0, 2), samples_per_class=3))
+  return config
+
+
+def test_imagenet_config_trains_samples_and_scores_fid(built, tmp_path):
+  from pgm_jax import train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
+  root, out, _ = built
+  # The decoding VQ has the sampler's codebook (16384 codes): the records' 64-code VQ could
+  # not decode every code the model may draw.
+  cfg16k = dataclasses.replace(TINY, codebook_size=imagenet.CODEBOOK_SIZE)
+  rng = np.random.default_rng(1)
+  vq_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32),
+                           vq_lib.abstract_params(cfg16k))
+  files = {"vq": str(tmp_path / "vq16k.npz"), "inception": str(tmp_path / "inception.npz"),
+           "ref": str(root / "val")}  # reference statistics computed from a folder
+  vq_lib.save_npz(vq_params, files["vq"], cfg16k)
+  _random_inception_npz(files["inception"])
+  config = _tiny_imagenet_config(out, files)
+  workdir = str(tmp_path / "run")
+
+  history = train.train_and_evaluate(config, workdir)
+  assert history["step"] == 2 and np.isfinite(history["train/loss"])
+
+  info = generate.sample(config, workdir)
+  png = np.asarray(Image.open(info["png"]))
+  assert png.shape[2] == 3 and png.shape[0] > png.shape[1] / 3 * 2 - 8  # 2 rows x 3 columns
+  saved = np.load(info["npz"])
+  assert saved["codes"].shape == (6, SIZE // 2, SIZE // 2)
+  np.testing.assert_array_equal(saved["labels"], [0, 0, 0, 2, 2, 2])
+
+  result = evaluate(config, workdir)
+  stored = json.load(open(os.path.join(workdir, "eval.json")))
+  for key in ("fid", "inception_score", "steps", "sampler", "cfg_w", "images_per_s"):
+    assert key in stored and stored[key] == result[key], key
+  assert stored["num_samples"] == 12 and stored["sampler"] == "halton"
+  assert np.isfinite(stored["fid"]) and stored["fid"] > 0
+  assert stored["inception_score"] >= 1.0 - 1e-6 and stored["images_per_s"] > 0
+
+  # A VQ whose codebook is not config.data.num_codes cannot decode the samples: one clear error.
+  small = str(tmp_path / "vq64.npz")
+  vq_lib.save_npz(jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
+                               vq_lib.abstract_params(TINY)), small, TINY)
+  config.data.tokenizer_path = small
+  with pytest.raises(ValueError, match="config.data.tokenizer_path"):
+    generate.sample(config, workdir)

@@ -71,6 +71,8 @@ def sample_metrics(setup: experiment.Setup, params, *, sampler: str, steps: int,
   _check_metric(config)
   per_class = config.eval.samples_per_class
   labels = np.repeat(np.arange(config.model.num_classes, dtype=np.int32), per_class)
+  if config.eval.metric == "fid":
+    generate.image_decoder(config)  # the VQ file is checked before any sampling
   batch = config.sample.batch_size
   kw = dict(num_steps=steps, sampler=sampler, cfg_w=cfg_w)
   # Warm-up (compiles every program of the run), then the timed pass, batch by batch

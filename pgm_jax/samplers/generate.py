@@ -125,20 +125,34 @@ def _vq_tokenizer(path: str):
   return vq.load_vq(path)
 
 
-def decode_images(config, tokens_BxL) -> np.ndarray:
-  """Token grids ([BOS] + codes) -> uint8 images: the digits' grey levels [B, G, G], or RGB
-  [B, 8G, 8G, 3] from the VQ-8 decoder whose weights config.data.tokenizer_path names
-  (`vq_ds8_c2i.npz` or the .pt, docs/images.md)."""
+def image_decoder(config):
+  """The VQ-8 tokenizer of config.data.tokenizer_path, checked against the config (None for
+  the digits, whose tokens are pixels). Loaded once per path; call it before sampling so that
+  a wrong file fails before any work."""
   if config.data.name == "digits":
-    return images.digits_to_pixels(tokens_BxL)
+    return None
   path = config.data.get("tokenizer_path") or ""
   if not path:
     raise ValueError("config.data.tokenizer_path: not set; name the VQ-8 weights "
                      "(vq_ds8_c2i.npz, see docs/images.md) to decode codes into images")
+  tokenizer = _vq_tokenizer(os.path.expanduser(path))
+  if tokenizer.codebook_size != config.data.num_codes:
+    raise ValueError(f"config.data.tokenizer_path={path}: a VQ with {tokenizer.codebook_size} "
+                     f"codes cannot decode config.data.num_codes={config.data.num_codes} codes")
+  return tokenizer
+
+
+def decode_images(config, tokens_BxL) -> np.ndarray:
+  """Token grids ([BOS] + codes) -> uint8 images: the digits' grey levels [B, G, G], or RGB
+  [B, 8G, 8G, 3] from the VQ-8 decoder whose weights config.data.tokenizer_path names
+  (`vq_ds8_c2i.npz` or the .pt, docs/images.md)."""
+  tokenizer = image_decoder(config)
+  if tokenizer is None:
+    return images.digits_to_pixels(tokens_BxL)
   from pgm_jax.models import vq  # pylint: disable=g-import-not-at-top
   grid = config.data.grid
   codes = np.clip(np.asarray(tokens_BxL)[:, 1:], 0, config.data.num_codes - 1)
-  pixels = _vq_tokenizer(os.path.expanduser(path)).decode(codes.reshape(-1, grid, grid))
+  pixels = tokenizer.decode(codes.reshape(-1, grid, grid))
   return np.asarray(vq.images_to_uint8(pixels))
 
 
@@ -151,11 +165,11 @@ def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: st
   np.savez(buf, codes=codes, labels=np.asarray(labels, np.int32), tokens=np.asarray(tokens))
   fileio.atomic_write_bytes(prefix + ".npz", buf.getvalue())
   paths = {"npz": prefix + ".npz"}
-  try:
-    pixels = decode_images(config, tokens)
-  except ValueError as e:  # no VQ weights: the codes are saved, the picture is not
-    logging.warning("no PNG grid: %s", e)
+  if config.data.name != "digits" and not config.data.get("tokenizer_path"):
+    # No VQ weights: the codes are saved, the picture is not.
+    logging.warning("no PNG grid: config.data.tokenizer_path is not set (the VQ-8 weights)")
     return paths
+  pixels = decode_images(config, tokens)
   scale = max(1, 64 // pixels.shape[1])  # digits: 8 px -> 64 px cells
   png = images.encode_png(images.tile_grid(pixels, rows, cols, scale=scale))
   fileio.atomic_write_bytes(prefix + ".png", png)
@@ -168,6 +182,8 @@ def sample_images(config, workdir: str, *, setup=None, params=None, step=None,
   """Image configs: config.sample.samples_per_class samples of each of `grid_classes`, with
   config.sample.{sampler, steps, cfg_w} -> WORKDIR/PREFIX.{png,npz}. Without `params`, the
   latest checkpoint's."""
+  if config.data.get("tokenizer_path"):
+    image_decoder(config)  # a wrong VQ file fails before sampling, not after
   setup = setup or experiment.make_setup(config)
   if params is None:
     step, params = experiment.restore_eval_params(setup, workdir)
