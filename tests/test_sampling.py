@@ -1,16 +1,11 @@
 """Samplers: naive == efficient, non-uniform == uniform when forced, conditioning is kept,
-bounded compilation, MDLM cache exactness, and the sample/bench CLI modes."""
-import json
-import os
-import subprocess
-import sys
+bounded compilation and MDLM cache exactness (the sample / bench CLI modes: test_train.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
 from pgm_jax import samplers
 from pgm_jax.samplers import common, pgm as pgm_samplers
 from pgm_jax.models import DiT, ModelConfig, PartitionDiT
@@ -191,39 +186,3 @@ def test_prompt_parsing():
   assert known[6 + n_head] and not known[-1]
   with pytest.raises(ValueError, match="config.sample.prompt"):
     samplers.parse_prompt("x[[40]]", tok, 32)
-
-
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "pgm_jax.main", *args], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=600)
-
-
-def test_sample_and_bench_modes_end_to_end(tmp_path):
-  workdir = str(tmp_path / "wd")
-  res = _cli("--config=configs/shakespeare.py:tiny", f"--workdir={workdir}",
-             "--config.train.num_steps=2", "--config.train.num_final_samples=0")
-  assert res.returncode == 0, res.stderr[-3000:]
-  res = _cli("--config=configs/shakespeare.py:tiny", f"--workdir={workdir}", "--mode=sample",
-             "--config.sample.num_samples=3", "--config.sample.steps=4",
-             "--config.sample.prompt=ROMEO.[[6]]love")
-  assert res.returncode == 0, res.stderr[-3000:]
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "samples.jsonl"))]
-  assert len(rows) == 3
-  for row in rows:
-    assert {"text", "tokens", "sampler", "steps", "seed"} <= set(row)
-    assert row["sampler"] == "efficient-uniform" and row["steps"] == 4
-    assert 2048 not in row["tokens"]  # the MASK id of the vendored tokenizer
-  assert "--- sample 0" in res.stdout
-
-  res = _cli("--config=configs/bench.py:cpu", f"--workdir={workdir}", "--mode=bench",
-             "--config.bench.seq_len=32", "--config.bench.steps=4", "--config.bench.repeats=1",
-             "--config.bench.batch_size=2")
-  assert res.returncode == 0, res.stderr[-3000:]
-  report = json.load(open(os.path.join(workdir, "bench.json")))
-  for k in ("tokens_per_s", "flops_per_seq", "compiles"):
-    assert report["pgm"][k] > 0 and report["mdlm"][k] > 0
-  assert report["flop_ratio"] == pytest.approx(
-      report["mdlm"]["flops_per_seq"] / report["pgm"]["flops_per_seq"])
-  assert report["throughput_ratio"] == pytest.approx(
-      report["pgm"]["tokens_per_s"] / report["mdlm"]["tokens_per_s"])
-  assert "thru x" in res.stdout

@@ -156,7 +156,7 @@ def _cli(*args, timeout=300, **popen):
                         **popen)
 
 
-def test_cli_train_then_eval(tmp_path):
+def test_cli_train_eval_sample_bench(tmp_path):
   workdir = str(tmp_path / "cli")
   res = _cli("--config=configs/shakespeare.py:tiny", f"--workdir={workdir}",
              "--config.train.num_steps=6")
@@ -174,17 +174,32 @@ def test_cli_train_then_eval(tmp_path):
   assert abs(result["val_ppl"] - val_ppl) < 1e-4 * val_ppl and result["step"] == 6
   assert 1.0 < val_ppl < 2049 * 2
 
+  # --mode=sample and --mode=bench from the command line, on the same workdir. (The
+  # one-line errors of bad flags and keys are tests/test_bad_inputs.py's.)
+  res = _cli("--config=configs/shakespeare.py:tiny", f"--workdir={workdir}", "--mode=sample",
+             "--config.sample.num_samples=3", "--config.sample.steps=4",
+             "--config.sample.prompt=ROMEO.[[6]]love")
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "samples.jsonl"))]
+  assert len(rows) == 3
+  for row in rows:
+    assert {"text", "tokens", "sampler", "steps", "seed"} <= set(row)
+    assert row["sampler"] == "efficient-uniform" and row["steps"] == 4
+    assert 2048 not in row["tokens"]  # the MASK id of the vendored tokenizer
+  assert "--- sample 0" in res.stdout
 
-def test_cli_errors_are_one_line(tmp_path):
-  for args in (["--config=configs/shakespeare.py:tiny", "--config.train.nsteps=3"],
-               ["--config=configs/shakespeare.py:tiny,bogus"],
-               ["--config=configs/shakespeare.py:tiny", "--config.data.seq_len=2"]):
-    res = _cli(*args, f"--workdir={tmp_path}/e")
-    assert res.returncode != 0
-    errors = [l for l in res.stderr.splitlines() if l.startswith("pgm_jax: error:")]
-    assert len(errors) == 1, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-  assert not os.path.exists(os.path.join(tmp_path, "e", "checkpoints", "1"))
+  res = _cli("--config=configs/bench.py:cpu", f"--workdir={workdir}", "--mode=bench",
+             "--config.bench.seq_len=32", "--config.bench.steps=4", "--config.bench.repeats=1",
+             "--config.bench.batch_size=2")
+  assert res.returncode == 0, res.stderr[-3000:]
+  report = json.load(open(os.path.join(workdir, "bench.json")))
+  for k in ("tokens_per_s", "flops_per_seq", "compiles"):
+    assert report["pgm"][k] > 0 and report["mdlm"][k] > 0
+  assert report["flop_ratio"] == pytest.approx(
+      report["mdlm"]["flops_per_seq"] / report["pgm"]["flops_per_seq"])
+  assert report["throughput_ratio"] == pytest.approx(
+      report["pgm"]["tokens_per_s"] / report["mdlm"]["tokens_per_s"])
+  assert "thru x" in res.stdout
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path):
