@@ -26,6 +26,7 @@ from absl import logging
 
 from pgm_jax import checkpointing, fileio, objectives, samplers
 from pgm_jax.data import tokenizers
+from pgm_jax.samplers import common as sampler_common
 from pgm_jax.models import ModelConfig, build_model
 
 
@@ -52,17 +53,6 @@ def _params(model, kind, workdir, *, abstract: bool, seed: int):
     target = jax.eval_shape(init, jax.random.key(seed))
     return checkpointing.restore_params(workdir, target, key="ema_params")
   return jax.jit(init)(jax.random.key(seed))
-
-
-def _measure(run, *, warmup: int, repeats: int, flops_only: bool):
-  """run(measure) -> SampleResult. Returns (first result, median seconds or None)."""
-  first = run(True)
-  if flops_only:
-    return first, None
-  for _ in range(max(warmup - 1, 0)):
-    run(False)
-  times = [run(False).seconds for _ in range(repeats)]
-  return first, statistics.median(times)
 
 
 BENCH_WHAT = ("sample", "train", "all")
@@ -235,7 +225,7 @@ def run_sample_bench(config) -> dict:
   mdlm = _model("mdlm", dict(b.mdlm), tokenizer, config)
   mdlm_params = _params(mdlm, "mdlm", b.get("mdlm_workdir"), abstract=b.flops_only, seed=0)
   logging.info("bench: MDLM ddpm_cache, B=%d L=%d S=%d", batch, length, steps)
-  result, seconds = _measure(
+  result, seconds = sampler_common.measure_sampler(
       lambda m: samplers.mdlm_sample(mdlm_params, prompt, model=mdlm, sampler="ddpm_cache",
                                      measure_flops=m, execute=not b.flops_only, **common),
       warmup=b.warmup, repeats=b.repeats, flops_only=b.flops_only)
@@ -248,7 +238,7 @@ def run_sample_bench(config) -> dict:
     model = _model("pgm", dims, tokenizer, config)
     params = _params(model, "pgm", b.get("pgm_workdir"), abstract=b.flops_only, seed=1)
     logging.info("bench: PGM %s efficient-uniform", name)
-    result, seconds = _measure(
+    result, seconds = sampler_common.measure_sampler(
         lambda m: samplers.pgm_sample(params, prompt, model=model, sampler="efficient-uniform",
                                       bucket_size=config.sample.bucket_size,
                                       measure_flops=m, exact_flops=m and b.exact_flops,

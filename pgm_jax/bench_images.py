@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from absl import logging
 
 from pgm_jax import config_lib, fileio
 from pgm_jax.data import tokenizers
+from pgm_jax.samplers import common as sampler_common
 from pgm_jax.models import ModelConfig, build_model
 from pgm_jax.samplers import image as image_samplers
 
@@ -59,16 +59,6 @@ def _params(model, *, abstract: bool, seed: int):
   return jax.jit(init)(jax.random.key(seed))
 
 
-def _measure(run, *, warmup: int, repeats: int, flops_only: bool):
-  """run(measure) -> SampleResult. Returns (first result, median seconds or None)."""
-  first = run(True)
-  if flops_only:
-    return first, None
-  for _ in range(max(warmup - 1, 0)):
-    run(False)
-  return first, statistics.median(run(False).seconds for _ in range(repeats))
-
-
 def run_image_bench(config, workdir: str) -> dict:
   b = config.bench
   if jax.process_index() == 0:
@@ -92,12 +82,13 @@ def run_image_bench(config, workdir: str) -> dict:
     logging.info("bench: %s %s, %s, B=%d S=%d cfg_w=%g", kind, dims, sampler, batch, steps, cfg_w)
     run = lambda m, lab: image_samplers.image_sample(params, lab, model=model, measure_flops=m,
                                                      **sample_kw)
-    result, seconds = _measure(lambda m: run(m, labels), warmup=b.warmup, repeats=b.repeats,
-                               flops_only=b.flops_only)
+    result, seconds = sampler_common.measure_sampler(
+        lambda m: run(m, labels), warmup=b.warmup, repeats=b.repeats, flops_only=b.flops_only)
     latency = None
     if not b.flops_only:
-      _, latency = _measure(lambda m: run(False, labels[:latency_batch]), warmup=b.warmup,
-                            repeats=b.repeats, flops_only=False)
+      _, latency = sampler_common.measure_sampler(
+          lambda m: run(False, labels[:latency_batch]), warmup=b.warmup, repeats=b.repeats,
+          flops_only=False)
     analytic = image_samplers.analytic_flops_per_image(model.config, sampler, grid, steps,
                                                        cfg_w=cfg_w)
     return {"images_per_s": None if seconds is None else batch / seconds,

@@ -25,3 +25,15 @@ def load_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def random_params(model, *init_args, seed: int = 0, scale: float = 0.3):
+  """`model`'s parameters with every leaf drawn from N(0, scale^2): non-zero everywhere (the
+  output layers are zero-initialised) and peaked enough for sampler tests to matter."""
+  import jax  # pylint: disable=g-import-not-at-top
+  params = jax.jit(model.init)(jax.random.key(seed), *init_args)["params"]
+  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return treedef.unflatten([scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])

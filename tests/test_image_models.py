@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from conftest import load_config
+from conftest import load_config, random_params
 from pgm_jax import objectives, steps
 from pgm_jax.models import ImagePartitionDiT, MaskGIT, ModelConfig
 from pgm_jax.models.maskgit import swiglu_hidden
@@ -109,15 +109,6 @@ L = 1 + G * G
 MASK, BOS = NUM_CODES, NUM_CODES + 1
 
 
-def _random_params(model, *args, seed=0):
-  params = jax.jit(model.init)(jax.random.key(seed), *args)["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return treedef.unflatten([0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-
-
 @pytest.fixture(scope="module")
 def pgm():
   cfg = ModelConfig("pgm_image", NUM_CODES + 2, MASK, hidden=32, num_heads=2, cond_dim=32,
@@ -125,7 +116,7 @@ def pgm():
                     register=2)
   model = ImagePartitionDiT(cfg)
   tokens = jnp.zeros((1, L), jnp.int32)
-  return model, _random_params(model, tokens, tokens, jnp.zeros((1,), jnp.int32))
+  return model, random_params(model, tokens, tokens, jnp.zeros((1,), jnp.int32))
 
 
 _APPLY = {}
@@ -249,7 +240,7 @@ def test_image_loss_is_the_plain_cross_entropy(kind, pgm):
                       num_layers=1, dropout=0.0, dtype="float32", num_classes=C, register=1,
                       num_positions=G * G)
     model = MaskGIT(cfg)
-    params = _random_params(model, jnp.zeros((1, G * G), jnp.int32), jnp.zeros((1,), jnp.int32))
+    params = random_params(model, jnp.zeros((1, G * G), jnp.int32), jnp.zeros((1,), jnp.int32))
   tokens, _, labels = _batch(seed=3)
   batch = {"tokens": tokens, "labels": labels}
   r = jnp.asarray([0.2, 0.7])

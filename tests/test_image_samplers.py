@@ -6,22 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params
 from pgm_jax.models import ImagePartitionDiT, MaskGIT, ModelConfig
 from pgm_jax.samplers import image as S
 
 G, C, NUM_CODES = 4, 3, 5
 N, L = G * G, G * G + 1
 MASK, BOS = NUM_CODES, NUM_CODES + 1
-
-
-def _random_params(model, *args, seed=0):
-  params = jax.jit(model.init)(jax.random.key(seed), *args)["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  # Non-zero everywhere (the output layer is zero-initialised), peaked enough to matter.
-  return treedef.unflatten([0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def pgm():
                     register=2)
   model = ImagePartitionDiT(cfg)
   tokens = jnp.zeros((1, L), jnp.int32)
-  return model, _random_params(model, tokens, tokens, jnp.zeros((1,), jnp.int32))
+  return model, random_params(model, tokens, tokens, jnp.zeros((1,), jnp.int32))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def maskgit():
                     num_layers=1, dropout=0.0, dtype="float32", num_classes=C, register=1,
                     num_positions=N)
   model = MaskGIT(cfg)
-  return model, _random_params(model, jnp.zeros((1, N), jnp.int32), jnp.zeros((1,), jnp.int32),
+  return model, random_params(model, jnp.zeros((1, N), jnp.int32), jnp.zeros((1,), jnp.int32),
                                seed=3)
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params
 from pgm_jax import samplers
 from pgm_jax.samplers import common, pgm as pgm_samplers
 from pgm_jax.models import DiT, ModelConfig, PartitionDiT
@@ -21,14 +22,8 @@ def _cfg(kind):
 
 def _random_params(model, kind, seed=0):
   tokens = jnp.zeros((1, L), jnp.int32)
-  args = (tokens, tokens) if kind == "pgm" else (tokens,)
-  params = jax.tree.map(lambda x: getattr(x, "value", x),
-                        model.init(jax.random.key(seed), *args)["params"],
-                        is_leaf=lambda x: hasattr(x, "value"))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  # Non-zero everywhere (the output layer is zero-initialised), peaked enough to matter.
-  return treedef.unflatten([0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  return random_params(model, *((tokens, tokens) if kind == "pgm" else (tokens,)), seed=seed,
+                       scale=0.2)
 
 
 @pytest.fixture(scope="module")

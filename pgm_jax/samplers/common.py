@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import statistics
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -205,6 +206,19 @@ class SampleResult:
   flops_per_seq: Optional[float] = None        # XLA cost analysis, as executed
   exact_flops_per_seq: Optional[float] = None  # same, without any padding
   seconds: float = 0.0
+
+
+def measure_sampler(run: Callable[[bool], "SampleResult"], *, warmup: int, repeats: int,
+                    flops_only: bool):
+  """The benches' timing rule. `run(measure)` samples once (measure=True: also lowers for
+  FLOPs). Returns (the first result, the median of `repeats` timed runs after `warmup` runs
+  in all, or None when flops_only)."""
+  first = run(True)
+  if flops_only:
+    return first, None
+  for _ in range(max(warmup - 1, 0)):
+    run(False)
+  return first, statistics.median(run(False).seconds for _ in range(repeats))
 
 
 def lowered_flops(jitted, *args, **static) -> float:
