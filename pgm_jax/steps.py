@@ -202,7 +202,7 @@ def _image_draws(rng, batch, *, config):
   return r_B, dict(batch, labels=labels)
 
 
-def _keep_batch_sharded(x_AxBx):
+def keep_batch_sharded(x_AxBx):
   """Microbatches [accum, B/accum, ...]: keep dim 1 sharded over the batch mesh axes.
 
   Without the constraint the partitioner may shard the reshaped leading (accumulation)
@@ -249,7 +249,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
     return terms.loss_sum / denom, terms.nll_sum / denom
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-  split = lambda x: _keep_batch_sharded(x.reshape((accum, batch_size // accum) + x.shape[1:]))
+  split = lambda x: keep_batch_sharded(x.reshape((accum, batch_size // accum) + x.shape[1:]))
   inputs = (jnp.arange(accum), jax.tree.map(split, batch), split(t_B), split(noise_u_BxL))
 
   def body(carry, inputs):
@@ -266,18 +266,24 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
   grads = jax.tree.map(lambda g: g / accum, grads)
   loss, nll = loss / accum, nll / accum
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_step = state.step + 1
-  if config.opt.ema_decay > 0:
-    d = ema_decay(config.opt.ema_decay, new_step)
-    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-  else:
-    ema = params
   metrics = TrainMetrics.single_from_model_output(
       loss=loss, nll=nll, grad_norm=optax.tree.norm(grads),
       learning_rate=learning_rate_schedule(config.opt, t_cfg.num_steps)(state.step))
-  return TrainState(step=new_step, params=params, opt_state=opt_state, ema_params=ema), metrics
+  return apply_gradients(state, grads, tx=tx, opt_config=config.opt), metrics
+
+
+def apply_gradients(state, grads, *, tx, opt_config):
+  """Optimizer update, step + 1 and the EMA; other fields of `state` (e.g. a
+  distillation state's teacher) are kept as they are."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_step = state.step + 1
+  if opt_config.ema_decay > 0:
+    d = ema_decay(opt_config.ema_decay, new_step)
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+  else:
+    ema = params
+  return state.replace(step=new_step, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def eval_step(params, batch, rng, *, model, config, mask_id: int, data_parallel: int):
