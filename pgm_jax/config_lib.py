@@ -103,6 +103,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.opt.grad_clip = 1.0
   c.opt.ema_decay = 0.9999          # warm-up: min(decay, (1 + n) / (10 + n)); 0 disables EMA
 
+  # --- distill: SDTT distillation (spec section 8; pgm_jax/distill.py). --------------
+  # enabled=True turns training (--mode=train, the same loop, checkpoints and metrics)
+  # into distillation: teacher and student start from the EMA weights of
+  # `teacher_workdir`; eval / sample / bench then work on the student as on any model.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.enabled = False
+  c.distill.teacher_workdir = placeholder(str)  # workdir (or converted checkpoint) of the
+                                    # pre-trained model: its latest EMA weights
+  c.distill.round_steps = 10_000    # dt grows by teacher_steps (x2) and the student is
+                                    # copied into the teacher every this many steps
+  c.distill.initial_steps = 1024    # dt of round 1 = (1 - sampling_eps) / initial_steps
+  c.distill.teacher_steps = 2       # ancestral teacher steps the student matches in one
+  c.distill.loss = "kl-bwd"         # kl-bwd: KL(student || teacher) | kl-fwd: KL(teacher ||
+                                    # student); float32, mean over masked tokens
+  c.distill.sampling_eps = 1e-5     # t ~ U[eps, 1] (antithetic) for distillation
+
   # --- attn: the attention op. ----------------------------------------------------
   c.attn = ml_collections.ConfigDict()
   c.attn.impl = "auto"              # auto (the Pallas kernels on TPU/GPU, the dense XLA path
@@ -265,6 +281,16 @@ def image_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+DISTILL_LOSSES = ("kl-bwd", "kl-fwd")
+
+
+def distill_enabled(config) -> bool:
+  """config.distill.enabled; False for configs written before the section existed (e.g.
+  an older judge's config.json)."""
+  d = config.get("distill")
+  return bool(d is not None and d.get("enabled", False))
+
+
 def resolve_sampler(config) -> str:
   """config.sample.sampler with "auto" resolved by config.model.kind."""
   sampler = config.sample.sampler
@@ -389,6 +415,8 @@ def validate(config, *, num_devices: int, data_parallel: int, mesh_shape=None) -
     raise ValueError(f"config.eval.gen_num_samples must be positive, got {e.gen_num_samples}")
   if t.num_final_samples < 0:
     raise ValueError(f"config.train.num_final_samples must be >= 0, got {t.num_final_samples}")
+  if distill_enabled(config):
+    _validate_distill(config)
   del num_devices
 
 
@@ -424,3 +452,29 @@ def validate_sample(config) -> None:
     raise ValueError(f"config.sample.batch_size={s.batch_size} must be >= 1")
   if s.bucket_size < 0:
     raise ValueError(f"config.sample.bucket_size={s.bucket_size} must be >= 0 (0 = automatic)")
+
+
+def _validate_distill(config) -> None:
+  d, t = config.distill, config.train
+  if config.model.kind not in ("pgm", "mdlm"):
+    raise ValueError(f"config.distill.enabled needs config.model.kind 'pgm' or 'mdlm', "
+                     f"got {config.model.kind!r}")
+  if d.loss not in DISTILL_LOSSES:
+    raise ValueError(f"config.distill.loss must be one of {DISTILL_LOSSES}, got {d.loss!r}")
+  if config.ckpt.get("init_params_from"):
+    raise ValueError("config.ckpt.init_params_from is not used by distillation: the "
+                     "teacher's checkpoint goes in config.distill.teacher_workdir")
+  if d.teacher_steps < 2:
+    raise ValueError(f"config.distill.teacher_steps must be >= 2, got {d.teacher_steps}")
+  if d.round_steps <= 0 or d.initial_steps <= 0:
+    raise ValueError(f"config.distill.round_steps ({d.round_steps}) and "
+                     f"config.distill.initial_steps ({d.initial_steps}) must be positive")
+  if not 0.0 < d.sampling_eps < 1.0:
+    raise ValueError(f"config.distill.sampling_eps must be in (0, 1), got {d.sampling_eps}")
+  rounds = max(1, -(-t.num_steps // d.round_steps))
+  if d.initial_steps < d.teacher_steps ** rounds:
+    raise ValueError(
+        f"config.train.num_steps={t.num_steps} spans {rounds} rounds of "
+        f"config.distill.round_steps={d.round_steps}: the last student would take "
+        f"config.distill.initial_steps={d.initial_steps} / {d.teacher_steps}^{rounds} < 1 "
+        f"sampling steps; lower config.train.num_steps or raise config.distill.initial_steps")

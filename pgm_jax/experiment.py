@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import checkpointing, config_lib, fileio, samplers, sharding, steps
+from pgm_jax import checkpointing, config_lib, distill, fileio, samplers, sharding, steps
 from pgm_jax.data import tokenizers
 from pgm_jax.models import build_model, model_config_from
 
@@ -88,9 +88,13 @@ def init_state(setup: Setup, rng):
 
 def _boxed_init_fn(model, tx, config):
   """rng -> boxed (logically partitioned) TrainState; shapes do not depend on the
-  dummy input length (RoPE, no position table), so 8 tokens keep init cheap."""
-  return functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
+  dummy input length (RoPE, no position table), so 8 tokens keep init cheap.
+  With config.distill.enabled: a DistillState (the same + teacher, round, dt)."""
+  init = functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
                            seq_len=min(config.data.seq_len, 8), kind=config.model.kind)
+  if config_lib.distill_enabled(config):
+    return functools.partial(distill.init_state, base_init=init, config=config)
+  return init
 
 
 def abstract_batch(setup: Setup, batch_size: int | None = None) -> dict:

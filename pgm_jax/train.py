@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from pgm_jax import checkpointing, fileio, sharding, steps
+from pgm_jax import checkpointing, config_lib, distill, fileio, sharding, steps
 from pgm_jax.data import pipeline
 from pgm_jax.evaluation import perplexity
 # make_setup and restore_eval_params are also re-exported here for notebooks written
@@ -67,12 +67,15 @@ class _StopAgreement:
 
 
 def make_train_step(setup: Setup):
-  """The train step jitted with explicit in/out shardings, donating the state.
+  """The train step jitted with explicit in/out shardings, donating the state: SDTT's
+  `distill.distill_step` when config.distill.enabled.
 
   Also what `--mode=plan` lowers and compiles ahead of time (pgm_jax/plan.py).
   """
+  step_fn = (distill.distill_step if config_lib.distill_enabled(setup.config)
+             else steps.train_step)
   return jax.jit(
-      with_mesh(setup.mesh, functools.partial(steps.train_step, model=setup.model, tx=setup.tx,
+      with_mesh(setup.mesh, functools.partial(step_fn, model=setup.model, tx=setup.tx,
                                                config=setup.config, mask_id=setup.mask_id)),
       in_shardings=(setup.state_shardings, setup.batch_sharding,
                     sharding.replicated(setup.mesh)),
@@ -110,7 +113,8 @@ def _format_eta(seconds: float) -> str:
 
 
 def restore_or_init(setup: Setup, manager, train_iter, rng):
-  """Resume order: workdir latest > ckpt.restore_from > ckpt.init_params_from > fresh."""
+  """Resume order: workdir latest > ckpt.restore_from > ckpt.init_params_from > fresh.
+  Distillation starts fresh runs from config.distill.teacher_workdir instead."""
   ckpt = setup.config.ckpt
   restored = checkpointing.restore_latest(manager, setup.abstract_state, train_iter,
                                           move_bad=True)
@@ -131,6 +135,8 @@ def restore_or_init(setup: Setup, manager, train_iter, rng):
     logging.info("Restoring full state from %s/%d", src_dir, step)
     state, _ = checkpointing.restore(src, step, setup.abstract_state, train_iter)
     return state
+  if config_lib.distill_enabled(setup.config):
+    return distill.start_from_teacher(setup)
   state = init_state(setup, rng)
   if ckpt.get("init_params_from"):
     src_dir = ckpt.init_params_from

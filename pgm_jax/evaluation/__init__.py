@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from pgm_jax import config_lib, experiment, fileio, objectives
+from pgm_jax import config_lib, distill, experiment, fileio, objectives
 from pgm_jax.evaluation import images, judges, perplexity, zero_shot
 from pgm_jax.evaluation.judges import (ARJudge, GPT2Judge, convert_gpt2, load_judge,
                                        load_state_dict, mean_entropy, unigram_entropy)
@@ -54,6 +54,7 @@ def evaluate(config, workdir: str) -> dict:
   else:
     result = perplexity.run_validation(setup, params)
   result.update(step=step, model=config.model.kind, seq_len=config.data.seq_len)
+  result.update(distill.checkpoint_info(workdir, step, config))  # {} unless distilled
   if config.eval.gen_ppl:
     result.update(generation_metrics(setup, params, config.eval.judge_workdir))
   if jax.process_index() == 0:
