@@ -16,8 +16,24 @@ complement-MDLM objective, two views per sequence: 2 accumulation steps, as the 
 16 GPUs x 16), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16), runlocal
 (shrinks everything for a CPU smoke run; still needs data_dir).
 
+SDTT distillation of a trained model (spec section 8, pgm_jax/distill.py): presets
+distill_pgm_8_8, distill_pgm_6_6_dim1024 and distill_mdlm, with the teacher's workdir
+(or a checkpoint converted by pgm_jax.convert):
+
+  python -m pgm_jax.main --config=configs/owt.py:distill_pgm_8_8 \
+      --workdir=gs://bucket/distill_pgm_8_8 --config.data.data_dir=/data/owt_gpt2_1024 \
+      --config.distill.teacher_workdir=gs://bucket/pgm_8_8
+
+Batch 128, lr 3e-4 constant after 2500 warmup steps, AdamW without weight decay, EMA
+0.9999, no dropout, 50k steps; dt starts at (1 - 1e-5) / 1024 and doubles every 10k
+steps (5 rounds: the last student samples in 32 steps). Then evaluate the student as
+any model, with the same config:
+
+  python -m pgm_jax.main --config=configs/owt.py:distill_pgm_8_8 --workdir=... --mode=eval \
+      --config.eval.gen_ppl=True --config.eval.judge_workdir=... --config.sample.steps=32
+
 The mdlm and pgm presets fit a v5e-32 and a v4-32 with these defaults (TPU compiler,
-docs/scaling.md; mdlm_complement was not planned):
+docs/scaling.md; mdlm_complement and the distill presets were not planned):
 
   python -m pgm_jax.main --config=configs/owt.py:pgm_8_8 --workdir=/tmp/plan --mode=plan \
       --config.plan.topology=v5e-32
@@ -33,10 +49,36 @@ _MODELS = {
                             dec_layers=6),
 }
 
+# The paper's distillation runs (spec section 8): preset -> the model it distils.
+_DISTILL = {"distill_pgm_8_8": "pgm_8_8", "distill_pgm_6_6_dim1024": "pgm_6_6_dim1024",
+            "distill_mdlm": "mdlm"}
+
+
+def _distill(c):
+  """SDTT (spec section 8): the reference's hyperparameters."""
+  c.distill.enabled = True
+  c.distill.initial_steps = 1024    # dt = (1 - 1e-5) / 1024 in round 1
+  c.distill.round_steps = 10_000    # dt doubles, student -> teacher
+  c.distill.teacher_steps = 2
+  c.distill.loss = "kl-bwd"
+  c.distill.sampling_eps = 1e-5
+  c.train.num_steps = 50_000        # 5 rounds: students for 512, ..., 32 steps
+  c.train.batch_size = 128
+  c.train.eval_every = 10_000
+  c.model.dropout = 0.0
+  c.opt.lr = 3e-4
+  c.opt.warmup_steps = 2500
+  c.opt.weight_decay = 0.0
+  c.opt.ema_decay = 0.9999
+  c.ckpt.every_steps = 10_000       # the student at the end of every round is kept
+  c.ckpt.keep_every = 10_000
+
 
 def get_config(arg=None):
-  preset = config_lib.parse_arg(arg, runlocal=False, **{k: False for k in _MODELS})
-  chosen = [k for k in _MODELS if preset[k]] or ["pgm_6_6"]
+  preset = config_lib.parse_arg(arg, runlocal=False, **{k: False for k in _MODELS},
+                                **{k: False for k in _DISTILL})
+  chosen = ([k for k in _MODELS if preset[k]] + [_DISTILL[k] for k in _DISTILL if preset[k]]
+            or ["pgm_6_6"])
   if len(chosen) > 1:
     raise ValueError(f"config presets {chosen} are mutually exclusive")
   c = config_lib.base_config()
@@ -75,6 +117,8 @@ def get_config(arg=None):
   c.ckpt.keep_every = 100_000
   c.sample.steps = 128
 
+  if any(preset[k] for k in _DISTILL):
+    _distill(c)
   if preset.runlocal:
     config_lib.apply_runlocal(c, seq_len=128)
     c.train.grad_accum_steps = 1

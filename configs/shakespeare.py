@@ -15,14 +15,26 @@ Presets (comma separated after the colon):
              row of every comparison and the offline judge for generative perplexity.
   tiny       a 2-layer, 64-wide model and 20 steps, for smoke tests.
   steps=N    number of training steps.
+  distill_pgm, distill_mdlm
+             SDTT distillation (pgm_jax/distill.py) of the PGM / MDLM trained by the
+             commands above (config.distill.teacher_workdir = workdirs/pgm or
+             workdirs/mdlm): 4 rounds, dt from 1/64, so the round-r student is trained
+             to sample in 64 / 2^r steps (32, 16, 8, 4).
+
+  python -m pgm_jax.main --config=configs/shakespeare.py:distill_pgm \
+      --workdir=workdirs/distill_pgm
 """
 from pgm_jax import config_lib
 
 
 def get_config(arg=None):
-  preset = config_lib.parse_arg(arg, pgm=False, mdlm=False, ar=False, tiny=False, steps=0)
+  preset = config_lib.parse_arg(arg, pgm=False, mdlm=False, ar=False, tiny=False, steps=0,
+                                distill_pgm=False, distill_mdlm=False)
+  if preset.distill_pgm or preset.distill_mdlm:
+    preset.pgm, preset.mdlm = preset.pgm or preset.distill_pgm, preset.mdlm or preset.distill_mdlm
   if preset.pgm + preset.mdlm + preset.ar > 1:
-    raise ValueError("config presets 'pgm', 'mdlm' and 'ar' are mutually exclusive")
+    raise ValueError("config presets 'pgm', 'mdlm', 'ar', 'distill_pgm' and 'distill_mdlm' "
+                     "are mutually exclusive")
   c = config_lib.base_config()
   c.seed = 0
 
@@ -61,6 +73,8 @@ def get_config(arg=None):
   # compile time outweighs the extra padded FLOPs (bench.py measures both).
   c.sample.bucket_size = 32
 
+  if preset.distill_pgm or preset.distill_mdlm:
+    _distill(c, "workdirs/pgm" if preset.distill_pgm else "workdirs/mdlm")
   if preset.tiny:
     config_lib.apply_runlocal(c, hidden=64, cond_dim=32, seq_len=32, eval_batch_size=16,
                               eval_max_batches=4)
@@ -68,3 +82,22 @@ def get_config(arg=None):
   if preset.steps:
     c.train.num_steps = preset.steps
   return c
+
+
+def _distill(c, teacher_workdir):
+  """SDTT on CPU in minutes: 4 short rounds. The teacher is a 750-step model, so the
+  paper's dt = 1/1024 start is scaled to 1/64 (L = 128); the rest is the paper's recipe
+  (constant lr after a warmup, no weight decay, no dropout) at the pre-training batch."""
+  c.distill.enabled = True
+  c.distill.teacher_workdir = teacher_workdir
+  c.distill.initial_steps = 64
+  c.distill.round_steps = 100
+  c.train.num_steps = 400           # 4 rounds: students for 32, 16, 8 and 4 steps
+  c.train.log_every = 25
+  c.train.eval_every = 100
+  c.train.num_final_samples = 0
+  c.opt.lr = 3e-4
+  c.opt.warmup_steps = 10
+  c.eval.max_batches = 8            # validation of the student: 512 sequences
+  c.ckpt.every_steps = 100          # one checkpoint per round end, all kept
+  c.ckpt.keep_every = 100
