@@ -77,10 +77,10 @@ def _distill(c):
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, runlocal=False, **{k: False for k in _MODELS},
                                 **{k: False for k in _DISTILL})
-  chosen = ([k for k in _MODELS if preset[k]] + [_DISTILL[k] for k in _DISTILL if preset[k]]
-            or ["pgm_6_6"])
-  if len(chosen) > 1:
-    raise ValueError(f"config presets {chosen} are mutually exclusive")
+  names = [k for k in list(_MODELS) + list(_DISTILL) if preset[k]]
+  if len(names) > 1:
+    raise ValueError(f"config presets {names} are mutually exclusive")
+  chosen = [_DISTILL.get(k, k) for k in names] or ["pgm_6_6"]
   c = config_lib.base_config()
   for k, v in _MODELS[chosen[0]].items():
     c.model[k] = v

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pgm_jax import checkpointing, distill, train
+from pgm_jax import checkpointing, config_lib, distill, train
 
 MASK = 4  # the toy vocabulary: tokens 0..3 and MASK
 
@@ -263,3 +263,24 @@ def test_missing_teacher_names_the_key(tmp_path):
   cfg = distill_config("pgm", str(tmp_path / "missing"), **{"train.num_steps": 1})
   with pytest.raises(ValueError, match=r"config\.distill\.teacher_workdir: .*missing"):
     train.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("preset, model", [
+    ("distill_pgm_8_8", dict(kind="pgm", hidden=768, enc_layers=8, dec_layers=8)),
+    ("distill_pgm_6_6_dim1024", dict(kind="pgm", hidden=1024, num_heads=16, enc_layers=6)),
+    ("distill_mdlm", dict(kind="mdlm", hidden=768, num_layers=12)),
+])
+def test_owt_presets_are_the_papers_runs(preset, model):
+  cfg = load_config("owt", preset)
+  for key, value in model.items():
+    assert cfg.model[key] == value, key
+  assert cfg.distill.enabled and cfg.distill.loss == "kl-bwd"
+  assert (cfg.distill.round_steps, cfg.distill.initial_steps, cfg.distill.teacher_steps,
+          cfg.distill.sampling_eps) == (10_000, 1024, 2, 1e-5)
+  assert (cfg.opt.lr, cfg.opt.warmup_steps, cfg.opt.weight_decay, cfg.opt.ema_decay) == (
+      3e-4, 2500, 0.0, 0.9999)
+  assert (cfg.train.batch_size, cfg.train.num_steps, cfg.model.dropout) == (128, 50_000, 0.0)
+  assert distill.student_steps(cfg, 5) == 32    # 5 rounds: the last student takes 32 steps
+  config_lib.validate(cfg, num_devices=16, data_parallel=16)
+  with pytest.raises(ValueError, match="mutually exclusive"):
+    load_config("owt", f"{preset},pgm_6_6")

@@ -1,0 +1,119 @@
+r"""Gen PPL and entropy of an SDTT teacher and of its student after every round.
+
+For the teacher (EMA weights of config.distill.teacher_workdir) and for the student at
+every round end kept in the distillation workdir (checkpoints at multiples of
+config.distill.round_steps; EMA weights), samples --num_samples sequences at each number
+of steps S in --steps with the config's sampler, and scores them with the eval code
+(`train.generation_metrics`: gen PPL under the AR judge, unigram entropy). Prints two
+markdown tables (gen PPL, entropy; rows = models, columns = S) and writes JSON.
+
+  python scripts/distill_table.py --config=shakespeare.py:distill_pgm \
+      --workdir=workdirs/distill_pgm --judge_workdir=workdirs/ar
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from pgm_jax import checkpointing, config_lib, distill, train  # noqa: E402
+
+
+def load_config(spec: str):
+  """'shakespeare.py:distill_pgm' -> configs/shakespeare.py get_config('distill_pgm');
+  '+' joins presets."""
+  name, _, arg = spec.partition(":")
+  path = os.path.join(REPO, "configs", name)
+  module_spec = importlib.util.spec_from_file_location(name[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg.replace("+", ",") or None)
+
+
+def round_end_steps(workdir: str, round_steps: int) -> list[int]:
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  if not os.path.isdir(ckpt_dir):
+    raise SystemExit(f"distill_table: no checkpoints in {ckpt_dir}")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  ends = [s for s in steps if s > 0 and s % round_steps == 0]
+  if not ends:
+    raise SystemExit(f"distill_table: no round-end checkpoint (multiple of "
+                     f"config.distill.round_steps={round_steps}) in {ckpt_dir}: {steps}")
+  return ends
+
+
+def markdown(rows, key: str, steps, fmt: str) -> str:
+  head = f"| model | {' | '.join(f'S={s}' for s in steps)} |"
+  lines = [head, "|---" * (len(steps) + 1) + "|"]
+  for name in dict.fromkeys(r["model"] for r in rows):
+    by_s = {r["S"]: r for r in rows if r["model"] == name}
+    lines.append(f"| {name} | " + " | ".join(format(by_s[s][key], fmt) for s in steps) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", required=True, help="e.g. shakespeare.py:distill_pgm")
+  parser.add_argument("--workdir", required=True, help="the distillation workdir")
+  parser.add_argument("--judge_workdir", required=True, help="AR judge (config.eval.*)")
+  parser.add_argument("--teacher_workdir", default=None,
+                      help="default: config.distill.teacher_workdir")
+  parser.add_argument("--steps", default="4,8,16,32,64")
+  parser.add_argument("--num_samples", type=int, default=64)
+  parser.add_argument("--out", default=None, help="default: WORKDIR/distill_table.json")
+  args = parser.parse_args(argv)
+
+  config = load_config(args.config)
+  if not config_lib.distill_enabled(config):
+    raise SystemExit(f"distill_table: --config={args.config} is not a distillation config")
+  config.eval.gen_num_samples = args.num_samples
+  config.sample.batch_size = args.num_samples   # one sampling batch per S
+  steps = [int(s) for s in args.steps.split(",")]
+  teacher = args.teacher_workdir or config.distill.teacher_workdir
+  setup = train.make_setup(config)
+  abstract = setup.abstract_state.params
+
+  models = [("teacher", None, lambda: checkpointing.restore_params(teacher, abstract))]
+  for step in round_end_steps(args.workdir, config.distill.round_steps):
+    models.append((f"student step {step}", step,
+                   lambda s=step: checkpointing.restore_params(args.workdir, abstract, step=s)))
+  rows = []
+  started = time.time()
+  for name, step, restore in models:
+    params = restore()
+    info = distill.checkpoint_info(args.workdir, step, config) if step is not None else {}
+    if info:
+      name = (f"round {info['distill_round']} student "
+              f"(for {info['distill_student_steps']:g} steps; step {step})")
+    for s in steps:
+      config.sample.steps = s
+      t0 = time.time()
+      m = train.generation_metrics(setup, params, args.judge_workdir)
+      rows.append(dict(model=name, checkpoint_step=step, S=s, gen_ppl=m["gen_ppl"],
+                       gen_ppl_raw=m.get("gen_ppl_raw"), entropy=m["entropy"],
+                       sampler=m["sampler"], samples=m["gen_num_samples"],
+                       seconds=time.time() - t0, **info))
+      print(f"{name} S={s}: gen_ppl {m['gen_ppl']:.2f} entropy {m['entropy']:.3f} "
+            f"({time.time() - t0:.1f}s)", flush=True)
+  total = time.time() - started
+  out = args.out or os.path.join(args.workdir, "distill_table.json")
+  with open(out, "w") as f:
+    json.dump({"config": args.config, "workdir": os.path.abspath(args.workdir),
+               "teacher_workdir": os.path.abspath(teacher),
+               "judge_workdir": os.path.abspath(args.judge_workdir),
+               "num_samples": args.num_samples, "seconds": total, "rows": rows}, f, indent=2)
+  print(f"\ngen PPL ({rows[0]['sampler']}, {args.num_samples} samples per cell)\n")
+  print(markdown(rows, "gen_ppl", steps, ".1f"))
+  print("\nentropy (nats)\n")
+  print(markdown(rows, "entropy", steps, ".3f"))
+  print(f"\n{len(rows)} cells in {total:.0f}s; written to {out}")
+
+
+if __name__ == "__main__":
+  main()
