@@ -4,7 +4,7 @@ For the teacher (EMA weights of config.distill.teacher_workdir) and for the stud
 every round end kept in the distillation workdir (checkpoints at multiples of
 config.distill.round_steps; EMA weights), samples --num_samples sequences at each number
 of steps S in --steps with the config's sampler, and scores them with the eval code
-(`train.generation_metrics`: gen PPL under the AR judge, unigram entropy). Prints two
+(`evaluation.generation_metrics`: gen PPL under the AR judge, unigram entropy). Prints two
 markdown tables (gen PPL, entropy; rows = models, columns = S) and writes JSON.
 
   python scripts/distill_table.py --config=shakespeare.py:distill_pgm \
@@ -22,7 +22,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pgm_jax import checkpointing, config_lib, distill, train  # noqa: E402
+from pgm_jax import checkpointing, config_lib, distill, evaluation, experiment  # noqa: E402
 
 
 def load_config(spec: str):
@@ -76,7 +76,7 @@ def main(argv=None):
   config.sample.batch_size = args.num_samples   # one sampling batch per S
   steps = [int(s) for s in args.steps.split(",")]
   teacher = args.teacher_workdir or config.distill.teacher_workdir
-  setup = train.make_setup(config)
+  setup = experiment.make_setup(config)
   abstract = setup.abstract_state.params
 
   models = [("teacher", None, lambda: checkpointing.restore_params(teacher, abstract))]
@@ -94,7 +94,7 @@ def main(argv=None):
     for s in steps:
       config.sample.steps = s
       t0 = time.time()
-      m = train.generation_metrics(setup, params, args.judge_workdir)
+      m = evaluation.generation_metrics(setup, params, args.judge_workdir)
       rows.append(dict(model=name, checkpoint_step=step, S=s, gen_ppl=m["gen_ppl"],
                        gen_ppl_raw=m.get("gen_ppl_raw"), entropy=m["entropy"],
                        sampler=m["sampler"], samples=m["gen_num_samples"],

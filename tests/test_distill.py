@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pgm_jax import checkpointing, config_lib, distill, train
+from pgm_jax import checkpointing, config_lib, distill, evaluation, experiment, train
 
 MASK = 4  # the toy vocabulary: tokens 0..3 and MASK
 
@@ -138,7 +138,7 @@ def make_teacher(kind, workdir):
   that predictions depend on the context) and EMA != params (the test sees which is
   read)."""
   cfg = load_config("shakespeare", f"tiny,{kind}")
-  abstract = train.make_setup(cfg).abstract_state   # shapes only: nothing is compiled
+  abstract = experiment.make_setup(cfg).abstract_state   # shapes only: nothing is compiled
   rng = np.random.default_rng(7)
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   params = jax.tree.map(lambda s: 0.3 * rng.standard_normal(s.shape).astype(np.float32),
@@ -162,7 +162,7 @@ def test_student_equals_teacher_at_round_start(tmp_path):
   teacher_dir = str(tmp_path / "teacher")
   teacher_ema = make_teacher("pgm", teacher_dir)
   cfg = distill_config("pgm", teacher_dir)
-  setup = train.make_setup(cfg)
+  setup = experiment.make_setup(cfg)
   # Round 1 starts from the teacher checkpoint's EMA weights, in student, EMA and teacher.
   manager = checkpointing.make_manager(str(tmp_path / "empty"), cfg.ckpt)
   state = train.restore_or_init(setup, manager, None, jax.random.key(0))
@@ -208,7 +208,7 @@ def test_student_equals_teacher_at_round_start(tmp_path):
 
 
 def restored(cfg, workdir):
-  setup = train.make_setup(cfg)
+  setup = experiment.make_setup(cfg)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
   step = manager.latest_step()
   state, _ = checkpointing.restore(manager, step, setup.abstract_state)
@@ -240,7 +240,7 @@ def test_resume_mid_round_is_exact(tmp_path):
   assert_trees_equal(state_a, state_b)  # student, EMA, optimizer, teacher, round, dt, step
 
   # eval.json of the student states its round and dt (and the student's step count).
-  result = train.evaluate(cfg, resumed)
+  result = evaluation.evaluate(cfg, resumed)
   saved = json.load(open(os.path.join(resumed, "eval.json")))
   assert saved["distill_round"] == result["distill_round"] == 3
   np.testing.assert_allclose(saved["distill_dt"], 4 * (1 - 1e-5) / 64, rtol=1e-6)
@@ -256,7 +256,7 @@ def test_resume_mid_round_is_exact(tmp_path):
 ])
 def test_bad_distill_config_names_the_key(overrides, pattern):
   with pytest.raises(ValueError, match=pattern):
-    train.make_setup(distill_config("pgm", "/nonexistent", **overrides))
+    experiment.make_setup(distill_config("pgm", "/nonexistent", **overrides))
 
 
 def test_missing_teacher_names_the_key(tmp_path):
