@@ -7,8 +7,10 @@ of steps S in --steps with the config's sampler, and scores them with the eval c
 (`evaluation.generation_metrics`: gen PPL under the AR judge, unigram entropy). Prints two
 markdown tables (gen PPL, entropy; rows = models, columns = S) and writes JSON.
 
-  python scripts/distill_table.py --config=shakespeare.py:distill_pgm \
-      --workdir=workdirs/distill_pgm --judge_workdir=workdirs/ar
+  python scripts/distill_table.py --workdir=workdirs/distill_pgm --judge_workdir=workdirs/ar
+
+The config is the one the distillation run wrote (WORKDIR/config.json), unless --config
+names a config file and presets (e.g. shakespeare.py:distill_pgm).
 """
 from __future__ import annotations
 
@@ -19,15 +21,23 @@ import os
 import sys
 import time
 
+import ml_collections
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from pgm_jax import checkpointing, config_lib, distill, evaluation, experiment  # noqa: E402
 
 
-def load_config(spec: str):
-  """'shakespeare.py:distill_pgm' -> configs/shakespeare.py get_config('distill_pgm');
-  '+' joins presets."""
+def load_config(spec: str | None, workdir: str):
+  """'shakespeare.py:distill_pgm' -> configs/shakespeare.py get_config('distill_pgm')
+  ('+' joins presets); None -> WORKDIR/config.json, as the trainer wrote it."""
+  if spec is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+      raise SystemExit(f"distill_table: {path} not found (pass --config)")
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
   name, _, arg = spec.partition(":")
   path = os.path.join(REPO, "configs", name)
   module_spec = importlib.util.spec_from_file_location(name[:-3], path)
@@ -59,7 +69,8 @@ def markdown(rows, key: str, steps, fmt: str) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="e.g. shakespeare.py:distill_pgm")
+  parser.add_argument("--config", default=None,
+                      help="e.g. shakespeare.py:distill_pgm; default: WORKDIR/config.json")
   parser.add_argument("--workdir", required=True, help="the distillation workdir")
   parser.add_argument("--judge_workdir", required=True, help="AR judge (config.eval.*)")
   parser.add_argument("--teacher_workdir", default=None,
@@ -69,9 +80,10 @@ def main(argv=None):
   parser.add_argument("--out", default=None, help="default: WORKDIR/distill_table.json")
   args = parser.parse_args(argv)
 
-  config = load_config(args.config)
+  config = load_config(args.config, args.workdir)
   if not config_lib.distill_enabled(config):
-    raise SystemExit(f"distill_table: --config={args.config} is not a distillation config")
+    raise SystemExit(f"distill_table: the config of {args.workdir} is not a distillation "
+                     f"config (config.distill.enabled)")
   config.eval.gen_num_samples = args.num_samples
   config.sample.batch_size = args.num_samples   # one sampling batch per S
   steps = [int(s) for s in args.steps.split(",")]
@@ -104,7 +116,7 @@ def main(argv=None):
   total = time.time() - started
   out = args.out or os.path.join(args.workdir, "distill_table.json")
   with open(out, "w") as f:
-    json.dump({"config": args.config, "workdir": os.path.abspath(args.workdir),
+    json.dump({"config": args.config or "WORKDIR/config.json", "workdir": os.path.abspath(args.workdir),
                "teacher_workdir": os.path.abspath(teacher),
                "judge_workdir": os.path.abspath(args.judge_workdir),
                "num_samples": args.num_samples, "seconds": total, "rows": rows}, f, indent=2)
