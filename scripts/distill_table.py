@@ -77,6 +77,10 @@ def main(argv=None):
                       help="default: config.distill.teacher_workdir")
   parser.add_argument("--steps", default="4,8,16,32,64")
   parser.add_argument("--num_samples", type=int, default=64)
+  parser.add_argument("--seed", type=int, default=None,
+                      help="sampling seed (default: config.sample.seed); another seed gives "
+                           "a second draw of every cell, to see the sampling noise")
+  parser.add_argument("--teacher_only", action="store_true", help="only the teacher's row")
   parser.add_argument("--out", default=None, help="default: WORKDIR/distill_table.json")
   args = parser.parse_args(argv)
 
@@ -86,13 +90,16 @@ def main(argv=None):
                      f"config (config.distill.enabled)")
   config.eval.gen_num_samples = args.num_samples
   config.sample.batch_size = args.num_samples   # one sampling batch per S
+  if args.seed is not None:
+    config.sample.seed = args.seed
   steps = [int(s) for s in args.steps.split(",")]
   teacher = args.teacher_workdir or config.distill.teacher_workdir
   setup = experiment.make_setup(config)
   abstract = setup.abstract_state.params
 
   models = [("teacher", None, lambda: checkpointing.restore_params(teacher, abstract))]
-  for step in round_end_steps(args.workdir, config.distill.round_steps):
+  for step in [] if args.teacher_only else round_end_steps(args.workdir,
+                                                           config.distill.round_steps):
     models.append((f"student step {step}", step,
                    lambda s=step: checkpointing.restore_params(args.workdir, abstract, step=s)))
   rows = []
@@ -119,7 +126,8 @@ def main(argv=None):
     json.dump({"config": args.config or "WORKDIR/config.json", "workdir": os.path.abspath(args.workdir),
                "teacher_workdir": os.path.abspath(teacher),
                "judge_workdir": os.path.abspath(args.judge_workdir),
-               "num_samples": args.num_samples, "seconds": total, "rows": rows}, f, indent=2)
+               "num_samples": args.num_samples, "seed": config.sample.seed, "seconds": total,
+               "rows": rows}, f, indent=2)
   print(f"\ngen PPL ({rows[0]['sampler']}, {args.num_samples} samples per cell)\n")
   print(markdown(rows, "gen_ppl", steps, ".1f"))
   print("\nentropy (nats)\n")
