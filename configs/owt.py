@@ -64,7 +64,7 @@ def _distill(c):
   c.distill.sampling_eps = 1e-5
   c.train.num_steps = 50_000        # 5 rounds: students for 512, ..., 32 steps
   c.train.batch_size = 128
-  c.train.eval_every = 10_000
+  c.train.eval_every = 5000         # the reference's val_check_interval
   c.model.dropout = 0.0
   c.opt.lr = 3e-4
   c.opt.warmup_steps = 2500

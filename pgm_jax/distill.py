@@ -107,15 +107,21 @@ def init_state(rng, *, base_init: Callable, config) -> DistillState:
 # ----------------------------------------------------------------------------
 
 def log_probs(params, x_BxL, valid_BxL, *, model, kind: str, mask_id: int, train: bool,
-              rngs: Optional[dict] = None):
+              rngs: Optional[dict] = None, t_B=None):
   """float32 log p(x0) [B, L, V] in the naive layout; logit[MASK] = -1e6 (finite, so that
-  0 * (log p_s - log p_t) at the MASK entry is 0, not NaN)."""
+  0 * (log p_s - log p_t) at the MASK entry is 0, not NaN). `valid_BxL` is the attention's
+  key validity (None: attend to every position); `t_B` is read only by a time-conditioned
+  MDLM (sigma(t), as its sampler passes it)."""
   rngs = rngs or {}
   if kind == "pgm":
     group = (x_BxL == mask_id).astype(jnp.int32)
     logits = model.apply({"params": params}, x_BxL, group, valid_BxL, train=train, rngs=rngs)
   else:
-    logits = model.apply({"params": params}, x_BxL, valid_BxL, train=train, rngs=rngs)
+    sigma = None
+    if getattr(model.config, "time_conditioning", False) and t_B is not None:
+      sigma = objectives.sigma(t_B)
+    logits = model.apply({"params": params}, x_BxL, valid_BxL, train=train, rngs=rngs,
+                         sigma_B=sigma)
   logits = logits.astype(jnp.float32).at[..., mask_id].set(objectives.NEG_INF_MDLM)
   return jax.nn.log_softmax(logits, axis=-1)
 
@@ -124,7 +130,8 @@ def teacher_targets(logp_fn: Callable, x_t_BxL, t_B, dt, key, *, num_steps: int,
                     mask_id: int, eps: float, noise: Optional[Sequence] = None):
   """The teacher's targets: (log p [B, L, V], x after the steps [B, L]).
 
-  `logp_fn(x) -> [B, L, V]` is the teacher. Step j runs from t - j dt to t - (j+1) dt;
+  `logp_fn(x, t_B) -> [B, L, V]` is the teacher at time t_B (only a time-conditioned
+  MDLM reads it). Step j runs from t - j dt to t - (j+1) dt;
   each masked position takes step j's prediction while it is still masked at the start
   of step j, so it ends with the prediction of the step that revealed it (or of the last
   step). `noise`: optional per-step (uniform [B, L], Gumbel [B, L, V]) pairs instead of
@@ -133,10 +140,10 @@ def teacher_targets(logp_fn: Callable, x_t_BxL, t_B, dt, key, *, num_steps: int,
   x = x_t_BxL
   target = None
   for j in range(num_steps):
-    logp = logp_fn(x)
+    t_j = jnp.maximum(t_B - j * dt, eps)
+    logp = logp_fn(x, t_j)
     masked = x == mask_id
     target = logp if target is None else jnp.where(masked[..., None], logp, target)
-    t_j = jnp.maximum(t_B - j * dt, eps)
     s_j = jnp.maximum(t_B - (j + 1) * dt, 0.0)
     a_t, a_s = objectives.alpha(t_j), objectives.alpha(s_j)
     p_reveal = jnp.clip((a_s - a_t) / (1.0 - a_t), 0.0, 1.0)
@@ -205,8 +212,14 @@ def distill_step(state: DistillState, batch, rng, *, model, tx, config, mask_id:
   logp = lambda params, x, v, **kw: log_probs(params, x, v, model=model, kind=kind,
                                                mask_id=mask_id, **kw)
 
-  def micro_loss(params, x_mb, valid_mb, target_mb, r):
-    student = logp(params, x_mb, valid_mb, train=True, rngs={"dropout": r})
+  # The reference's LM1B models attend to pads (config.data.attend_to_padding); the loss
+  # never counts them.
+  attend_all = bool(config.data.get("attend_to_padding", False))
+  model_valid = lambda v: None if attend_all else v
+
+  def micro_loss(params, x_mb, valid_mb, t_mb, target_mb, r):
+    student = logp(params, x_mb, model_valid(valid_mb), train=True, rngs={"dropout": r},
+                   t_B=t_mb)
     weight = (x_mb == mask_id) & valid_mb.astype(bool)
     total, count = divergence(student, target_mb, weight, d.loss)
     return total / jnp.maximum(count, 1.0), count
@@ -219,11 +232,12 @@ def distill_step(state: DistillState, batch, rng, *, model, tx, config, mask_id:
   def body(carry, inputs):
     grads_acc, loss_acc, count_acc = carry
     i, x_mb, valid_mb, t_mb = inputs
-    teacher_fn = lambda x: logp(state.teacher_params, x, valid_mb, train=False)
+    teacher_fn = lambda x, t: logp(state.teacher_params, x, model_valid(valid_mb),
+                                   train=False, t_B=t)
     target, _ = teacher_targets(teacher_fn, x_mb, t_mb, state.distill_dt,
                                 jax.random.fold_in(teacher_rng, i), num_steps=d.teacher_steps,
                                 mask_id=mask_id, eps=d.sampling_eps)
-    (loss, count), grads = grad_fn(state.params, x_mb, valid_mb,
+    (loss, count), grads = grad_fn(state.params, x_mb, valid_mb, t_mb,
                                    jax.lax.stop_gradient(target),
                                    jax.random.fold_in(dropout_rng, i))
     return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss, count_acc + count), None

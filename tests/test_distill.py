@@ -36,8 +36,13 @@ def _log_softmax(a):
   return a - np.log(np.exp(a - a.max()).sum()) - a.max()
 
 
-def _toy_teacher(x):
-  """Every position predicts logits [m, 0, 0, 0, MASK: -1e6], m = #MASK in its row."""
+SEEN_TIMES = []
+
+
+def _toy_teacher(x, t=None):
+  """Every position predicts logits [m, 0, 0, 0, MASK: -1e6], m = #MASK in its row. Records
+  the step times it is called at (a time-conditioned MDLM reads them)."""
+  SEEN_TIMES.append(None if t is None else float(np.asarray(t)[0]))
   m = jnp.sum(x == MASK, axis=1).astype(jnp.float32)[:, None, None]
   row = jnp.array([1.0, 0.0, 0.0, 0.0, 0.0])
   logits = m * row + jnp.array([0.0, 0.0, 0.0, 0.0, -1e6])
@@ -58,9 +63,11 @@ def test_teacher_targets_hand_computed():
   g = np.zeros((3, 1, 7, 5), np.float32)
   g[1, 0, 2, 3] = 10.0  # position 2 draws token 3 (the others draw argmax = token 0)
   noise = [(jnp.asarray(u[j]), jnp.asarray(g[j])) for j in range(3)]
+  SEEN_TIMES.clear()
   target, x_end = distill.teacher_targets(_toy_teacher, x_t, jnp.array([0.9]), 0.2, None,
                                           num_steps=3, mask_id=MASK, eps=1e-5, noise=noise)
   np.testing.assert_array_equal(np.asarray(x_end), [[1, 0, 3, 0, MASK, MASK, 2]])
+  np.testing.assert_allclose(SEEN_TIMES, [0.9, 0.7, 0.5], rtol=1e-6)  # each step's own t
   # Masked counts at the start of the steps: 5, 4, 3. A token's target is the prediction
   # of the step that revealed it; never-revealed tokens take the last step's (m = 3).
   expected = {1: _log_softmax([5, 0, 0, 0, -1e6]), 2: _log_softmax([4, 0, 0, 0, -1e6]),
