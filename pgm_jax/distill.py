@@ -253,6 +253,32 @@ def distill_step(state: DistillState, batch, rng, *, model, tx, config, mask_id:
   return steps.apply_gradients(state, grads, tx=tx, opt_config=config.opt), metrics
 
 
+def heldout_loss(student_params, teacher_params, tokens_BxL, valid_BxL, dt, rng, *, model,
+                 config, mask_id: int):
+  """The distillation loss without a gradient, as `distill_step` draws it (t, x_t, the
+  teacher's `teacher_steps` steps of size `dt`): (sum over masked valid tokens, their
+  number). On validation batches it tells whether a student learned its round's objective:
+  its value must fall below the same loss with the round's teacher as the student."""
+  d = config.distill
+  batch_size, seq_len = tokens_BxL.shape
+  t_rng, noise_rng, teacher_rng = jax.random.split(rng, 3)
+  t_B = steps.stratified_times(t_rng, batch_size, groups=1, sampling_eps=d.sampling_eps,
+                               antithetic=config.train.antithetic)
+  masked = objectives.groups_from_uniform(
+      jax.random.uniform(noise_rng, (batch_size, seq_len)), t_B).astype(bool)
+  x_t = jnp.where(masked, mask_id, tokens_BxL)
+  attend_all = bool(config.data.get("attend_to_padding", False))
+  model_valid = None if attend_all else valid_BxL
+  logp = lambda params, x, t: log_probs(params, x, model_valid, model=model,
+                                        kind=config.model.kind, mask_id=mask_id,
+                                        train=False, t_B=t)
+  target, _ = teacher_targets(lambda x, t: logp(teacher_params, x, t), x_t, t_B, dt,
+                              teacher_rng, num_steps=d.teacher_steps, mask_id=mask_id,
+                              eps=d.sampling_eps)
+  weight = (x_t == mask_id) & valid_BxL.astype(bool)
+  return divergence(logp(student_params, x_t, t_B), target, weight, d.loss)
+
+
 # ----------------------------------------------------------------------------
 # Start from the teacher's checkpoint; what a checkpoint says about its round.
 # ----------------------------------------------------------------------------

@@ -213,6 +213,18 @@ def test_student_equals_teacher_at_round_start(tmp_path):
   with pytest.raises(AssertionError):
     assert_trees_equal(state.params, student)
 
+  # The held-out loss (distill_table.py --heldout_batches): a model against its own targets
+  # is ~0 when the teacher's steps reveal nothing (tiny dt), > 0 when they reveal tokens;
+  # it counts the masked valid tokens.
+  loss_fn = jax.jit(lambda s, t, dt: distill.heldout_loss(
+      s, t, batch["tokens"], batch["valid"], dt, jax.random.key(3), model=setup.model,
+      config=cfg, mask_id=setup.mask_id))
+  total0, count0 = loss_fn(teacher_ema, teacher_ema, 1e-9)
+  total1, count1 = loss_fn(teacher_ema, teacher_ema, 0.25)
+  assert float(count0) == float(count1) > 0
+  assert abs(float(total0)) / float(count0) < 1e-5
+  assert float(total1) / float(count1) > 1e-3
+
 
 def restored(cfg, workdir):
   setup = experiment.make_setup(cfg)
