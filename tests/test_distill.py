@@ -303,3 +303,14 @@ def test_owt_presets_are_the_papers_runs(preset, model):
   config_lib.validate(cfg, num_devices=16, data_parallel=16)
   with pytest.raises(ValueError, match="mutually exclusive"):
     load_config("owt", f"{preset},pgm_6_6")
+
+
+@pytest.mark.parametrize("preset", ["distill_pgm", "distill_mdlm"])
+def test_shakespeare_presets_train_the_students_for_8_and_4_steps(preset):
+  """The CPU presets (configs/shakespeare.py _distill says why these values)."""
+  cfg = load_config("shakespeare", preset)
+  rounds = cfg.train.num_steps // cfg.distill.round_steps
+  assert [distill.student_steps(cfg, r) for r in range(1, rounds + 1)] == [8, 4]
+  # The EMA averages over about one round, as the paper's 0.9999 over 10k-step rounds.
+  assert cfg.opt.ema_decay == 1 - 1 / cfg.distill.round_steps
+  assert (cfg.distill.loss, cfg.distill.teacher_steps) == ("kl-bwd", 2)
