@@ -16,7 +16,7 @@ complement-MDLM objective, two views per sequence: 2 accumulation steps, as the 
 16 GPUs x 16), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16), runlocal
 (shrinks everything for a CPU smoke run; still needs data_dir).
 
-SDTT distillation of a trained model (method §7, pgm_jax/distill.py): presets
+SDTT distillation of a trained model (method §8, pgm_jax/distill.py): presets
 distill_pgm_8_8, distill_pgm_6_6_dim1024 and distill_mdlm, with the teacher's workdir
 (or a checkpoint converted by pgm_jax.convert):
 
@@ -49,13 +49,13 @@ _MODELS = {
                             dec_layers=6),
 }
 
-# The paper's distillation runs (method §7): preset -> the model it distils.
+# The paper's distillation runs (method §8): preset -> the model it distils.
 _DISTILL = {"distill_pgm_8_8": "pgm_8_8", "distill_pgm_6_6_dim1024": "pgm_6_6_dim1024",
             "distill_mdlm": "mdlm"}
 
 
 def _distill(c):
-  """SDTT (method §7): the reference's hyperparameters."""
+  """SDTT (method §8): the reference's hyperparameters."""
   c.distill.enabled = True
   c.distill.initial_steps = 1024    # dt = (1 - 1e-5) / 1024 in round 1
   c.distill.round_steps = 10_000    # dt doubles, student -> teacher

@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.opt.grad_clip = 1.0
   c.opt.ema_decay = 0.9999          # warm-up: min(decay, (1 + n) / (10 + n)); 0 disables EMA
 
-  # --- distill: SDTT distillation (method §7; pgm_jax/distill.py). --------------
+  # --- distill: SDTT distillation (method §8; pgm_jax/distill.py). --------------
   # enabled=True turns training (--mode=train, the same loop, checkpoints and metrics)
   # into distillation: teacher and student start from the EMA weights of
   # `teacher_workdir`; eval / sample / bench then work on the student as on any model.

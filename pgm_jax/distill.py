@@ -1,4 +1,4 @@
-"""SDTT: Self-Distillation Through Time, for a PGM or an MDLM (method §7).
+"""SDTT: Self-Distillation Through Time, for a PGM or an MDLM (method §8).
 
 A student learns to match, in one network pass, what its teacher produces in
 `config.distill.teacher_steps` (2) ancestral steps of size dt. Every
