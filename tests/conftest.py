@@ -37,3 +37,16 @@ def random_params(model, *init_args, seed: int = 0, scale: float = 0.3):
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return treedef.unflatten([scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def restored_state(config, workdir):
+  """(latest step, the whole train state of WORKDIR's checkpoint, on the host), restored
+  with `config`'s abstract state (a TrainState, or a DistillState for distillation)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  setup = experiment.make_setup(config)
+  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+  step = manager.latest_step()
+  state, _ = checkpointing.restore(manager, step, setup.abstract_state)
+  manager.close()
+  return step, jax.device_get(state)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, restored_state
 from pgm_jax import checkpointing, config_lib, distill, evaluation, experiment, train
 
 MASK = 4  # the toy vocabulary: tokens 0..3 and MASK
@@ -226,15 +226,6 @@ def test_student_equals_teacher_at_round_start(tmp_path):
   assert float(total1) / float(count1) > 1e-3
 
 
-def restored(cfg, workdir):
-  setup = experiment.make_setup(cfg)
-  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-  step = manager.latest_step()
-  state, _ = checkpointing.restore(manager, step, setup.abstract_state)
-  manager.close()
-  return step, jax.device_get(state)
-
-
 def test_resume_mid_round_is_exact(tmp_path):
   teacher_dir = str(tmp_path / "teacher")
   make_teacher("mdlm", teacher_dir)
@@ -245,14 +236,14 @@ def test_resume_mid_round_is_exact(tmp_path):
                            straight)
   train.train_and_evaluate(distill_config("mdlm", teacher_dir, **{"train.num_steps": 3}),
                            resumed)
-  step_mid, state_mid = restored(distill_config("mdlm", teacher_dir), resumed)
+  step_mid, state_mid = restored_state(distill_config("mdlm", teacher_dir), resumed)
   assert step_mid == 3 and int(state_mid.distill_round) == 2
   # A different teacher_workdir is not read on resume: the workdir's checkpoint wins.
   train.train_and_evaluate(distill_config("mdlm", str(tmp_path / "nowhere"),
                                           **{"train.num_steps": 5}), resumed)
   cfg = distill_config("mdlm", teacher_dir)
-  step_a, state_a = restored(cfg, straight)
-  step_b, state_b = restored(cfg, resumed)
+  step_a, state_a = restored_state(cfg, straight)
+  step_b, state_b = restored_state(cfg, resumed)
   assert step_a == step_b == 5
   assert int(state_b.distill_round) == 3
   np.testing.assert_allclose(float(state_b.distill_dt), 4 * (1 - 1e-5) / 64, rtol=1e-6)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, load_config
+from conftest import REPO_ROOT, load_config, restored_state
 from pgm_jax import checkpointing, experiment, train
 from pgm_jax.evaluation import perplexity
 
@@ -26,15 +26,6 @@ def tiny_config(**overrides):
     section, name = key.split(".")
     cfg[section][name] = value
   return cfg
-
-
-def restored_state(config, workdir):
-  setup = experiment.make_setup(config)
-  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-  step = manager.latest_step()
-  state, _ = checkpointing.restore(manager, step, setup.abstract_state)
-  manager.close()
-  return step, jax.device_get(state)
 
 
 def assert_trees_equal(a, b):
