@@ -51,9 +51,9 @@ EXTRAS_REQUIRE = {
     # *compiler*: `--mode=plan --config.plan.topology=v5e-16` (pgm_jax/plan.py) and
     # tests/test_plan.py compile for real TPU slices without one.
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1", "requests==2.34.2"],
-    # `python -m pgm_jax.convert` on pickled PyTorch checkpoints (.ckpt/.pt) needs torch;
+    # `python -m pgm_jax.tools.convert` on pickled PyTorch checkpoints (.ckpt/.pt) needs torch;
     # .safetensors files need neither. So do the one-time conversions of the VQ tokenizer
-    # (`python -m pgm_jax.models.vq`) and of the FID Inception weights (`convert_inception`).
+    # (`python -m pgm_jax.tools.vq`) and of the FID Inception weights (`convert_inception`).
     "convert": ["torch==2.13.0"],
 }
 

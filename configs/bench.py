@@ -23,7 +23,7 @@ e.g. at the paper setting on a GPU/TPU:
   python -m pgm_jax.main --config=configs/bench.py:paper --workdir=workdirs/bench_train \
       --mode=bench --config.bench.what=train
 """
-from pgm_jax import config_lib
+from pgm_jax.core import config_lib
 
 
 def get_config(arg=None):

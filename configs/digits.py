@@ -21,7 +21,7 @@ Presets (comma separated after the colon):
   tiny       H = 32, one layer each, 6 steps: for smoke tests.
   steps=N    number of training steps.
 """
-from pgm_jax import config_lib
+from pgm_jax.core import config_lib
 
 
 def get_config(arg=None):

@@ -2,7 +2,7 @@ r"""ImageNet 256x256, class-conditional, on VQ codes (method §7, the paper's im
 
 Images are LlamaGen VQ-8 codes (codebook 16384): 32x32 = 1024 codes per image, [BOS] first
 (MASK = 16384, BOS = 16385, vocabulary 16386, L = 1 + 1024). The data is an ArrayRecord of
-(codes int32 [1024], label int32) records written by `python -m pgm_jax.preprocess` from an
+(codes int32 [1024], label int32) records written by `python -m pgm_jax.tools.preprocess` from an
 ImageNet folder or TFDS imagenet2012, read by the `imagenet_codes` pipeline from
 config.data.data_dir.
 
@@ -29,7 +29,7 @@ Training hyperparameters are the reference's: AdamW(0.9, 0.999), weight decay 0.
 lr 1e-4 after 2500 warmup steps, cosine over the last 10% of 1M steps down to 1% of lr,
 clipping 1.0, global batch 256, label dropout 0.1, bf16 matmuls, no EMA.
 """
-from pgm_jax import config_lib
+from pgm_jax.core import config_lib
 
 
 def get_config(arg=None):

@@ -20,12 +20,12 @@ does), padded to 128, and the pads are fed to the model (they get groups and noi
 masked only in the loss (config.data.attend_to_padding=True).
 
 `wrap` reads packed blocks made once by
-  python -m pgm_jax.preprocess --source=tfds:lm1b/train --val_source=tfds:lm1b/test \
+  python -m pgm_jax.tools.preprocess --source=tfds:lm1b/train --val_source=tfds:lm1b/test \
       --data_dir=~/tensorflow_datasets --tokenizer=bert_wordpiece \
       --tokenizer_path=/path/to/vocab.txt --detokenizer=lm1b --group_docs=1000 \
       --seq_len=128 --out=/data/lm1b_wrap_128
 """
-from pgm_jax import config_lib
+from pgm_jax.core import config_lib
 
 _QUERY = {"pgm": "learn+freqs", "pgm_mean": "learn+freqs+mean",
           "pgm_logsumexp": "learn+freqs+logsumexp"}

@@ -3,7 +3,7 @@ r"""OpenWebText at paper scale (method §6): L = 1024, global batch 512, 1M step
 Data: run the one-time preprocessing (GPT-2 tokenizer, EOS per document, 1022-token
 chunks wrapped as [BOS] + chunk + [EOS], last 100k documents = validation):
 
-  python -m pgm_jax.preprocess --source=jsonl:/data/owt/*.jsonl --tokenizer=gpt2 \
+  python -m pgm_jax.tools.preprocess --source=jsonl:/data/owt/*.jsonl --tokenizer=gpt2 \
       --seq_len=1024 --val_last_docs=100000 --out=/data/owt_gpt2_1024
 
 then train, e.g. on a pod (see launch/):
@@ -18,7 +18,7 @@ complement-MDLM objective, two views per sequence: 2 accumulation steps, as the 
 
 SDTT distillation of a trained model (method §8, pgm_jax/distill.py): presets
 distill_pgm_8_8, distill_pgm_6_6_dim1024 and distill_mdlm, with the teacher's workdir
-(or a checkpoint converted by pgm_jax.convert):
+(or a checkpoint converted by pgm_jax.tools.convert):
 
   python -m pgm_jax.main --config=configs/owt.py:distill_pgm_8_8 \
       --workdir=gs://bucket/distill_pgm_8_8 --config.data.data_dir=/data/owt_gpt2_1024 \
@@ -38,7 +38,7 @@ docs/scaling.md; mdlm_complement and the distill presets were not planned):
   python -m pgm_jax.main --config=configs/owt.py:pgm_8_8 --workdir=/tmp/plan --mode=plan \
       --config.plan.topology=v5e-32
 """
-from pgm_jax import config_lib
+from pgm_jax.core import config_lib
 
 _MODELS = {
     "mdlm": dict(kind="mdlm", hidden=768, num_heads=12, num_layers=12),

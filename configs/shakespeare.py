@@ -24,7 +24,7 @@ Presets (comma separated after the colon):
   python -m pgm_jax.main --config=configs/shakespeare.py:distill_pgm \
       --workdir=workdirs/distill_pgm
 """
-from pgm_jax import config_lib
+from pgm_jax.core import config_lib
 
 
 def get_config(arg=None):

@@ -57,7 +57,8 @@ from clu import metrics as clu_metrics
 from etils import epath
 from flax import struct
 
-from pgm_jax import checkpointing, config_lib, objectives, steps
+from pgm_jax import objectives, steps
+from pgm_jax.core import checkpointing, config_lib
 
 LOSSES = config_lib.DISTILL_LOSSES
 

@@ -19,7 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import checkpointing, config_lib, distill, fileio, samplers, sharding, steps
+from pgm_jax import distill, samplers, steps
+from pgm_jax.core import checkpointing, config_lib, fileio, sharding
 from pgm_jax.data import tokenizers
 from pgm_jax.models import build_model, model_config_from
 

@@ -25,7 +25,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pgm_jax import cli
+from pgm_jax.core import cli
 
 MODES = ("train", "eval", "sample", "bench", "plan", "harness")
 
@@ -99,7 +99,7 @@ def init_distributed(env) -> None:
 def _run_mode(mode: str, config, workdir: str) -> None:
   from pgm_jax import evaluation, train  # pylint: disable=g-import-not-at-top
   from pgm_jax.objectives import IMAGE_KINDS  # pylint: disable=g-import-not-at-top
-  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
+  from pgm_jax import sample as generate  # pylint: disable=g-import-not-at-top
   if mode == "train":
     train.train_and_evaluate(config, workdir)
   elif mode == "eval":
@@ -124,10 +124,10 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     summary = harness.run_harness(config, workdir)
     print(json.dumps(summary["results"], indent=2))
   elif mode == "plan":
-    from pgm_jax import plan  # pylint: disable=g-import-not-at-top
+    from pgm_jax.tools import plan  # pylint: disable=g-import-not-at-top
     plan.run_plan(config, workdir)
   else:
-    from pgm_jax import bench  # pylint: disable=g-import-not-at-top
+    from pgm_jax.tools import bench  # pylint: disable=g-import-not-at-top
     bench.run_bench(config, workdir)
 
 

@@ -1,9 +1,8 @@
-"""`python -m pgm_jax.preprocess`: corpus -> packed ArrayRecord blocks.
+"""Moved: `python -m pgm_jax.preprocess` is now `python -m pgm_jax.tools.preprocess`."""
+import sys
 
-The entry point of `pgm_jax.data.preprocess` (see there for the flags); kept at this
-name so that launch scripts and docs need not change.
-"""
-from pgm_jax.data.preprocess import main
-
+_MOVED = ("pgm_jax.preprocess: error: this command moved; run python -m pgm_jax.tools.preprocess "
+          "(docs/layout.md)")
 if __name__ == "__main__":
-  main()
+  sys.exit(_MOVED)
+raise ImportError(_MOVED)

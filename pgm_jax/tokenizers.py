@@ -1,9 +1,8 @@
-"""`python -m pgm_jax.tokenizers train ...`: train a SentencePiece model.
+"""Moved: `python -m pgm_jax.tokenizers` is now `python -m pgm_jax.tools.tokenizers`."""
+import sys
 
-The entry point of `pgm_jax.data.tokenizers` (see there for the commands); kept at
-this name so that launch scripts and docs need not change.
-"""
-from pgm_jax.data.tokenizers import main
-
+_MOVED = ("pgm_jax.tokenizers: error: this command moved; run python -m pgm_jax.tools.tokenizers "
+          "(docs/layout.md)")
 if __name__ == "__main__":
-  main()
+  sys.exit(_MOVED)
+raise ImportError(_MOVED)

@@ -3,7 +3,7 @@
     train_and_evaluate(config, workdir) -> dict of final metrics
 
 Evaluation (`--mode=eval`) is `pgm_jax.evaluation.evaluate`, sampling (`--mode=sample`)
-`pgm_jax.samplers.generate.sample`; all of them start from `pgm_jax.experiment`.
+`pgm_jax.sample.sample`; all of them start from `pgm_jax.experiment`.
 """
 from __future__ import annotations
 
@@ -21,18 +21,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from pgm_jax import checkpointing, config_lib, distill, fileio, sharding, steps
+from pgm_jax import distill, steps
+from pgm_jax.core import checkpointing, config_lib, fileio, sharding
 from pgm_jax.data import pipeline
 from pgm_jax.evaluation import perplexity
-# make_setup and restore_eval_params are also re-exported here for notebooks written
-# against the earlier layout (`train.make_setup(config)`).
-from pgm_jax.experiment import (  # pylint: disable=unused-import
-    Setup, abspath, eval_params, init_state, make_setup, restore_eval_params, with_mesh,
-    write_text)
-from pgm_jax.metric_writers import MetricWriter
+from pgm_jax import experiment
+from pgm_jax.core.metric_writers import MetricWriter
 from pgm_jax.objectives import IMAGE_KINDS
-from pgm_jax.samplers.generate import (generate_samples,  # pylint: disable=unused-import
-                                       sample_images)
+from pgm_jax import sample as sample_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,7 +62,7 @@ class _StopAgreement:
     return previous is not None and bool(jax.device_get(previous))
 
 
-def make_train_step(setup: Setup):
+def make_train_step(setup: experiment.Setup):
   """The train step jitted with explicit in/out shardings, donating the state: SDTT's
   `distill.distill_step` when config.distill.enabled.
 
@@ -75,7 +71,7 @@ def make_train_step(setup: Setup):
   step_fn = (distill.distill_step if config_lib.distill_enabled(setup.config)
              else steps.train_step)
   return jax.jit(
-      with_mesh(setup.mesh, functools.partial(step_fn, model=setup.model, tx=setup.tx,
+      experiment.with_mesh(setup.mesh, functools.partial(step_fn, model=setup.model, tx=setup.tx,
                                                config=setup.config, mask_id=setup.mask_id)),
       in_shardings=(setup.state_shardings, setup.batch_sharding,
                     sharding.replicated(setup.mesh)),
@@ -112,7 +108,7 @@ def _format_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def restore_or_init(setup: Setup, manager, train_iter, rng):
+def restore_or_init(setup: experiment.Setup, manager, train_iter, rng):
   """Resume order: workdir latest > ckpt.restore_from > ckpt.init_params_from > fresh.
   Distillation starts fresh runs from config.distill.teacher_workdir instead."""
   ckpt = setup.config.ckpt
@@ -137,7 +133,7 @@ def restore_or_init(setup: Setup, manager, train_iter, rng):
     return state
   if config_lib.distill_enabled(setup.config):
     return distill.start_from_teacher(setup)
-  state = init_state(setup, rng)
+  state = experiment.init_state(setup, rng)
   if ckpt.get("init_params_from"):
     src_dir = ckpt.init_params_from
     if not epath.Path(src_dir).is_dir():
@@ -156,10 +152,10 @@ def restore_or_init(setup: Setup, manager, train_iter, rng):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming automatically) and returns final metrics."""
-  setup = make_setup(config)
+  setup = experiment.make_setup(config)
   fileio.check_writable_dir(workdir)  # every process: each writes its checkpoint shards
   t_cfg = config.train
-  workdir = abspath(workdir)
+  workdir = experiment.abspath(workdir)
   is_host0 = jax.process_index() == 0
   train_iter = pipeline.build_train_iterator(
       config.data, setup.tokenizer, seed=config.seed, batch_size=t_cfg.batch_size,
@@ -173,7 +169,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       out_shardings=sharding.replicated(setup.mesh))()
   start_step = int(jax.device_get(state.step))
   if is_host0:
-    write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    experiment.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   writer = MetricWriter(workdir, just_logging=not is_host0)
   if start_step == 0:
@@ -257,7 +253,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # several processes must all run the eval or none (it is collective).
         stopping = agree_to_stop is None and preemption.requested
         if (step % t_cfg.eval_every == 0 or step == t_cfg.num_steps) and not stopping:
-          val = perplexity.run_validation(setup, eval_params(state), eval_fn)
+          val = perplexity.run_validation(setup, experiment.eval_params(state), eval_fn)
           writer.write_scalars(step, {"val/nll": val["val_nll"], "val/ppl": val["val_ppl"]})
           logging.info("step %d | val_ppl %.3f (%d tokens)", step, val["val_ppl"],
                        val["val_tokens"])
@@ -285,17 +281,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
       final = config.train.num_final_samples > 0 and not preemption.requested
       if final and config.model.kind in IMAGE_KINDS:
         # A PNG grid (one row per class) and the codes: samples_step<N>.{png,npz}.
-        history["samples"] = sample_images(config, workdir, setup=setup,
-                                           params=eval_params(state), step=step,
+        history["samples"] = sample_lib.sample_images(config, workdir, setup=setup,
+                                           params=experiment.eval_params(state), step=step,
                                            prefix=f"samples_step{step}")
       elif final:
         # Every process runs the sampler (params are global arrays); only process 0 writes.
-        samples = generate_samples(setup, eval_params(state),
+        samples = sample_lib.generate_samples(setup, experiment.eval_params(state),
                                    num_samples=config.train.num_final_samples,
                                    num_steps=config.sample.steps, seed=config.sample.seed)
         path = os.path.join(workdir, f"samples_step{step}.txt")
         if is_host0:
-          write_text(path, "".join(
+          experiment.write_text(path, "".join(
               f"=== sample {i} ({config.model.kind}, {s['sampler']}, {s['steps']} steps) "
               f"===\n{s['text']}\n\n" for i, s in enumerate(samples)))
         writer.write_texts(step, {f"samples/{i}": s["text"] for i, s in enumerate(samples)})

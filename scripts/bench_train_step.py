@@ -2,7 +2,7 @@ r"""Train-step throughput of whole configs, Pallas vs dense XLA attention, in on
 
 Times the jitted, sharded train step (`train.make_train_step`, the one training runs) on
 random tokens, after warm-up, synchronised, on all local devices, with the timing of
-`pgm_jax.bench.time_train_step`. Prints a table and writes JSON; the ratios are measured
+`pgm_jax.tools.bench.time_train_step`. Prints a table and writes JSON; the ratios are measured
 in this one run. (PGM vs MDLM vs AR at the bench settings, in bench.json:
 `python -m pgm_jax.main --config=configs/bench.py:cpu --mode=bench --config.bench.what=train`.)
 
@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 
-from pgm_jax import bench  # noqa: E402
+from pgm_jax.tools import bench  # noqa: E402
 
 
 def load_config(spec: str):
@@ -42,7 +42,7 @@ def load_config(spec: str):
 
 
 def time_step(config, batch_size: int, steps: int, warmup: int) -> dict:
-  """`pgm_jax.bench.time_train_step` (the timing `--mode=bench --config.bench.what=train`
+  """`pgm_jax.tools.bench.time_train_step` (the timing `--mode=bench --config.bench.what=train`
   uses too)."""
   return bench.time_train_step(config, batch_size, steps, warmup)
 

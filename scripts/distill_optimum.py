@@ -25,7 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distill_table import load_config  # noqa: E402
-from pgm_jax import checkpointing, distill, experiment, objectives, steps  # noqa: E402
+from pgm_jax import distill, experiment, objectives, steps  # noqa: E402
+from pgm_jax.core import checkpointing
 from pgm_jax.data import pipeline  # noqa: E402
 
 

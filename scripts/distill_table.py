@@ -36,7 +36,8 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pgm_jax import checkpointing, config_lib, distill, evaluation, experiment  # noqa: E402
+from pgm_jax import distill, evaluation, experiment  # noqa: E402
+from pgm_jax.core import checkpointing, config_lib
 from pgm_jax.data import pipeline  # noqa: E402
 
 

@@ -45,7 +45,7 @@ def commit() -> str:
 
 
 def load_config(model: str):
-  from pgm_jax import config_lib  # pylint: disable=g-import-not-at-top,unused-import
+  from pgm_jax.core import config_lib  # pylint: disable=g-import-not-at-top, unused-import
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("shakespeare_config",
                                                 os.path.join(REPO, "configs", "shakespeare.py"))
@@ -61,7 +61,7 @@ def command(model: str, workdir: str) -> list[str]:
 
 def train_if_needed(model: str, workdir: str, num_steps: int) -> str:
   """Trains (or resumes) unless the workdir is finished; returns what happened."""
-  from pgm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   latest = checkpointing.latest_step(checkpointing.checkpoint_dir(workdir))
   if latest is not None and latest >= num_steps:
     return f"finished workdir reused (step {latest})"
@@ -97,8 +97,8 @@ def read_metrics(workdir: str) -> dict:
 
 def num_params(config) -> int:
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import train  # pylint: disable=g-import-not-at-top
-  setup = train.make_setup(config)
+  from pgm_jax import experiment  # pylint: disable=g-import-not-at-top
+  setup = experiment.make_setup(config)
   return sum(int(x.size) for x in jax.tree.leaves(setup.abstract_state.params))
 
 

@@ -43,7 +43,8 @@ def restored_state(config, workdir):
   """(latest step, the whole train state of WORKDIR's checkpoint, on the host), restored
   with `config`'s abstract state (a TrainState, or a DistillState for distillation)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing
   setup = experiment.make_setup(config)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
   step = manager.latest_step()

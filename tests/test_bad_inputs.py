@@ -2,7 +2,7 @@
 non-zero exit, no traceback, and nothing that existed before is changed.
 
 Each case runs an entry point in this process (`main.run`, `convert.run`,
-`preprocess.main`, `tokenizers.main`, `evaluation.main`: the same parsing and error
+`preprocess.main`, `tokenizers.main`, `eval_assets.main`: the same parsing and error
 handling as `python -m ...`) against a folder of good data (a workdir with two
 checkpoints and good output files, a preprocessed corpus, a converted-checkpoint
 source, ...), hashed before and after. A few real subprocesses check the last-resort
@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import checkpointing, cli, convert, evaluation, experiment, main, preprocess, samplers
-from pgm_jax import tokenizers
-from pgm_jax.data import preprocess as data_preprocess
+from pgm_jax import evaluation, experiment, main, samplers
+from pgm_jax.core import checkpointing, cli
+from pgm_jax.tools import convert, eval_assets, preprocess, tokenizers
 
 CONFIG = f"--config={REPO_ROOT}/configs/shakespeare.py:tiny"
 BENCH = f"--config={REPO_ROOT}/configs/bench.py:cpu"
@@ -120,9 +120,9 @@ def _hashes(root):
   return out
 
 
-ENTRY = {"pgm_jax": main.run, "pgm_jax.convert": convert.run,
-         "pgm_jax.preprocess": preprocess.main, "pgm_jax.tokenizers": tokenizers.main,
-         "pgm_jax.evaluation": evaluation.main}
+ENTRY = {"pgm_jax": main.run, "pgm_jax.tools.convert": convert.run,
+         "pgm_jax.tools.preprocess": preprocess.main, "pgm_jax.tools.tokenizers": tokenizers.main,
+         "pgm_jax.tools.eval_assets": eval_assets.main}
 
 
 def _case(prog, args, culprit, code=None):
@@ -230,123 +230,123 @@ CASES = [
               "--config.eval.judge_workdir={wd}"], "config.eval.judge_workdir", 1),
     _case(M, [CONFIG, "--workdir={wd}", "--mode=eval", "--config.model.hidden=32"],
           "config.model", 1),
-    # --- pgm_jax.preprocess ------------------------------------------------------------
-    _case("pgm_jax.preprocess", ["--out={pp_out}"], "--source", 2),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{root}/typo/*.jsonl", "--out={pp_out}",
+    # --- pgm_jax.tools.preprocess ------------------------------------------------------------
+    _case("pgm_jax.tools.preprocess", ["--out={pp_out}"], "--source", 2),
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{root}/typo/*.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--seq_len=16"], "--source", 1),
-    _case("pgm_jax.preprocess", ["--source=csv:{corpus}/a.jsonl", "--out={pp_out}"],
+    _case("pgm_jax.tools.preprocess", ["--source=csv:{corpus}/a.jsonl", "--out={pp_out}"],
           "--source", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{root}/bad.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{root}/bad.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--seq_len=16",
                                  "--val_last_docs=1"], "bad.jsonl line 3", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--text_key=body",
                                  "--val_last_docs=1"], "--text_key", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{root}/nokey.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{root}/nokey.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--val_last_docs=1"],
           "--text_key", 1),
-    _case("pgm_jax.preprocess", ["--source=text:{root}/latin1.txt", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=text:{root}/latin1.txt", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--val_last_docs=1"],
           "latin1.txt", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--seq_len=2"], "--seq_len", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--seq_len=abc"], "--seq_len", 2),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--val_last_docs=-1"],
           "--val_last_docs", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--val_last_docs=3",
                                  "--val_source=jsonl:{corpus}/a.jsonl"], "--val_last_docs", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--seq_len=16",
                                  "--val_last_docs=1000"], "--val_last_docs", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--val_last_docs=1",
                                  "--chunk_docs=0"], "--chunk_docs", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={afile}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={afile}",
                                  "--tokenizer=sentencepiece", "--val_last_docs=1"], "--out", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=word2vec"], "--tokenizer", 2),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece", "--tokenizer_path={root}/nope",
                                  "--val_last_docs=1"], "--tokenizer_path", 1),
-    _case("pgm_jax.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
+    _case("pgm_jax.tools.preprocess", ["--source=jsonl:{corpus}/a.jsonl", "--out={pp_out}",
                                  "--tokenizer=sentencepiece",
                                  "--tokenizer_path={root}/garbage.model",
                                  "--val_last_docs=1"], "--tokenizer_path", 1),
-    _case("pgm_jax.preprocess", ["--source=imagefolder:{root}/images", "--tokenizer=vq_ds8",
+    _case("pgm_jax.tools.preprocess", ["--source=imagefolder:{root}/images", "--tokenizer=vq_ds8",
                                  "--out={pp_out}"], "--tokenizer_path", 2),
-    _case("pgm_jax.preprocess", ["--source=imagefolder:{root}/images", "--tokenizer=vq_ds8",
+    _case("pgm_jax.tools.preprocess", ["--source=imagefolder:{root}/images", "--tokenizer=vq_ds8",
                                  "--tokenizer_path={root}/no_such_vq.npz", "--out={pp_out}"],
           "no_such_vq.npz", 1),
-    # --- pgm_jax.tokenizers ------------------------------------------------------------
-    _case("pgm_jax.tokenizers", ["train", "--input={root}/typo/*.txt",
+    # --- pgm_jax.tools.tokenizers ------------------------------------------------------------
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={root}/typo/*.txt",
                                  "--model_prefix={scratch}/sp"], "--input", 1),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt"], "--model_prefix", 2),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt", "--vocab_size=0",
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt"], "--model_prefix", 2),
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt", "--vocab_size=0",
                                  "--model_prefix={scratch}/sp"], "--vocab_size", 1),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt", "--vocab_size=50000",
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt", "--vocab_size=50000",
                                  "--model_prefix={scratch}/sp"], "--vocab_size", 1),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt", "--exclude=hamlet",
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt", "--exclude=hamlet",
                                  "--model_prefix={scratch}/sp"], "hamlet", 1),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt", "--exclude=plays",
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt", "--exclude=plays",
                                  "--model_prefix={scratch}/sp"], "--input", 1),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt",
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt",
                                  "--character_coverage=2", "--model_prefix={scratch}/sp"],
           "--character_coverage", 1),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt",
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt",
                                  "--model_prefix={afile}/sp"], "--model_prefix", 1),
-    _case("pgm_jax.tokenizers", ["train", "--input={corpus}/plays.txt",
+    _case("pgm_jax.tools.tokenizers", ["train", "--input={corpus}/plays.txt",
                                  "--model_type=wordpiece", "--model_prefix={scratch}/sp"],
           "--model_type", 2),
-    _case("pgm_jax.tokenizers", ["encode", "--tokenizer_path={root}/nope.model", "hello"],
+    _case("pgm_jax.tools.tokenizers", ["encode", "--tokenizer_path={root}/nope.model", "hello"],
           "--tokenizer_path", 1),
-    _case("pgm_jax.tokenizers", ["encode", "--tokenizer=bert_wordpiece", "hello"],
+    _case("pgm_jax.tools.tokenizers", ["encode", "--tokenizer=bert_wordpiece", "hello"],
           "--tokenizer_path", 1),
-    _case("pgm_jax.tokenizers", [], "cmd", 2),
-    # --- pgm_jax.convert ---------------------------------------------------------------
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/garbage.safetensors",
+    _case("pgm_jax.tools.tokenizers", [], "cmd", 2),
+    # --- pgm_jax.tools.convert ---------------------------------------------------------------
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/garbage.safetensors",
                               "--to={scratch}/conv"], "garbage.safetensors", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/offsets.safetensors",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/offsets.safetensors",
                               "--to={scratch}/conv"], "offsets.safetensors", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/list.safetensors",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/list.safetensors",
                               "--to={scratch}/conv"], "list.safetensors", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/nope.safetensors",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/nope.safetensors",
                               "--to={scratch}/conv"], "--from", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors",
                               "--to={wd}"], "already holds checkpoint", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors",
                               "--to={afile}"], "--to", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors"], "--to", 2),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors"], "--to", 2),
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
                               "--ema_only", "--raw_only"], "--raw_only", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
                               "--step=-1"], "--step", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
                               "--config.model.hidden=32"], "config.model", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
                               "--config.model.enc_layers=2"], "missing keys", 1),
-    _case("pgm_jax.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
+    _case("pgm_jax.tools.convert", [CONFIG, "--from={root}/model.safetensors", "--to={scratch}/conv",
                               "--config.data.seq_len=1"], "config.data.seq_len", 1),
-    # --- pgm_jax.evaluation ------------------------------------------------------------
-    _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/nope", "--to={scratch}/judge"],
+    # --- pgm_jax.tools.eval_assets ------------------------------------------------------------
+    _case("pgm_jax.tools.eval_assets", ["convert_gpt2", "--from={root}/nope", "--to={scratch}/judge"],
           "--from", 1),
-    _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/model.safetensors",
+    _case("pgm_jax.tools.eval_assets", ["convert_gpt2", "--from={root}/model.safetensors",
                                  "--to={scratch}/judge"], "--from", 1),
-    _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/garbage.safetensors",
+    _case("pgm_jax.tools.eval_assets", ["convert_gpt2", "--from={root}/garbage.safetensors",
                                  "--to={scratch}/judge"], "garbage.safetensors", 1),
-    _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/model.safetensors",
+    _case("pgm_jax.tools.eval_assets", ["convert_gpt2", "--from={root}/model.safetensors",
                                  "--to={root}/judge"], "--to", 1),
-    _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/model.safetensors",
+    _case("pgm_jax.tools.eval_assets", ["convert_gpt2", "--from={root}/model.safetensors",
                                  "--to={scratch}/judge", "--n_head=0"], "--n_head", 1),
-    _case("pgm_jax.evaluation", ["convert_gpt2", "--from={root}/model.safetensors"], "--to", 2),
-    _case("pgm_jax.evaluation", ["convert_inception", "--from={root}/x.pth",
+    _case("pgm_jax.tools.eval_assets", ["convert_gpt2", "--from={root}/model.safetensors"], "--to", 2),
+    _case("pgm_jax.tools.eval_assets", ["convert_inception", "--from={root}/x.pth",
                                  "--to={scratch}/inception.txt"], "--to", 1),
-    _case("pgm_jax.evaluation", ["fid_stats", "--images={root}/no_such_images",
+    _case("pgm_jax.tools.eval_assets", ["fid_stats", "--images={root}/no_such_images",
                                  "--weights={root}/x.npz", "--to={scratch}/s.npz"],
           "no_such_images", 1),
-    _case("pgm_jax.evaluation", [], "command", 2),
+    _case("pgm_jax.tools.eval_assets", [], "command", 2),
 ]
 PARAMS = [pytest.param(*c, id=f"{i:02d}-{c[0].split('.')[-1]}-{c[2]}") for i, c in enumerate(CASES)]
 
@@ -422,11 +422,11 @@ def test_unexpected_error_points_to_the_full_traceback(data, tmp_path, capsys, m
   def boom(*args, **kwargs):
     raise RuntimeError("injected failure\nsecond line")
 
-  monkeypatch.setattr(data_preprocess, "_convert", boom)
-  code, err = _invoke("pgm_jax.preprocess", [
+  monkeypatch.setattr(preprocess, "_convert", boom)
+  code, err = _invoke("pgm_jax.tools.preprocess", [
       f"--source=jsonl:{data['corpus']}/a.jsonl", f"--out={tmp_path}/out",
       "--tokenizer=sentencepiece", "--val_last_docs=1"], capsys)
-  line = _check_one_line("pgm_jax.preprocess", code, err, "unexpected RuntimeError", 1)
+  line = _check_one_line("pgm_jax.tools.preprocess", code, err, "unexpected RuntimeError", 1)
   path = line.split("full traceback in ")[1].split(";")[0]
   assert "injected failure" in open(path).read() and "Traceback" in open(path).read()
   os.remove(path)
@@ -441,17 +441,17 @@ def _subprocess(args, **env):
 def test_process_level_errors_are_one_line(data, tmp_path):
   """Real processes (`python -m ...`): the exit code and stderr a user sees."""
   runs = [
-      ("pgm_jax.preprocess", ["-m", "pgm_jax.preprocess", "--source=jsonl:/typo/*.jsonl",
+      ("pgm_jax.tools.preprocess", ["-m", "pgm_jax.tools.preprocess", "--source=jsonl:/typo/*.jsonl",
                               f"--out={data['pp_out']}"], "--source"),
-      ("pgm_jax.tokenizers", ["-m", "pgm_jax.tokenizers", "train", "--input=/typo/*.txt",
+      ("pgm_jax.tools.tokenizers", ["-m", "pgm_jax.tools.tokenizers", "train", "--input=/typo/*.txt",
                               f"--model_prefix={tmp_path}/sp"], "--input"),
-      ("pgm_jax.convert", ["-m", "pgm_jax.convert", CONFIG,
+      ("pgm_jax.tools.convert", ["-m", "pgm_jax.tools.convert", CONFIG,
                            f"--from={data['root']}/garbage.safetensors", f"--to={tmp_path}/c"],
        "garbage.safetensors"),
       ("pgm_jax", ["-m", "pgm_jax.main", CONFIG, f"--workdir={data['wd']}", "--mode=sample",
                    "--config.sample.top_p=0"], "config.sample.top_p"),
       # The last-resort handler of a real entry point, around an injected bug.
-      ("pgm_jax.tokenizers", ["-c", "import sys; from pgm_jax.data import tokenizers as t; "
+      ("pgm_jax.tools.tokenizers", ["-c", "import sys; from pgm_jax.data import tokenizers as t; "
                               "t.expand_inputs = lambda *a, **k: {}['no such key']; "
                               "t.main(sys.argv[1:])", "train", "--input=x",
                               f"--model_prefix={tmp_path}/sp"], "unexpected KeyError"),

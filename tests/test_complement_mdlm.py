@@ -12,7 +12,7 @@ import pytest
 
 from conftest import load_config
 from pgm_jax import experiment, objectives, steps
-from pgm_jax.samplers import generate
+from pgm_jax import sample as generate
 
 EPS = 1e-3
 B, L = 3, 16

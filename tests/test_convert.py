@@ -1,4 +1,4 @@
-"""PyTorch checkpoint import (pgm_jax.convert) against an independent NumPy forward pass.
+"""PyTorch checkpoint import (pgm_jax.tools.convert) against an independent NumPy forward pass.
 
 Checkpoints are built here in the reference's exact Lightning format: a dict with
 "state_dict" {"backbone.<name>": tensor}, "ema" {"shadow_params": [...]} (in
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import checkpointing, convert, experiment
+from pgm_jax import experiment
+from pgm_jax.core import checkpointing
+from pgm_jax.tools import convert
 from pgm_jax.ops import AttentionMask
 
 torch = pytest.importorskip("torch")
@@ -567,13 +569,13 @@ def test_cli_error_is_one_line(tmp_path):
   layout = pgm_layout(enc=3)          # one encoder block more than the config
   raw = random_weights(layout, seed=0)
   save_lightning(tmp_path / "x.ckpt", raw, raw)
-  r = _run(["pgm_jax.convert", f"--from={tmp_path / 'x.ckpt'}", f"--to={tmp_path / 'wd'}",
+  r = _run(["pgm_jax.tools.convert", f"--from={tmp_path / 'x.ckpt'}", f"--to={tmp_path / 'wd'}",
             "--config=configs/shakespeare.py:tiny", "--config.data.tokenizer=bert_wordpiece",
             f"--config.data.tokenizer_path={vocab}", f"--config.model.hidden={H}",
             f"--config.model.cond_dim={C}", f"--config.model.enc_layers={ENC}",
             f"--config.model.dec_layers={DEC}"])
   assert r.returncode == 1, r.stderr[-2000:]
-  lines = [l for l in r.stderr.splitlines() if l.startswith("pgm_jax.convert: error:")]
+  lines = [l for l in r.stderr.splitlines() if l.startswith("pgm_jax.tools.convert: error:")]
   assert len(lines) == 1, r.stderr[-2000:]
   assert "unexpected keys [encoder.blocks.2.norm1.weight" in lines[0]
   assert not os.path.exists(tmp_path / "wd" / "checkpoints")
@@ -589,7 +591,7 @@ def test_cli_converts_and_eval_restores(tmp_path):
   ema = {k: v * 0.5 for k, v in raw.items()}
   save_lightning(tmp_path / "tiny.ckpt", raw, ema, step=40)
   wd = tmp_path / "wd"
-  r = _run(["pgm_jax.convert", f"--from={tmp_path / 'tiny.ckpt'}", f"--to={wd}",
+  r = _run(["pgm_jax.tools.convert", f"--from={tmp_path / 'tiny.ckpt'}", f"--to={wd}",
             "--config=configs/shakespeare.py:tiny"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert "params <- raw, ema_params <- EMA" in r.stdout

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import bench, train
+from pgm_jax import train
+from pgm_jax.tools import bench
 from pgm_jax.data import images
 from pgm_jax.evaluation import digits_classifier, evaluate, fid
-from pgm_jax.samplers import generate
+from pgm_jax import sample as generate
 
 
 def test_vendored_digits():

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config, restored_state
-from pgm_jax import checkpointing, config_lib, distill, evaluation, experiment, train
+from pgm_jax import distill, evaluation, experiment, train
+from pgm_jax.core import checkpointing, config_lib
 
 MASK = 4  # the toy vocabulary: tokens 0..3 and MASK
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pgm_jax import checkpointing, evaluation, experiment, steps
+from pgm_jax import evaluation, experiment, steps
+from pgm_jax.core import checkpointing
 from pgm_jax.data import detokenizers, pipeline
 from pgm_jax.evaluation import harness
 

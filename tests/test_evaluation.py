@@ -166,7 +166,7 @@ def test_gpt2_judge_conversion_matches_numpy_forward(tmp_path):
   save_file({k: v.copy() for k, v in state.items()}, str(hf_dir / "model.safetensors"))
   (hf_dir / "config.json").write_text(json.dumps({"n_head": heads}))
   out = tmp_path / "judge"
-  from pgm_jax.evaluation.__main__ import main as evaluation_cli
+  from pgm_jax.tools.eval_assets import main as evaluation_cli
   evaluation_cli(["convert_gpt2", f"--from={hf_dir}", f"--to={out}"])
   judge = evaluation.load_judge(str(out))
   assert isinstance(judge, evaluation.GPT2Judge)

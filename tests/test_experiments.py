@@ -24,8 +24,11 @@ import pytest
 from conftest import REPO_ROOT, load_config
 import jax
 
-from pgm_jax import bench, checkpointing, evaluation, experiment, train
-from pgm_jax.data import preprocess, tokenizers
+from pgm_jax import evaluation, experiment, train
+from pgm_jax.core import checkpointing
+from pgm_jax.tools import bench
+from pgm_jax.data import tokenizers
+from pgm_jax.tools import preprocess
 
 DOC = os.path.join(REPO_ROOT, "docs", "experiments.md")
 SCRIPTS = (  # the reference's scripts/train/{lm1b,owt} and scripts/eval/{lm1b,owt,harness}

@@ -14,7 +14,8 @@ from PIL import Image
 
 import jax.numpy as jnp
 
-from pgm_jax.evaluation import fid, inception
+from pgm_jax.evaluation import fid
+from pgm_jax.models import inception
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -161,7 +162,7 @@ def nets(tmp_path_factory):
   pth = str(tmp_path_factory.mktemp("inc") / "pt_inception-random.pth")
   torch.save(state_dict, pth)
   npz = pth.replace(".pth", ".npz")
-  from pgm_jax.evaluation import __main__ as cli
+  from pgm_jax.tools import eval_assets as cli
   cli.main(["convert_inception", f"--from={pth}", f"--to={npz}"])
   extractor = inception.InceptionExtractor.from_file(npz)
   return model, extractor, npz

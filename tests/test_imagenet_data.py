@@ -1,4 +1,4 @@
-"""ImageNet codes: image transform, `python -m pgm_jax.preprocess --tokenizer=vq_ds8`, and the
+"""ImageNet codes: image transform, `python -m pgm_jax.tools.preprocess --tokenizer=vq_ds8`, and the
 `imagenet_codes` Grain pipeline, on a tiny image folder and a tiny random VQ made here.
 
 The VQ has the VQ-8 structure at toy size (one downsampling, 8x8 images -> 4x4 codes,
@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from pgm_jax.data import imagenet, pipeline
-from pgm_jax.data import preprocess as preprocess_lib
+from pgm_jax.tools import imagenet_codes
+from pgm_jax.tools import preprocess as preprocess_lib
 from pgm_jax.models import vq as vq_lib
 
 TINY = vq_lib.VQConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
@@ -67,7 +68,7 @@ def test_resize_center_crop_follows_torchvision_rules():
 
 def _encode(vq, images):
   """The VQ's codes of images [N, 8, 8, 3], flattened, through the same 4-row program."""
-  enc = imagenet._Encoder(vq, 4)  # pylint: disable=protected-access
+  enc = imagenet_codes._Encoder(vq, 4)  # pylint: disable=protected-access
   return np.concatenate([enc(images[i:i + 4]) for i in range(0, len(images), 4)]).reshape(
       len(images), -1)
 
@@ -154,7 +155,7 @@ def test_tfds_source(built, tmp_path, monkeypatch):
     return fake[split]
 
   monkeypatch.setattr(tfds, "data_source", data_source)
-  meta = imagenet.preprocess_images("tfds:imagenet2012", str(tmp_path / "out"), "unused",
+  meta = imagenet_codes.preprocess_images("tfds:imagenet2012", str(tmp_path / "out"), "unused",
                                     data_dir="/tfds", image_size=SIZE, batch_size=4,
                                     num_workers=1, vq=vq)
   assert calls == [("imagenet2012", "train", "/tfds"), ("imagenet2012", "validation", "/tfds")]
@@ -171,13 +172,13 @@ def test_errors_name_the_flag_or_key(built, tmp_path):
   with pytest.raises(ValueError, match="config.data.seq_len: 1025.*16 codes"):
     pipeline.build_source(_data_config(out, 1025), None, "train")
   with pytest.raises(ValueError, match="--val_source: needed"):
-    imagenet.preprocess_images(f"imagefolder:{root}/train", str(tmp_path / "o"), "", vq=vq)
+    imagenet_codes.preprocess_images(f"imagefolder:{root}/train", str(tmp_path / "o"), "", vq=vq)
   _write_folder(tmp_path / "val2", ["n09"], 1, 2)
   with pytest.raises(ValueError, match=r"--val_source: class folders \['n09'\]"):
-    imagenet.preprocess_images(f"imagefolder:{root}/train", str(tmp_path / "o"), "", vq=vq,
+    imagenet_codes.preprocess_images(f"imagefolder:{root}/train", str(tmp_path / "o"), "", vq=vq,
                                val_source=f"imagefolder:{tmp_path}/val2", image_size=SIZE)
   with pytest.raises(ValueError, match="--source: expected imagefolder"):
-    imagenet.preprocess_images("jsonl:/x", str(tmp_path / "o"), "", vq=vq)
+    imagenet_codes.preprocess_images("jsonl:/x", str(tmp_path / "o"), "", vq=vq)
   os.makedirs(tmp_path / "text")
   (tmp_path / "text" / "meta.json").write_text(json.dumps({"seq_len": 17}))
   with pytest.raises(ValueError, match="is not ImageNet codes"):
@@ -194,7 +195,7 @@ def test_errors_name_the_flag_or_key(built, tmp_path):
 def _random_inception_npz(path):
   """FID Inception weights at random (He-scaled kernels, identity batch norm), so that the
   pool features stay finite through the 94 layers; written in `convert_inception`'s format."""
-  from pgm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  from pgm_jax.models import inception  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
 
   def leaf(path_keys, a):
@@ -231,7 +232,7 @@ def _tiny_imagenet_config(out, workdir_files):
 def test_imagenet_config_trains_samples_and_scores_fid(built, tmp_path):
   from pgm_jax import train  # pylint: disable=g-import-not-at-top
   from pgm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
+  from pgm_jax import sample as generate  # pylint: disable=g-import-not-at-top
   root, out, _ = built
   # The decoding VQ has the sampler's codebook (16384 codes): the records' 64-code VQ could
   # not decode every code the model may draw.

@@ -1,4 +1,4 @@
-"""Tests for pgm_jax.input_pipeline and pgm_jax.preprocess (packing, determinism, resume, sharding,
+"""Tests for pgm_jax.input_pipeline and pgm_jax.tools.preprocess (packing, determinism, resume, sharding,
 eval padding, error messages, ArrayRecord roundtrip, TF-free TFDS lm1b source)."""
 import json
 import os
@@ -14,7 +14,7 @@ if REPO_ROOT not in sys.path:
 import ml_collections  # noqa: E402
 
 from pgm_jax.data import pipeline as ip  # noqa: E402
-from pgm_jax.data import preprocess as pp  # noqa: E402
+from pgm_jax.tools import preprocess as pp  # noqa: E402
 from pgm_jax.data import tokenizers as tl  # noqa: E402
 
 

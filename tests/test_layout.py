@@ -89,15 +89,15 @@ def test_no_import_cycles():
 def test_experiment_sits_below_the_tools():
   """train / evaluation / samplers / convert use experiment; experiment uses none of them."""
   edges = import_graph()
-  for tool in ("pgm_jax.train", "pgm_jax.evaluation", "pgm_jax.samplers.generate",
-               "pgm_jax.convert"):
+  for tool in ("pgm_jax.train", "pgm_jax.evaluation", "pgm_jax.sample",
+               "pgm_jax.tools.convert"):
     assert "pgm_jax.experiment" in edges[tool], tool
-  above = {"pgm_jax.train", "pgm_jax.evaluation", "pgm_jax.samplers.generate",
-           "pgm_jax.convert", "pgm_jax.main", "pgm_jax.bench", "pgm_jax.plan"}
+  above = {"pgm_jax.train", "pgm_jax.evaluation", "pgm_jax.sample",
+           "pgm_jax.tools.convert", "pgm_jax.main", "pgm_jax.tools.bench", "pgm_jax.tools.plan"}
   assert not edges["pgm_jax.experiment"] & above
 
 
-@pytest.mark.parametrize("module", ["pgm_jax.main", "pgm_jax.preprocess", "pgm_jax.tokenizers",
-                                    "pgm_jax.convert", "pgm_jax.evaluation.__main__"])
+@pytest.mark.parametrize("module", ["pgm_jax.main", "pgm_jax.tools.preprocess", "pgm_jax.tools.tokenizers",
+                                    "pgm_jax.tools.convert", "pgm_jax.tools.eval_assets"])
 def test_entry_points_import(module):
   assert callable(importlib.import_module(module).main)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgm_jax import objectives, sharding, steps
+from pgm_jax import objectives, steps
+from pgm_jax.core import sharding
 from pgm_jax.models import DiT, ModelConfig, PartitionDiT, model_config_from
 from pgm_jax.models.layers import remat_policy
 

@@ -317,7 +317,8 @@ _SETUP = []
 def flat_state(workdir: str, step: int) -> dict:
   """The checkpoint at `step`, restored on this process's single device."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing
   if not _SETUP:
     _SETUP.append(experiment.make_setup(make_config(overrides(1, mesh__shape=(1, 1, 1)))))
   setup = _SETUP[0]

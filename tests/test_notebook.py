@@ -1,5 +1,5 @@
 """The Colab notebook's code cells run top to bottom (no Jupyter): on a trained workdir
-with an AR judge, and on a workdir made by `pgm_jax.convert` without a judge (and
+with an AR judge, and on a workdir made by `pgm_jax.tools.convert` without a judge (and
 without its config.json, from a preset name)."""
 import json
 import os
@@ -10,7 +10,9 @@ import matplotlib
 import numpy as np
 
 from conftest import REPO_ROOT, load_config
-from pgm_jax import checkpointing, convert, experiment, train
+from pgm_jax import experiment, train
+from pgm_jax.core import checkpointing
+from pgm_jax.tools import convert
 
 matplotlib.use("Agg")
 
@@ -78,7 +80,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
   assert all(r["gen_ppl"] > 1 and r["tokens_per_s"] > 0 for r in results)
   assert os.path.exists(os.path.join(workdirs["tiny"], "notebook_steps.png"))
 
-  # The same weights as an authors'-format checkpoint -> pgm_jax.convert -> the notebook.
+  # The same weights as an authors'-format checkpoint -> pgm_jax.tools.convert -> the notebook.
   cfg = load_config("shakespeare", "tiny")
   setup = experiment.make_setup(cfg)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdirs["tiny"]),

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, load_config  # pylint: disable=g-bad-import-order
-from pgm_jax import plan
+from pgm_jax.tools import plan
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not importable "

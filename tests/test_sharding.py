@@ -66,13 +66,14 @@ def read_losses(workdir) -> dict:
 
 def flat_state(state) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
   return {checkpointing._path_str(p): np.asarray(v) for p, v in leaves}  # pylint: disable=protected-access
 
 
 def restore_at(config, workdir, step, devices=None):
-  from pgm_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing
   setup = experiment.make_setup(config, devices)
   manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), read_only=True)
   try:
@@ -86,9 +87,10 @@ def restore_at(config, workdir, step, devices=None):
 def _child(out_dir: str, kind: str) -> None:
   """Runs with 8 fake devices; writes out_dir/results_KIND.json and npz files."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pgm_jax import experiment, sharding, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import sharding
   from pgm_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
-  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
+  from pgm_jax import sample as generate  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8, jax.devices()
   results = {"errors": {}, "kinds": {}}
 
@@ -170,7 +172,7 @@ def _child(out_dir: str, kind: str) -> None:
 
 
 def train_path(path) -> str:
-  from pgm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   return checkpointing._path_str(path)  # pylint: disable=protected-access
 
 
@@ -304,7 +306,7 @@ def test_jitted_step_shards_params(multi, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_eval_and_sampling_under_mesh(multi, kind):
-  from pgm_jax.samplers import generate  # pylint: disable=g-import-not-at-top
+  from pgm_jax import sample as generate  # pylint: disable=g-import-not-at-top
   res = multi["kinds"][kind]
   cfg = tiny_config(kind)
   setup, state = restore_at(cfg, os.path.join(multi["child_dir"], kind, "2x4x1"), STEPS)

@@ -1,4 +1,4 @@
-"""Tests for pgm_jax.tokenizers (vendored GPT-2 / SentencePiece assets, WordPiece, factory errors)."""
+"""Tests for pgm_jax.tools.tokenizers (vendored GPT-2 / SentencePiece assets, WordPiece, factory errors)."""
 import os
 import pickle
 import sys
@@ -12,6 +12,7 @@ if REPO_ROOT not in sys.path:
 import ml_collections  # noqa: E402
 
 from pgm_jax.data import tokenizers as tl  # noqa: E402
+from pgm_jax.tools import tokenizers as tokenizers_tool  # noqa: E402
 
 VAL_PLAYS = ["hamlet", "tempest", "twelfth_night"]
 
@@ -100,7 +101,7 @@ def test_cli_train(tmp_path):
   corpus = tmp_path / "a.txt"
   corpus.write_text("alpha beta gamma delta\n" * 30)
   (tmp_path / "b.txt").write_text("never used\n")
-  tl.main(["train", f"--input={tmp_path}/*.txt", "--exclude=b", "--vocab_size=30",
+  tokenizers_tool.main(["train", f"--input={tmp_path}/*.txt", "--exclude=b", "--vocab_size=30",
             f"--model_prefix={tmp_path}/cli"])
   tok = tl.SentencePieceTokenizer(str(tmp_path / "cli.model"))
   assert tok.vocab_size == 31

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config, restored_state
-from pgm_jax import checkpointing, experiment, train
+from pgm_jax import experiment, train
+from pgm_jax.core import checkpointing
 from pgm_jax.evaluation import perplexity
 
 

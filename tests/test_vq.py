@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pgm_jax.models import vq
+from pgm_jax.tools import vq as vq_tool
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -271,8 +272,8 @@ def test_converter_cli_and_errors(small, tmp_path, capsys):
   with pytest.raises(ValueError, match="does not exist"):
     vq.load_params(str(tmp_path / "nope.pt"))
   with pytest.raises(SystemExit):
-    vq.main(["--from", pt, "--to", str(tmp_path / "out.npz")])  # full-size config: no fit
-  assert "pgm_jax.models.vq: error: --from=" in capsys.readouterr().err
+    vq_tool.main(["--from", pt, "--to", str(tmp_path / "out.npz")])  # full-size config: no fit
+  assert "pgm_jax.tools.vq: error: --from=" in capsys.readouterr().err
 
 
 def test_uint8_round_trip_helpers():

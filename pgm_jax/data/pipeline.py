@@ -9,14 +9,14 @@ Sources (`config.data.name`):
                  files (plays + poems/sonnets) train. Packed with `pack_documents` (OWT rule).
   "text_files"   `train_files` / `val_files` globs (.txt, .txt.gz, .jsonl with a "text" field), one
                  document per file, or per non-empty line with `doc_per_line=True`. Packed.
-  "array_record" pre-packed blocks from `python -m pgm_jax.preprocess` in `data_dir`
+  "array_record" pre-packed blocks from `python -m pgm_jax.tools.preprocess` in `data_dir`
                  (train.array_record, validation.array_record, meta.json).
   "lm1b"         `tfds.data_source(tfds_name or "lm1b", data_dir=data_dir)` (TF-free ArrayRecord),
                  split "train" / `val_split` (default "test"); field "text", cleaned by
                  `detokenizer` (the LM1B presets: "lm1b"). No packing: [BOS] + at most
                  seq_len - 2 tokens + [EOS] (truncation keeps the final EOS, as the HF
                  tokenizer does), padded with pad_id; valid = non-pad.
-  "imagenet_codes" VQ-8 codes of ImageNet from `python -m pgm_jax.preprocess --tokenizer=vq_ds8`
+  "imagenet_codes" VQ-8 codes of ImageNet from `python -m pgm_jax.tools.preprocess --tokenizer=vq_ds8`
                  in `data_dir` (pgm_jax.data.imagenet): examples {"tokens": [BOS] + 1024 codes,
                  "labels": int32 class, "valid"}; seq_len must be 1025; the tokenizer is unused.
   image sources  `pgm_jax.data.images.IMAGE_SOURCES` ("digits"): {"tokens": [BOS] + code grid,
@@ -269,7 +269,7 @@ def _shakespeare_files(data_config, split: str) -> list[str]:
 def _read_meta(data_dir: str, data_config, tokenizer) -> dict:
   path = os.path.join(data_dir, "meta.json")
   if not os.path.isfile(path):
-    raise ValueError(f"config.data.data_dir: {path} not found (write it with python -m pgm_jax.preprocess)")
+    raise ValueError(f"config.data.data_dir: {path} not found (write it with python -m pgm_jax.tools.preprocess)")
   with open(path) as f:
     meta = json.load(f)
   seq_len = int(data_config.seq_len)

@@ -3,11 +3,9 @@
 perplexity.py   val PPL over the validation split (make_eval_fn, run_validation)
 zero_shot.py    val PPL on the reference's zero-shot sets (config.eval.datasets)
 judges.py       AR-baseline and converted GPT-2 judges (load_judge), unigram entropy
-inception.py    the FID Inception-v3 in Flax, from pytorch-fid's weights file
 fid.py          FID, Inception Score, reference statistics, fid_and_is (images)
 images.py       image configs: class-conditional samples, judged by FID / IS (ImageNet) or by
                 the repo's digits classifier (digits_classifier.py)
-__main__.py     `python -m pgm_jax.evaluation convert_gpt2 | convert_inception | fid_stats`
 
     evaluate(config, workdir) -> {"val_ppl": ..., ...}, also WORKDIR/eval.json  (--mode=eval)
     with config.eval.datasets: {"zero_shot": {set: {"val_ppl": ...}}, ...} instead
@@ -20,12 +18,13 @@ import time
 
 import jax
 
-from pgm_jax import config_lib, distill, experiment, fileio, objectives
+from pgm_jax import distill, experiment, objectives
+from pgm_jax.core import config_lib, fileio
 from pgm_jax.evaluation import images, judges, perplexity, zero_shot
 from pgm_jax.evaluation.judges import (ARJudge, GPT2Judge, convert_gpt2, load_judge,
                                        load_state_dict, mean_entropy, unigram_entropy)
 from pgm_jax.evaluation.perplexity import make_eval_fn, run_validation
-from pgm_jax.samplers import generate
+from pgm_jax import sample as generate
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -87,9 +86,3 @@ def generation_metrics(setup: experiment.Setup, params, judge_workdir: str) -> d
   if judge.same_tokenizer(setup.tokenizer):
     out.update(judge.score_tokens([s["tokens"] for s in samples]))
   return out
-
-
-def main(argv=None):
-  """`python -m pgm_jax.evaluation ARGV...` in this process (same errors and exit codes)."""
-  from pgm_jax.evaluation.__main__ import main as entry  # pylint: disable=g-import-not-at-top
-  entry(argv)

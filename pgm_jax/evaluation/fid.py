@@ -5,7 +5,7 @@ r"""FID and Inception Score of generated images, against reference statistics.
     # {"fid": ..., "inception_score": ..., "inception_score_std": ..., "num_images": N}
 
 * Features: the 2048-d pool features and the bias-free logits of the FID Inception-v3
-  (`pgm_jax.evaluation.inception`), after the reference's resize to 299x299.
+  (`pgm_jax.models.inception`), after the reference's resize to 299x299.
 * FID: frechet_distance(mu, sigma of the generated images, mu, sigma of the reference)
   = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64, with the trace
   from a symmetric eigendecomposition (see frechet_distance). Covariances are unbiased
@@ -14,7 +14,7 @@ r"""FID and Inception Score of generated images, against reference statistics.
   default) of the samples in a seeded random order, averaged; the std over chunks is
   reported too.
 * Reference statistics: a local .npz with `mu` [2048] and `sigma` [2048, 2048] (what
-  `save_ref_stats` / `python -m pgm_jax.evaluation fid_stats` write), or computed here
+  `save_ref_stats` / `python -m pgm_jax.tools.eval_assets fid_stats` write), or computed here
   from a folder of images (`ref_stats_from_folder`). The paper's reference is the 50,000
   ImageNet validation images, resized (shorter side 256) and center-cropped to 256x256.
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from pgm_jax.evaluation import inception
+from pgm_jax.models import inception
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -146,7 +146,7 @@ def load_ref_stats(path: str) -> dict:
   path = os.path.expanduser(str(path))
   if not os.path.isfile(path):
     raise ValueError(f"reference statistics: {path} does not exist (write it with "
-                     "`python -m pgm_jax.evaluation fid_stats`)")
+                     "`python -m pgm_jax.tools.eval_assets fid_stats`)")
   with np.load(path) as z:
     if "mu" not in z.files or "sigma" not in z.files:
       raise ValueError(f"reference statistics: {path} has no 'mu' / 'sigma' arrays (keys: {z.files})")

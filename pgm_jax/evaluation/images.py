@@ -25,10 +25,11 @@ import time
 import jax
 import numpy as np
 
-from pgm_jax import config_lib, experiment, fileio
+from pgm_jax import experiment
+from pgm_jax.core import config_lib, fileio
 from pgm_jax.data import images
 from pgm_jax.evaluation import digits_classifier, fid, perplexity
-from pgm_jax.samplers import generate
+from pgm_jax import sample as generate
 
 METRICS = ("classifier", "fid")
 

@@ -94,7 +94,7 @@ class ARJudge(_Judge):
     if not os.path.isfile(path):
       raise ValueError(f"config.eval.judge_workdir: {path} not found (train a judge with "
                        f"configs/shakespeare.py:ar, or convert GPT-2 weights with "
-                       f"`python -m pgm_jax.evaluation convert_gpt2`)")
+                       f"`python -m pgm_jax.tools.eval_assets convert_gpt2`)")
     try:
       with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -157,12 +157,12 @@ def load_state_dict(path: str) -> dict:
       if os.path.exists(os.path.join(path, name)):
         return load_state_dict(os.path.join(path, name))
     raise ValueError(f"--from: no model.safetensors or pytorch_model.bin in {path}")
-  from pgm_jax import convert  # pylint: disable=g-import-not-at-top
+  from pgm_jax.io import torch_files  # pylint: disable=g-import-not-at-top
   if path.endswith(".safetensors"):
-    return convert.read_safetensors(path)
+    return torch_files.read_safetensors(path)
   # A pickle: torch.load(weights_only=True) via the checkpoint converter's safe loader.
-  state, _ = convert.read_torch(path)
-  return {k: np.asarray(convert._to_numpy(v), np.float32) for k, v in state.items()}  # pylint: disable=protected-access
+  state, _ = torch_files.read_torch(path)
+  return {k: np.asarray(torch_files.to_numpy(v), np.float32) for k, v in state.items()}
 
 
 def convert_gpt2(src: str, out: str, n_head: int | None = None) -> dict:
@@ -172,7 +172,7 @@ def convert_gpt2(src: str, out: str, n_head: int | None = None) -> dict:
   yet (nothing is overwritten), and judge.json is written last, atomically.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from pgm_jax import fileio  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import fileio  # pylint: disable=g-import-not-at-top
   from pgm_jax.models import gpt2  # pylint: disable=g-import-not-at-top
   if not os.path.exists(src):
     raise ValueError(f"--from={src}: no such file or folder")

@@ -7,7 +7,8 @@ import math
 
 import jax
 
-from pgm_jax import experiment, sharding, steps
+from pgm_jax import experiment, steps
+from pgm_jax.core import sharding
 from pgm_jax.data import pipeline
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgm_jax.models.dit import DiT
 from pgm_jax.models.layers import ModelConfig, remat_policy
 from pgm_jax.models.maskgit import MaskGIT
-from pgm_jax.sharding import logical_rules
+from pgm_jax.core.sharding import logical_rules
 from pgm_jax.models.pgm import QUERY_MODES, PartitionDiT
 from pgm_jax.models.pgm_image import ImagePartitionDiT
 

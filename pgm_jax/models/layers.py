@@ -3,7 +3,7 @@
 Parameter names follow the reference PyTorch state dict (docs/convert.md) so that
 checkpoints map one to one: a torch `Linear` [out, in] `weight` is a Flax
 `kernel` [in, out]; a torch norm `weight` is our `scale`. Every parameter carries
-logical axis names (see `pgm_jax.sharding` for the rules that map them to mesh axes).
+logical axis names (see `pgm_jax.core.sharding` for the rules that map them to mesh axes).
 
 Logical axes: "vocab", "embed" (hidden H), "mlp" (4H), "qkv" (3H, [q|k|v] head-major),
 "kv" (2H, [k|v]), "heads_dim" (H as heads*head_dim), "cond" (cond_dim), "freq" (256),
@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import objectives, sharding
+from pgm_jax import objectives
+from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask, partition_attention
 
 Dtype = Any

@@ -27,7 +27,7 @@ Weights: `vq_ds8_c2i.pt` from LlamaGen's release (Hugging Face FoundationVision/
 the file the reference's download script fetches). Convert it once, with torch, to a .npz
 that then loads without torch:
 
-    python -m pgm_jax.models.vq --from=vq_ds8_c2i.pt --to=vq_ds8_c2i.npz
+    python -m pgm_jax.tools.vq --from=vq_ds8_c2i.pt --to=vq_ds8_c2i.npz
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import functools
 import json
 import os
 import re
-import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -451,7 +450,7 @@ def load_params(path: str, cfg: VQConfig | None = None, *, unsafe_pickle: bool =
   """(params, cfg) from a converted .npz, or from the PyTorch .pt itself (needs torch)."""
   if not os.path.isfile(path):
     raise ValueError(f"VQ weights: {path} does not exist (supply LlamaGen's vq_ds8_c2i.pt or its "
-                     "conversion: python -m pgm_jax.models.vq --from=vq_ds8_c2i.pt --to=vq.npz)")
+                     "conversion: python -m pgm_jax.tools.vq --from=vq_ds8_c2i.pt --to=vq.npz)")
   if path.endswith(".npz"):
     with np.load(path) as z:
       saved = VQConfig(**{k: tuple(v) if isinstance(v, list) else v
@@ -472,8 +471,8 @@ def load_params(path: str, cfg: VQConfig | None = None, *, unsafe_pickle: bool =
       diff = sorted(set(want.items()) ^ set(got.items()))[:6]
       raise ValueError(f"VQ weights: {path} does not fit VQConfig {dataclasses.asdict(cfg)}: {diff}")
     return params, cfg
-  from pgm_jax import convert  # pylint: disable=g-import-not-at-top  # torch.load, safely
-  obj, _ = convert.read_torch(path, unsafe_pickle=unsafe_pickle)
+  from pgm_jax.io import torch_files  # pylint: disable=g-import-not-at-top  # torch.load, safely
+  obj, _ = torch_files.read_torch(path, unsafe_pickle=unsafe_pickle)
   cfg = cfg or VQConfig()
   return params_from_state_dict(state_dict_from_checkpoint(obj, path), cfg), cfg
 
@@ -483,25 +482,6 @@ def load_vq(path: str, cfg: VQConfig | None = None, **kwargs) -> VQTokenizer:
   return VQTokenizer(jax.tree.map(jnp.asarray, params), cfg, **kwargs)
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog="python -m pgm_jax.models.vq",
-                              description="Convert LlamaGen's vq_ds8_c2i.pt to a torch-free .npz.")
-  p.add_argument("--from", dest="src", required=True, help="vq_ds8_c2i.pt (LlamaGen release)")
-  p.add_argument("--to", dest="out", required=True, help="output .npz")
-  p.add_argument("--unsafe_pickle", action="store_true",
-                 help="fully unpickle the file (runs code from it; only for files you trust)")
-  args = p.parse_args(argv)
-  if not args.out.endswith(".npz"):
-    p.error(f"--to={args.out}: must end in .npz")
-  try:
-    params, cfg = load_params(args.src, unsafe_pickle=args.unsafe_pickle)
-  except ValueError as e:
-    print(f"pgm_jax.models.vq: error: --from={args.src}: {e}", file=sys.stderr)
-    raise SystemExit(2)
-  save_npz(params, args.out, cfg)
-  print(f"wrote {args.out}: {num_params(params):,} parameters, {dataclasses.asdict(cfg)}")
-
-
 if __name__ == "__main__":
-  main()
+  raise SystemExit("pgm_jax.models.vq: error: the conversion command moved; run python -m "
+                   "pgm_jax.tools.vq --from=vq_ds8_c2i.pt --to=vq_ds8_c2i.npz")

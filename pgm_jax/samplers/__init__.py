@@ -5,7 +5,6 @@ pgm.py       PGM: efficient-uniform, efficient-non-uniform, naive
 mdlm.py      MDLM: ddpm_cache, ddpm
 ar.py        AR baseline: left to right with a KV cache
 image.py     images (PGM image model, MaskGIT): halton, confidence; classifier-free guidance
-generate.py  config -> samples (`generate_samples`, `generate_images`), `--mode=sample`
 """
 from pgm_jax.samplers.ar import AR_SAMPLERS, ar_sample
 from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, filtered_log_probs,

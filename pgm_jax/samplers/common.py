@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgm_jax import sharding
+from pgm_jax.core import sharding
 
 # Trace counters (one increment per compilation of a sampler program; tests count them).
 TRACE_COUNTS = {"pgm_efficient": 0, "pgm_naive": 0, "mdlm": 0, "ar": 0, "image": 0}

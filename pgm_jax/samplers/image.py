@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgm_jax import sharding
+from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask
 from pgm_jax.samplers.common import (TRACE_COUNTS, SampleResult, device_put_fn,
                                      keyed_gumbel, keyed_gumbel_argmax, lowered_flops,

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgm_jax import objectives, sharding
+from pgm_jax import objectives
+from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask
 from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, device_put_fn,
                                      filtered_log_probs, keyed_gumbel_argmax, lowered_flops,

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pgm_jax import checkpointing, fileio, objectives, samplers
+from pgm_jax import objectives, samplers
+from pgm_jax.core import checkpointing, fileio
 from pgm_jax.data import tokenizers
 from pgm_jax.samplers import common as sampler_common
 from pgm_jax.models import ModelConfig, build_model
@@ -62,7 +63,8 @@ class _TrainStepTimer:
   """One model's jitted train step on a fixed random batch, ready to be timed."""
 
   def __init__(self, config, batch_size: int):
-    from pgm_jax import experiment, sharding, train  # pylint: disable=g-import-not-at-top
+    from pgm_jax import experiment, train  # pylint: disable=g-import-not-at-top
+    from pgm_jax.core import sharding
     config.train.batch_size = batch_size
     config.train.grad_accum_steps = 1
     setup = experiment.make_setup(config)
@@ -158,7 +160,7 @@ def run_train_bench(config) -> dict:
 
 def run_bench(config, workdir: str) -> dict:
   if config.model.kind in objectives.IMAGE_KINDS:  # images: PGM vs MaskGIT
-    from pgm_jax import bench_images  # pylint: disable=g-import-not-at-top
+    from pgm_jax.tools import bench_images  # pylint: disable=g-import-not-at-top
     return bench_images.run_image_bench(config, workdir)
   b = config.bench
   if jax.process_index() == 0:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pgm_jax import config_lib, fileio
+from pgm_jax.core import config_lib, fileio
 from pgm_jax.data import tokenizers
 from pgm_jax.samplers import common as sampler_common
 from pgm_jax.models import ModelConfig, build_model

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from pgm_jax import cli
+from pgm_jax.core import cli
 
 
 class CheckpointMismatchError(ValueError):

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from pgm_jax import config_lib, experiment, fileio, objectives
+from pgm_jax import experiment, objectives
+from pgm_jax.core import config_lib, fileio
 from pgm_jax.data import images
 from pgm_jax.samplers.ar import ar_sample
 from pgm_jax.samplers.common import make_prompt, parse_prompt, split_prompt

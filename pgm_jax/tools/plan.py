@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgm_jax import fileio, sharding
+from pgm_jax.core import fileio, sharding
 
 _GIB = 1024 ** 3
 NO_LIBTPU_ENV = "PGM_JAX_PLAN_NO_LIBTPU"  # "1": behave as if libtpu were not importable
@@ -370,7 +370,8 @@ def _fits(entry: dict, budget_bytes: float | None) -> bool | None:
 
 def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
   """Lowers and compiles the train step on `devices` (default: all); runs nothing."""
-  from pgm_jax import experiment, sharding, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment, train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import sharding
   compiler = compiler or ("cpu-virtual" if jax.default_backend() == "cpu"
                           else jax.default_backend())
   setup = experiment.make_setup(config, devices)
@@ -551,7 +552,7 @@ def _compile_in_subprocess(config, n: int) -> dict:
     env.pop("PGM_JAX_DISTRIBUTED", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "pgm_jax.plan", cfg_path, out_path], env=env,
+    proc = subprocess.run([sys.executable, "-m", "pgm_jax.tools.plan", cfg_path, out_path], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       tail = "\n".join(proc.stderr.strip().splitlines()[-5:])

@@ -2,15 +2,15 @@
 
 Examples:
   # OpenWebText from a TFDS ArrayRecord build; the last 100k documents are validation (MDLM rule).
-  python -m pgm_jax.preprocess --source=tfds:openwebtext --data_dir=~/tensorflow_datasets \
+  python -m pgm_jax.tools.preprocess --source=tfds:openwebtext --data_dir=~/tensorflow_datasets \
       --tokenizer=gpt2 --seq_len=1024 --val_last_docs=100000 --out=/data/owt_gpt2_1024
   # jsonl / plain-text files (one document per file for text:, per line for jsonl:).
-  python -m pgm_jax.preprocess --source='jsonl:/data/corpus/*.jsonl' --val_source='jsonl:/data/val.jsonl' \
+  python -m pgm_jax.tools.preprocess --source='jsonl:/data/corpus/*.jsonl' --val_source='jsonl:/data/val.jsonl' \
       --tokenizer=sentencepiece --tokenizer_path=third_party/sentencepiece/shakespeare_bpe2048.model \
       --seq_len=512 --out=/data/corpus_sp512
 
   # ImageNet images -> VQ-8 codes (config.data.name="imagenet_codes"; see pgm_jax/data/imagenet.py)
-  python -m pgm_jax.preprocess --tokenizer=vq_ds8 --tokenizer_path=vq_ds8_c2i.npz \
+  python -m pgm_jax.tools.preprocess --tokenizer=vq_ds8 --tokenizer_path=vq_ds8_c2i.npz \
       --source=imagefolder:/data/imagenet/train --val_source=imagefolder:/data/imagenet/val \
       --out=/data/imagenet256_codes
 
@@ -146,7 +146,7 @@ def validate(source: str, out: str, tokenizer, seq_len: int, val_last_docs: int 
              val_source: str | None = None, data_dir: str | None = None,
              text_key: str = "text", chunk_docs: int = 1024) -> None:
   """Every check that can run before writing: flags, sources (and their first document), --out."""
-  from pgm_jax import fileio  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import fileio  # pylint: disable=g-import-not-at-top
   if seq_len < 3:
     raise ValueError(f"--seq_len={seq_len} must be >= 3 (BOS + a token + EOS)")
   if val_last_docs < 0:
@@ -266,8 +266,8 @@ def _convert(source, tmp, tokenizer, seq_len, val_last_docs, val_source, data_di
 
 
 def main(argv=None):
-  from pgm_jax import cli  # pylint: disable=g-import-not-at-top
-  p = cli.ArgumentParser(prog="python -m pgm_jax.preprocess", description=__doc__,
+  from pgm_jax.core import cli  # pylint: disable=g-import-not-at-top
+  p = cli.ArgumentParser(prog="python -m pgm_jax.tools.preprocess", description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--source", required=True, help="tfds:<name>[/split] | jsonl:<glob> | text:<glob>")
   p.add_argument("--data_dir", default=None, help="TFDS data_dir for tfds: sources")
@@ -299,11 +299,11 @@ def main(argv=None):
                       help="fully unpickle a .pt VQ file (runs code from it; trusted files only)")
   args = p.parse_args(argv)
   if args.tokenizer == "vq_ds8":
-    from pgm_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+    from pgm_jax.tools import imagenet_codes  # pylint: disable=g-import-not-at-top
     if not args.tokenizer_path:
       p.error("--tokenizer_path: the VQ weights (vq_ds8_c2i.pt or its .npz conversion) are needed")
     meta = cli.guarded(
-        "pgm_jax.preprocess", imagenet.preprocess_images, args.source, args.out,
+        "pgm_jax.tools.preprocess", imagenet_codes.preprocess_images, args.source, args.out,
         args.tokenizer_path, val_source=args.val_source, data_dir=args.data_dir,
         image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
         hflip=args.hflip, limit=args.limit, unsafe_pickle=args.unsafe_pickle,
@@ -319,7 +319,7 @@ def main(argv=None):
                       args.data_dir, args.text_key, args.chunk_docs,
                       detokenizer=args.detokenizer, group_docs=args.group_docs)
 
-  meta = cli.guarded("pgm_jax.preprocess", run, verbose=args.verbose)
+  meta = cli.guarded("pgm_jax.tools.preprocess", run, verbose=args.verbose)
   print(json.dumps(meta, indent=2))
 
 

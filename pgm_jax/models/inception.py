@@ -15,7 +15,7 @@ Weights: `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's release "fid_weig
 torch-fidelity ships the same file as `weights-inception-2015-12-05-6726825d.pth`). Convert
 it once (needs torch) to a .npz that then loads without torch:
 
-    python -m pgm_jax.evaluation convert_inception --from=pt_inception-2015-12-05-6726825d.pth \
+    python -m pgm_jax.tools.eval_assets convert_inception --from=pt_inception-2015-12-05-6726825d.pth \
         --to=inception_fid.npz
 
 Input pipeline of the reference (torch-fidelity behind the reference's own resize):
@@ -332,7 +332,7 @@ def load_params(path: str, *, unsafe_pickle: bool = False) -> dict:
   if not path or not os.path.isfile(os.path.expanduser(path)):
     raise ValueError(f"Inception weights: {path} does not exist (supply pytorch-fid's "
                      "pt_inception-2015-12-05-6726825d.pth or its conversion by "
-                     "`python -m pgm_jax.evaluation convert_inception`)")
+                     "`python -m pgm_jax.tools.eval_assets convert_inception`)")
   path = os.path.expanduser(path)
   if path.endswith(".npz"):
     params: dict = {}
@@ -349,8 +349,8 @@ def load_params(path: str, *, unsafe_pickle: bool = False) -> dict:
       diff = sorted(set(want.items()) ^ set(got.items()))[:6]
       raise ValueError(f"Inception weights: {path} is not a converted FID Inception: {diff}")
     return params
-  from pgm_jax import convert  # pylint: disable=g-import-not-at-top  # torch.load, safely
-  obj, _ = convert.read_torch(path, unsafe_pickle=unsafe_pickle)
+  from pgm_jax.io import torch_files  # pylint: disable=g-import-not-at-top  # torch.load, safely
+  obj, _ = torch_files.read_torch(path, unsafe_pickle=unsafe_pickle)
   if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
     obj = obj["state_dict"]
   if not isinstance(obj, dict):

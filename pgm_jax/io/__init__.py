@@ -1,0 +1,1 @@
+"""File readers below the models: PyTorch pickles and safetensors (`torch_files`)."""

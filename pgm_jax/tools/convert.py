@@ -1,0 +1,502 @@
+r"""Imports the authors' PyTorch checkpoints (PartitionDIT, MDLM DiT) as Orbax checkpoints.
+
+  python -m pgm_jax.tools.convert --from=last.ckpt --to=workdirs/owt_pgm \
+      --config=configs/owt.py:pgm_6_6 [--config.key=value ...] [--ema_only | --raw_only]
+
+Reads, in order of preference:
+  * safetensors (`.safetensors`): a flat state dict; no code runs, torch not needed.
+    EMA weights may be stored next to the raw ones under `ema.<name>`.
+  * a Lightning `.ckpt` (or `.pt`/`.pth`/`.bin`): `state_dict` holds the raw weights
+    under the prefix `backbone.`, `ema.shadow_params` the EMA weights as a list in
+    the backbone's `parameters()` order; `global_step` becomes the Orbax step.
+  * a plain PyTorch state dict (`.pt`/`.pth`/`.bin`), with or without `backbone.`.
+
+SAFETY: a pickled PyTorch file (`.ckpt`/`.pt`/`.pth`/`.bin`) can run arbitrary code
+when unpickled. This tool loads it with `torch.load(weights_only=True)`, which only
+builds tensors and plain containers; the non-tensor objects a Lightning checkpoint
+also holds (hyper-parameters as OmegaConf objects, callbacks' state) are replaced by
+inert placeholders (`pgm_jax.io.torch_files.Placeholder`, never called into), so no code from the file
+runs. Only with `--unsafe_pickle` (off by default) is the file fully unpickled,
+which runs whatever code it contains: use it only for files you trust. Converting to
+safetensors once avoids the question (and the torch dependency) entirely.
+
+Every name and shape is checked against the model that `--config` builds (missing and
+unexpected keys are listed in one error line; a wrong shape names the key and both
+shapes). The checkpoint is written to WORKDIR/checkpoints/<step> in the trainer's
+TrainState layout (params = raw weights, ema_params = EMA weights, a freshly
+initialised optimizer state), so `--mode=eval`, `--mode=sample` and training resume
+all restore it. See docs/convert.md for the name mapping.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sys
+from typing import Any, Optional
+
+import numpy as np
+
+from pgm_jax.core import cli
+from pgm_jax.io import torch_files
+from pgm_jax.io.torch_files import ReadError, is_tensor, read_safetensors, read_safetensors_metadata, read_torch, to_numpy
+
+ROPE_BASE = 10000.0
+# Persistent buffers of the reference modules: checked, never converted.
+BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "pos_freqs")
+
+
+class ConvertError(ReadError):
+  """A checkpoint that cannot be converted (message is one line)."""
+
+
+# ----------------------------------------------------------------------------
+# Name mapping: Flax parameter path <-> reference state-dict name.
+# ----------------------------------------------------------------------------
+
+def flax_path_to_torch_name(path: tuple[str, ...]) -> tuple[str, bool]:
+  """('encoder', 'blocks_0', 'mlp', 'fc_0', 'kernel') -> ('encoder.blocks.0.mlp.0.weight', True).
+
+  The bool says whether the tensor is transposed (a Linear kernel [in, out] is a torch
+  weight [out, in]).
+  """
+  parts: list[str] = []
+  for p in path[:-1]:
+    m = re.fullmatch(r"(blocks|layers)_(\d+)", p)
+    if m:
+      parts += [m.group(1), m.group(2)]
+    elif re.fullmatch(r"fc_\d+", p):          # MLP inside a block: mlp.{0,2}
+      parts.append(p[3:])
+    elif re.fullmatch(r"mlp_\d+", p):         # sigma_map: mlp.{0,2}
+      parts += ["mlp", p[4:]]
+    else:
+      parts.append(p)
+  leaf = path[-1]
+  transpose = leaf == "kernel"
+  if leaf in ("kernel", "scale"):
+    leaf = "weight"
+  return ".".join(parts + [leaf]), transpose
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def expected_torch_params(abstract_params) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+  """{torch name: (flax path, torch shape, transpose)} for every parameter of the model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    keys = _path_keys(path)
+    name, transpose = flax_path_to_torch_name(keys)
+    shape = tuple(leaf.shape)
+    out[name] = (keys, shape[::-1] if transpose else shape, transpose)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint structure.
+# ----------------------------------------------------------------------------
+
+class Loaded:
+  """Raw and EMA weights of a checkpoint, by reference name (`backbone.` dropped)."""
+
+  def __init__(self):
+    self.raw: dict[str, np.ndarray] = {}       # insertion order = file order
+    self.ema: Optional[dict[str, np.ndarray]] = None
+    self.ema_list: Optional[list[np.ndarray]] = None
+    self.global_step: Optional[int] = None
+    self.ignored: list[str] = []               # non-backbone entries of a Lightning state_dict
+    self.placeholders: list[str] = []
+    self.fmt = ""
+    # algo.time_conditioning as recorded by the training run (Lightning hyper-parameters or
+    # safetensors metadata); None when the file does not say.
+    self.time_conditioning: Optional[bool] = None
+
+
+def _strip(name: str) -> str:
+  for prefix in ("module.", "_orig_mod."):
+    if name.startswith(prefix):
+      name = name[len(prefix):]
+  return name
+
+
+def _split_prefix(sd: dict, out: Loaded) -> dict[str, Any]:
+  """Keeps the backbone's entries of a state dict, without the `backbone.` prefix."""
+  names = [_strip(k) for k in sd]
+  has_backbone = any(n.startswith("backbone.") for n in names)
+  result = {}
+  for key, name in zip(sd, names):
+    if has_backbone:
+      if not name.startswith("backbone."):
+        out.ignored.append(key)
+        continue
+      name = _strip(name[len("backbone."):])
+    result[name] = sd[key]
+  return result
+
+
+def _as_bool(value) -> Optional[bool]:
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    return value.strip().lower() == "true"
+  return None
+
+
+def find_hparam(obj, key: str, depth: int = 0):
+  """The first value stored under `key` anywhere in a checkpoint's hyper-parameters.
+
+  Walks plain containers and the placeholders that stand for OmegaConf objects (their
+  pickled state: a DictConfig keeps its items in `_content`, a value node in `_val`),
+  without running any code. Returns None if the key is absent.
+  """
+  if depth > 40:
+    return None
+  if isinstance(obj, torch_files.Placeholder):
+    return find_hparam(obj.__dict__.get("_state"), key, depth + 1)
+  if isinstance(obj, dict):
+    if key in obj:
+      value = obj[key]
+      if isinstance(value, torch_files.Placeholder):
+        value = value.__dict__.get("_state")
+      if isinstance(value, dict) and "_val" in value:
+        value = value["_val"]
+      return value
+    for value in obj.values():
+      found = find_hparam(value, key, depth + 1)
+      if found is not None:
+        return found
+    return None
+  if isinstance(obj, (list, tuple)):
+    for value in obj:
+      found = find_hparam(value, key, depth + 1)
+      if found is not None:
+        return found
+  return None
+
+
+def interpret(obj, fmt: str) -> Loaded:
+  """Finds raw weights, EMA weights and the step in a loaded checkpoint object."""
+  out = Loaded()
+  out.fmt = fmt
+  if not isinstance(obj, dict):
+    raise ConvertError(f"checkpoint: expected a dict at top level, got {type(obj).__name__}")
+  if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    sd = obj["state_dict"]
+    ema = obj.get("ema")
+    if isinstance(ema, dict) and "shadow_params" in ema:
+      out.ema_list = [to_numpy(x) for x in ema["shadow_params"]]
+    step = obj.get("global_step")
+    if step is not None:
+      out.global_step = int(step)
+    out.fmt = f"{fmt}, Lightning layout"
+    out.time_conditioning = _as_bool(find_hparam(obj.get("hyper_parameters"),
+                                                 "time_conditioning"))
+  else:
+    sd = {k: v for k, v in obj.items() if is_tensor(v)}
+    if not sd:
+      raise ConvertError("checkpoint: no tensors found (expected a Lightning checkpoint with "
+                         "'state_dict' or a flat state dict)")
+    skipped = [k for k in obj if not is_tensor(obj[k])]
+    out.ignored.extend(skipped)
+  bad = [k for k, v in sd.items() if not is_tensor(v)]
+  sd = {k: v for k, v in sd.items() if is_tensor(v)}
+  out.ignored.extend(bad)
+  # A flat file may carry EMA weights as `ema.<name>` next to the raw ones.
+  ema_named = {k[len("ema."):]: v for k, v in sd.items() if k.startswith("ema.")}
+  sd = {k: v for k, v in sd.items() if not k.startswith("ema.")}
+  out.raw = {k: to_numpy(v) for k, v in _split_prefix(sd, out).items()}
+  if ema_named:
+    out.ema = {k: to_numpy(v) for k, v in _split_prefix(ema_named, Loaded()).items()}
+  return out
+
+
+def load_checkpoint(path: str, *, unsafe_pickle: bool = False) -> Loaded:
+  if not os.path.exists(path):
+    raise ConvertError(f"--from={path}: no such file")
+  if path.endswith(".safetensors"):
+    loaded = interpret(read_safetensors(path), "safetensors")
+    loaded.time_conditioning = _as_bool(
+        read_safetensors_metadata(path).get("time_conditioning"))
+    return loaded
+  obj, placeholders = read_torch(path, unsafe_pickle=unsafe_pickle)
+  loaded = interpret(obj, "pickle, unsafe" if unsafe_pickle else "pickle, weights_only")
+  loaded.placeholders = placeholders
+  return loaded
+
+
+# ----------------------------------------------------------------------------
+# Validation and conversion.
+# ----------------------------------------------------------------------------
+
+def _is_buffer(name: str) -> bool:
+  return name.endswith(BUFFER_SUFFIXES)
+
+
+def check_buffers(raw: dict[str, np.ndarray], head_dim: int) -> list[str]:
+  """Checks known buffers (RoPE inv_freq) against the config; returns their names."""
+  names = [n for n in raw if _is_buffer(n)]
+  want = 1.0 / (ROPE_BASE ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  for name in names:
+    if not name.endswith("inv_freq"):
+      continue                      # GroupSwap pos_freqs: recomputed by the model
+    got = np.asarray(raw[name], np.float64)
+    if got.shape != want.shape:
+      raise ConvertError(
+          f"{name} has shape {got.shape}, the config expects {want.shape} "
+          f"(head_dim = hidden / num_heads = {head_dim}; check config.model.num_heads)")
+    if not np.allclose(got, want, rtol=1e-5, atol=0):
+      raise ConvertError(
+          f"{name} differs from 1/10000^(arange(0,{head_dim},2)/{head_dim}) "
+          f"(max abs diff {np.abs(got - want).max():.3g}): a RoPE base or head_dim this model "
+          f"does not support")
+  return names
+
+
+def _fmt_list(names: list[str], limit: int = 20) -> str:
+  shown = ", ".join(names[:limit])
+  return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def match_names(weights: dict[str, np.ndarray], expected: dict, what: str) -> None:
+  missing = [n for n in expected if n not in weights]
+  unexpected = [n for n in weights if n not in expected]
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing keys [{_fmt_list(missing)}]")
+    if unexpected:
+      parts.append(f"unexpected keys [{_fmt_list(unexpected)}]")
+    raise ConvertError(f"{what} does not match the config: {'; '.join(parts)} "
+                       f"(check config.model.kind/enc_layers/dec_layers/num_layers/query_mode)")
+  for name, (_, shape, _) in expected.items():
+    got = tuple(weights[name].shape)
+    if got != shape:
+      raise ConvertError(
+          f"{what}: {name} has shape {got}, the config expects {shape} "
+          f"(check config.model.hidden/num_heads/cond_dim/mlp_ratio and the tokenizer's "
+          f"vocab size)")
+
+
+def ema_by_name(loaded: Loaded, param_names: list[str], expected: dict) -> Optional[dict]:
+  """EMA weights by name: `ema.shadow_params` follow the state dict's parameter order."""
+  if loaded.ema is not None:
+    return loaded.ema
+  if loaded.ema_list is None:
+    return None
+  if len(loaded.ema_list) != len(param_names):
+    raise ConvertError(
+        f"ema.shadow_params has {len(loaded.ema_list)} tensors, the state dict has "
+        f"{len(param_names)} parameters (buffers excluded): cannot pair them")
+  ema = dict(zip(param_names, loaded.ema_list))
+  for name, value in ema.items():
+    want = expected.get(name, (None, None, None))[1]
+    if want is not None and tuple(value.shape) != want:
+      raise ConvertError(
+          f"ema.shadow_params: the entry paired with {name} has shape {tuple(value.shape)}, "
+          f"the config expects {want} (is the state dict in parameters() order?)")
+  return ema
+
+
+def to_flax_tree(weights: dict[str, np.ndarray], abstract_params, expected: dict):
+  """numpy float32 tree with the structure of `abstract_params`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  by_path = {}
+  for name, (keys, _, transpose) in expected.items():
+    arr = np.asarray(weights[name], dtype=np.float32)
+    by_path[keys] = np.ascontiguousarray(arr.T if transpose else arr)
+  return jax.tree_util.tree_map_with_path(lambda p, _: by_path[_path_keys(p)], abstract_params)
+
+
+def convert_weights(loaded: Loaded, abstract_params, head_dim: int, *,
+                    ema_only: bool = False, raw_only: bool = False):
+  """(params, ema_params, info) as numpy trees shaped like `abstract_params`."""
+  if ema_only and raw_only:
+    raise ConvertError("--ema_only and --raw_only are mutually exclusive")
+  expected = expected_torch_params(abstract_params)
+  buffers = check_buffers(loaded.raw, head_dim)
+  raw = {k: v for k, v in loaded.raw.items() if k not in buffers}
+  match_names(raw, expected, "state_dict")
+  ema = ema_by_name(loaded, list(raw), expected)
+  if ema is not None:
+    ema = {k: v for k, v in ema.items() if not _is_buffer(k)}
+    match_names(ema, expected, "EMA weights")
+  if ema_only and ema is None:
+    raise ConvertError("--ema_only: the checkpoint has no EMA weights")
+  raw_tree = to_flax_tree(raw, abstract_params, expected)
+  ema_tree = to_flax_tree(ema, abstract_params, expected) if ema is not None else None
+  if ema_only:
+    params, ema_params, where = ema_tree, ema_tree, "params <- EMA, ema_params <- EMA"
+  elif raw_only or ema_tree is None:
+    params, ema_params = raw_tree, raw_tree
+    where = ("params <- raw, ema_params <- raw" +
+             ("" if raw_only else " (the checkpoint has no EMA weights)"))
+  else:
+    params, ema_params, where = raw_tree, ema_tree, "params <- raw, ema_params <- EMA"
+  info = dict(num_params=int(sum(int(np.prod(s)) for _, s, _ in expected.values())),
+              num_tensors=len(expected), buffers=buffers, where=where)
+  return params, ema_params, info
+
+
+def check_time_conditioning(loaded: Loaded, config) -> str:
+  """Refuses a checkpoint whose recorded time conditioning differs from the config's:
+  the conditioning input would silently be wrong. Returns a line for the summary."""
+  want = bool(config.model.get("time_conditioning", False))
+  got = loaded.time_conditioning
+  if got is None:
+    return (f"time conditioning: not recorded in the checkpoint; using "
+            f"config.model.time_conditioning={want}")
+  if got != want:
+    raise ConvertError(
+        f"the checkpoint was trained with time_conditioning={got} (its hyper-parameters "
+        f"say so) but config.model.time_conditioning={want}: rerun with "
+        f"--config.model.time_conditioning={got}" +
+        (" (MDLM only)" if got else ""))
+  return f"time conditioning: {got} (checkpoint and config agree)"
+
+
+def build_state(setup, params, ema_params, step: int):
+  """A sharded TrainState like the trainer's, with a fresh optimizer state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pgm_jax import steps  # pylint: disable=g-import-not-at-top
+  sh = setup.state_shardings
+  put = lambda tree, shardings: jax.tree.map(jax.device_put, tree, shardings)
+  params = put(params, sh.params)
+  ema_params = put(ema_params, sh.ema_params)
+  opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(params)
+  step_arr = jax.device_put(np.asarray(step, dtype=setup.abstract_state.step.dtype), sh.step)
+  return steps.TrainState(step=step_arr, params=params, opt_state=opt_state,
+                          ema_params=ema_params)
+
+
+def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only: bool = False,
+            unsafe_pickle: bool = False, step: Optional[int] = None, log=print) -> dict:
+  """Reads `src`, checks it against `config`, writes WORKDIR/checkpoints/<step> and
+  WORKDIR/config.json (the config that rebuilds the model: eval, sample, the notebook).
+
+  Everything is checked before anything is written, and nothing is overwritten.
+  """
+  from pgm_jax import experiment
+  from pgm_jax.core import fileio  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing
+  if ema_only and raw_only:
+    raise ConvertError("--ema_only and --raw_only are mutually exclusive")
+  if step is not None and step < 0:
+    raise ConvertError(f"--step={step}: must be >= 0")
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConvertError(f"--to={workdir} is a file, not a folder")
+  existing = checkpointing.latest_step(ckpt_dir)
+  if existing is not None:
+    raise ConvertError(f"--to={workdir}: {ckpt_dir} already holds checkpoint {existing}; "
+                       f"convert into an empty workdir")
+  fileio.check_writable_dir(workdir, "--to", create=False)
+  if not os.path.isfile(src):
+    raise ConvertError(f"--from={src}: no such file")
+  setup = experiment.make_setup(config)
+  loaded = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
+  time_line = check_time_conditioning(loaded, config)
+  params, ema_params, info = convert_weights(
+      loaded, setup.abstract_state.params, setup.model_cfg.head_dim, ema_only=ema_only,
+      raw_only=raw_only)
+  if step is None:
+    step = loaded.global_step if loaded.global_step is not None else 0
+  if step < 0:
+    raise ConvertError(f"--from={src}: global_step={step} is negative; pass --step")
+  state = build_state(setup, params, ema_params, step)
+  manager = checkpointing.make_manager(ckpt_dir)
+  try:
+    checkpointing.save(manager, step, state, wait=True)
+  finally:
+    manager.close()
+  fileio.atomic_write_text(os.path.join(workdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
+  info.update(step=step, source=src, format=loaded.fmt, checkpoint=os.path.join(ckpt_dir, str(step)),
+              model=config.model.kind, ignored=loaded.ignored, placeholders=loaded.placeholders)
+  log(f"read {src} [{loaded.fmt}]")
+  if loaded.placeholders:
+    log(f"  non-tensor objects not loaded (placeholders): {_fmt_list(loaded.placeholders, 8)}")
+  if loaded.ignored:
+    log(f"  ignored {len(loaded.ignored)} non-backbone entries: {_fmt_list(loaded.ignored, 8)}")
+  if info["buffers"]:
+    log(f"  buffers checked, not converted: {', '.join(info['buffers'])}")
+  log(f"  {config.model.kind}: {info['num_tensors']} tensors, {info['num_params']:,} parameters "
+      f"matched the config")
+  log(f"  {info['where']}; opt_state freshly initialised; step {step}")
+  log(f"  {time_line}")
+  log(f"wrote {info['checkpoint']} and {os.path.join(workdir, 'config.json')}")
+  return info
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+def define_flags(flag_values=None, sys_argv=None):
+  """The converter's flags on `flag_values` (default: absl's global FLAGS); `sys_argv`:
+  where config_flags finds the --config.* overrides (default: sys.argv)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if flag_values is None else flag_values
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file (with presets) describing the model: configs/x.py:preset. "
+      "Overrides: --config.model.hidden=... etc.", lock_config=True, flag_values=fv,
+      sys_argv=sys_argv)
+  flags.DEFINE_string(
+      "from", None, "Checkpoint to read: .safetensors (preferred: no code runs), or a pickled "
+      "PyTorch .ckpt/.pt/.pth/.bin. WARNING: unpickling a file can run code from it; it is "
+      "loaded with torch.load(weights_only=True) and non-tensor objects become inert "
+      "placeholders unless --unsafe_pickle is given.", flag_values=fv)
+  flags.DEFINE_string("to", None, "Workdir to write: WORKDIR/checkpoints/<step> and "
+                      "WORKDIR/config.json (must not hold a checkpoint yet).", flag_values=fv)
+  flags.DEFINE_bool("ema_only", False, "Use the EMA weights for both params and ema_params.",
+                    flag_values=fv)
+  flags.DEFINE_bool("raw_only", False, "Use the raw weights for both params and ema_params.",
+                    flag_values=fv)
+  flags.DEFINE_bool("unsafe_pickle", False, "Fully unpickle the file (torch.load "
+                    "weights_only=False). THIS RUNS CODE FROM THE FILE: trusted files only.",
+                    flag_values=fv)
+  flags.DEFINE_integer("step", None, "Step to save under (default: the checkpoint's "
+                       "global_step, else 0).", flag_values=fv)
+  flags.mark_flags_as_required(["config", "from", "to"], flag_values=fv)
+
+
+PROG = "pgm_jax.tools.convert"
+
+
+def main(argv, flag_values=None):
+  """The body of `python -m pgm_jax.tools.convert` once flags are parsed (absl `app.run`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.error_exit(PROG, f"unexpected arguments {argv[1:]} (flags are --name=value)", 2)
+  f = flags.FLAGS if flag_values is None else flag_values
+
+  def load_config():
+    try:
+      config = f["config"].value
+      config.get("model")  # config files load lazily: surface a bad path here
+      return config
+    except Exception as e:  # pylint: disable=broad-except  # any error inside the file
+      raise ValueError(f"--config: {cli.one_line(e)}") from None
+
+  config = cli.guarded(PROG, load_config)
+  cli.guarded(PROG, convert, config, f["from"].value, f["to"].value,
+              ema_only=f["ema_only"].value, raw_only=f["raw_only"].value,
+              unsafe_pickle=f["unsafe_pickle"].value, step=f["step"].value)
+
+
+def run(argv) -> None:
+  """`python -m pgm_jax.tools.convert ARGV...` in this process, on a fresh set of flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = [PROG, *argv]
+  fv = flags.FlagValues()
+  define_flags(fv, sys_argv=argv)
+  main(cli.flags_parser(PROG, fv)(argv), fv)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(main, flags_parser=cli.flags_parser(PROG))
