@@ -57,7 +57,8 @@ from clu import metrics as clu_metrics
 from etils import epath
 from flax import struct
 
-from pgm_jax import objectives, steps
+from pgm_jax import families, objectives, steps
+from pgm_jax.families.base import stratified_times
 from pgm_jax.core import checkpointing, config_lib
 
 LOSSES = config_lib.DISTILL_LOSSES
@@ -107,22 +108,19 @@ def init_state(rng, *, base_init: Callable, config) -> DistillState:
 # Pure pieces: log-probabilities, teacher targets, divergence.
 # ----------------------------------------------------------------------------
 
-def log_probs(params, x_BxL, valid_BxL, *, model, kind: str, mask_id: int, train: bool,
+def log_probs(params, x_BxL, valid_BxL, *, model, mask_id: int, train: bool,
               rngs: Optional[dict] = None, t_B=None):
-  """float32 log p(x0) [B, L, V] in the naive layout; logit[MASK] = -1e6 (finite, so that
-  0 * (log p_s - log p_t) at the MASK entry is 0, not NaN). `valid_BxL` is the attention's
-  key validity (None: attend to every position); `t_B` is read only by a time-conditioned
-  MDLM (sigma(t), as its sampler passes it)."""
-  rngs = rngs or {}
-  if kind == "pgm":
-    group = (x_BxL == mask_id).astype(jnp.int32)
-    logits = model.apply({"params": params}, x_BxL, group, valid_BxL, train=train, rngs=rngs)
-  else:
-    sigma = None
-    if getattr(model.config, "time_conditioning", False) and t_B is not None:
-      sigma = objectives.sigma(t_B)
-    logits = model.apply({"params": params}, x_BxL, valid_BxL, train=train, rngs=rngs,
-                         sigma_B=sigma)
+  """float32 log p(x0) [B, L, V] in the naive layout, the MASK positions of `x_BxL` hidden
+  (the family's `predict_hidden`: a PGM's group 1, an MDLM's x_t); logit[MASK] = -1e6
+  (finite, so that 0 * (log p_s - log p_t) at the MASK entry is 0, not NaN). `valid_BxL` is
+  the attention's key validity (None: attend to every position); `t_B` is read only by a
+  time-conditioned MDLM (sigma(t), as its sampler passes it)."""
+  sigma = None
+  if getattr(model.config, "time_conditioning", False) and t_B is not None:
+    sigma = objectives.sigma(t_B)
+  logits = families.get(model.config.kind).predict_hidden(
+      params, x_BxL, x_BxL == mask_id, valid_BxL, model=model, mask_id=mask_id, sigma_B=sigma,
+      train=train, rngs=rngs or {})
   logits = logits.astype(jnp.float32).at[..., mask_id].set(objectives.NEG_INF_MDLM)
   return jax.nn.log_softmax(logits, axis=-1)
 
@@ -197,21 +195,20 @@ def distill_step(state: DistillState, batch, rng, *, model, tx, config, mask_id:
   """One SDTT step over the global batch (module docstring); same signature and
   shardings as `steps.train_step`."""
   d = config.distill
-  kind = config.model.kind
   state = advance_round(state, d.round_steps, d.teacher_steps)
   step_rng = jax.random.fold_in(rng, state.step)
   t_rng, noise_rng, teacher_rng, dropout_rng = jax.random.split(step_rng, 4)
   tokens, valid = batch["tokens"], batch["valid"]
   batch_size, seq_len = tokens.shape
   accum = config.train.grad_accum_steps
-  t_B = steps.stratified_times(t_rng, batch_size, groups=1, sampling_eps=d.sampling_eps,
+  t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=d.sampling_eps,
                                antithetic=config.train.antithetic)
   # The forward process on the log-linear schedule (eps 1e-3), as in pre-training.
   masked = objectives.groups_from_uniform(jax.random.uniform(noise_rng, (batch_size, seq_len)),
                                           t_B).astype(bool)
   x_t = jnp.where(masked, mask_id, tokens)
-  logp = lambda params, x, v, **kw: log_probs(params, x, v, model=model, kind=kind,
-                                               mask_id=mask_id, **kw)
+  logp = lambda params, x, v, **kw: log_probs(params, x, v, model=model, mask_id=mask_id,
+                                               **kw)
 
   # The reference's LM1B models attend to pads (config.data.attend_to_padding); the loss
   # never counts them.
@@ -263,7 +260,7 @@ def heldout_loss(student_params, teacher_params, tokens_BxL, valid_BxL, dt, rng,
   d = config.distill
   batch_size, seq_len = tokens_BxL.shape
   t_rng, noise_rng, teacher_rng = jax.random.split(rng, 3)
-  t_B = steps.stratified_times(t_rng, batch_size, groups=1, sampling_eps=d.sampling_eps,
+  t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=d.sampling_eps,
                                antithetic=config.train.antithetic)
   masked = objectives.groups_from_uniform(
       jax.random.uniform(noise_rng, (batch_size, seq_len)), t_B).astype(bool)
@@ -271,7 +268,7 @@ def heldout_loss(student_params, teacher_params, tokens_BxL, valid_BxL, dt, rng,
   attend_all = bool(config.data.get("attend_to_padding", False))
   model_valid = None if attend_all else valid_BxL
   logp = lambda params, x, t: log_probs(params, x, model_valid, model=model,
-                                        kind=config.model.kind, mask_id=mask_id,
+                                        mask_id=mask_id,
                                         train=False, t_B=t)
   target, _ = teacher_targets(lambda x, t: logp(teacher_params, x, t), x_t, t_B, dt,
                               teacher_rng, num_steps=d.teacher_steps, mask_id=mask_id,

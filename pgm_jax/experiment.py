@@ -19,10 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import distill, samplers, steps
+from pgm_jax import distill, families, steps
 from pgm_jax.core import checkpointing, config_lib, fileio, sharding
 from pgm_jax.data import tokenizers
-from pgm_jax.models import build_model, model_config_from
+from pgm_jax.models.layers import remat_policy
 
 
 @dataclasses.dataclass
@@ -43,19 +43,36 @@ class Setup:
   def mask_id(self) -> int:
     return self.tokenizer.mask_id
 
+  @property
+  def family(self) -> families.Family:
+    return families.get(self.model_cfg.kind)
 
-def make_setup(config, devices=None) -> Setup:
-  """Validates the config and builds the model, optimizer, mesh and shardings.
 
-  `devices`: the devices of the mesh (default: all, `jax.devices()`).
-  """
-  mesh = sharding.make_mesh(config.mesh, devices)
-  data_parallel = sharding.data_parallel_size(mesh)
-  config_lib.validate(config, num_devices=mesh.size, data_parallel=data_parallel,
-                      mesh_shape=dict(mesh.shape))
-  tokenizer = tokenizers.get_tokenizer(config.data)
-  model_cfg = model_config_from(config, vocab_size=tokenizer.vocab_size,
-                                mask_id=tokenizer.mask_id)
+def validate(config, *, num_devices: int = 1, data_parallel: int = 1,
+             mesh_shape: dict | None = None) -> None:
+  """Every start-up check of a config, in one place; each error is one line naming the
+  config key. The family (`config.model.kind`) adds its own (`Family.validate`);
+  `mesh_shape` ({axis: size} of the resolved mesh) enables the mesh checks."""
+  family = families.of(config)  # an unknown kind fails first
+  m = config.model
+  if m.hidden % m.num_heads:
+    raise ValueError(f"config.model.hidden={m.hidden} is not divisible by "
+                     f"config.model.num_heads={m.num_heads}")
+  if (m.hidden // m.num_heads) % 2:
+    raise ValueError("config.model.hidden / config.model.num_heads must be even (RoPE)")
+  from pgm_jax.ops.attention import IMPLS  # pylint: disable=g-import-not-at-top
+  if config.attn.impl not in IMPLS:
+    raise ValueError(f"config.attn.impl must be one of {IMPLS}, got {config.attn.impl!r}")
+  from pgm_jax.models.pgm import QUERY_MODES  # pylint: disable=g-import-not-at-top
+  if m.query_mode not in QUERY_MODES:
+    raise ValueError(f"config.model.query_mode must be one of {QUERY_MODES}, "
+                     f"got {m.query_mode!r}")
+  remat_policy(m.get("remat", "none"))  # a clear error for an unknown policy name
+  if int(m.get("loss_chunk_len", 0) or 0) < 0:
+    raise ValueError(f"config.model.loss_chunk_len must be >= 0, got {m.loss_chunk_len}")
+  config_lib.validate(config, num_devices=num_devices, data_parallel=data_parallel,
+                      mesh_shape=mesh_shape)
+  family.validate(config)
   if not 1 <= config.sample.steps <= config.data.seq_len - 1:
     raise ValueError(f"config.sample.steps={config.sample.steps} must be in "
                      f"[1, config.data.seq_len - 1 = {config.data.seq_len - 1}]")
@@ -63,12 +80,21 @@ def make_setup(config, devices=None) -> Setup:
     from pgm_jax.ops import pallas_attention  # pylint: disable=g-import-not-at-top
     pallas_attention.check_block_sizes(config.data.seq_len, config.data.seq_len,
                                        config.attn.block_q, config.attn.block_kv)
-  sampler = config_lib.resolve_sampler(config)
-  allowed = samplers.SAMPLERS_BY_KIND[model_cfg.kind]
-  if sampler not in allowed:
-    raise ValueError(f"config.sample.sampler={sampler!r} is not a {model_cfg.kind} sampler; "
-                     f"use one of {allowed} or 'auto'")
-  model = build_model(model_cfg)
+  families.check_sampler(config)
+
+
+def make_setup(config, devices=None) -> Setup:
+  """Validates the config (`validate`) and builds the model, optimizer, mesh and shardings.
+
+  `devices`: the devices of the mesh (default: all, `jax.devices()`).
+  """
+  mesh = sharding.make_mesh(config.mesh, devices)
+  validate(config, num_devices=mesh.size, data_parallel=sharding.data_parallel_size(mesh),
+           mesh_shape=dict(mesh.shape))
+  tokenizer = tokenizers.get_tokenizer(config.data)
+  model_cfg = families.model_config_from(config, vocab_size=tokenizer.vocab_size,
+                                         mask_id=tokenizer.mask_id)
+  model = families.build_model(model_cfg)
   tx = steps.make_optimizer(config.opt, config.train.num_steps)
   boxed = jax.eval_shape(_boxed_init_fn(model, tx, config), jax.random.key(0))
   rules = sharding.logical_rules(config.mesh)
@@ -78,7 +104,8 @@ def make_setup(config, devices=None) -> Setup:
       steps.unbox(boxed), state_shardings)
   return Setup(config=config, tokenizer=tokenizer, mesh=mesh, model_cfg=model_cfg, model=model,
                tx=tx, state_shardings=state_shardings, abstract_state=abstract_state,
-               batch_sharding=sharding.batch_sharding(mesh), data_parallel=data_parallel)
+               batch_sharding=sharding.batch_sharding(mesh),
+               data_parallel=sharding.data_parallel_size(mesh))
 
 
 def init_state(setup: Setup, rng):
@@ -92,7 +119,7 @@ def _boxed_init_fn(model, tx, config):
   dummy input length (RoPE, no position table), so 8 tokens keep init cheap.
   With config.distill.enabled: a DistillState (the same + teacher, round, dt)."""
   init = functools.partial(steps.init_state, model=model, tx=tx, batch_size=1,
-                           seq_len=min(config.data.seq_len, 8), kind=config.model.kind)
+                           seq_len=min(config.data.seq_len, 8))
   if config_lib.distill_enabled(config):
     return functools.partial(distill.init_state, base_init=init, config=config)
   return init

@@ -98,7 +98,7 @@ def init_distributed(env) -> None:
 
 def _run_mode(mode: str, config, workdir: str) -> None:
   from pgm_jax import evaluation, train  # pylint: disable=g-import-not-at-top
-  from pgm_jax.objectives import IMAGE_KINDS  # pylint: disable=g-import-not-at-top
+  from pgm_jax import families  # pylint: disable=g-import-not-at-top
   from pgm_jax import sample as generate  # pylint: disable=g-import-not-at-top
   if mode == "train":
     train.train_and_evaluate(config, workdir)
@@ -112,7 +112,7 @@ def _run_mode(mode: str, config, workdir: str) -> None:
                 "classifier_accuracy", "fid", "inception_score", "images_per_s"):
       if key in result:
         print(f"{key}={result[key]:.6f}")
-  elif mode == "sample" and config.model.kind in IMAGE_KINDS:
+  elif mode == "sample" and families.of(config).is_image:
     info = generate.sample(config, workdir)
     print(" ".join(f"{k}={info[k]}" for k in ("png", "npz") if k in info))
   elif mode == "sample":

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-NEG_INF_MDLM = -1e6  # the reference's `neg_infinity` for SUBS
-IMAGE_KINDS = ("pgm_image", "maskgit")  # config.model.kind values trained on image batches
+from pgm_jax.ops.logits import NEG_INF_MDLM, token_log_probs
+
 
 
 def alpha(t, eps: float = 1e-3):
@@ -55,14 +55,6 @@ class LossTerms(NamedTuple):
   loss_sum: jax.Array     # training objective numerator
   nll_sum: jax.Array      # ELBO numerator (the validation NLL estimator)
   num_tokens: jax.Array   # number of valid tokens
-
-
-def token_log_probs(logits_BxLxV, targets_BxL, mask_id: int, *, mask_logit: float):
-  """log p(target) after setting logit[MASK] to `mask_logit`; float32 log-softmax."""
-  logits = logits_BxLxV.astype(jnp.float32)
-  logits = logits.at[..., mask_id].set(mask_logit)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
 
 
 def pgm_loss_terms(logits_BxLxV, tokens_BxL, group_BxL, t_B, valid_BxL, mask_id: int):

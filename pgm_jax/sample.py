@@ -18,14 +18,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from pgm_jax import experiment, objectives
-from pgm_jax.core import config_lib, fileio
+from pgm_jax import experiment, families
+from pgm_jax.core import fileio
 from pgm_jax.data import images
-from pgm_jax.samplers.ar import ar_sample
 from pgm_jax.samplers.common import make_prompt, parse_prompt, split_prompt
 from pgm_jax.samplers.image import image_sample
-from pgm_jax.samplers.mdlm import mdlm_sample
-from pgm_jax.samplers.pgm import pgm_sample
 
 
 def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_steps: int, seed: int,
@@ -34,7 +31,7 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
   """Samples as dicts {text, tokens, sampler, steps, seed, prompt}, in batches of
   config.sample.batch_size (each batch seeded with seed + batch index)."""
   cfg = setup.config
-  sampler = sampler or config_lib.resolve_sampler(cfg)
+  sampler = sampler or families.resolve_sampler(cfg)
   length = cfg.data.seq_len
   out = []
   batch_size = max(1, min(cfg.sample.batch_size, num_samples))
@@ -43,16 +40,10 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
     batch_prompts = [prompts[(first + i) % len(prompts)] for i in range(n)] if prompts else []
     prompt = make_prompt(batch_prompts, n, setup.tokenizer, length)
     batch_seed = seed + first // batch_size
-    common = dict(model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
-                  mask_id=setup.mask_id, top_p=cfg.sample.top_p,
-                  temperature=cfg.sample.temperature)
-    if setup.model_cfg.kind == "pgm":
-      result = pgm_sample(params, prompt, bucket_size=cfg.sample.bucket_size,
-                                   progress=progress, **common)
-    elif setup.model_cfg.kind == "ar":
-      result = ar_sample(params, prompt, **common)
-    else:
-      result = mdlm_sample(params, prompt, **common)
+    result = setup.family.sample_text(
+        params, prompt, model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
+        mask_id=setup.mask_id, top_p=cfg.sample.top_p, temperature=cfg.sample.temperature,
+        bucket_size=cfg.sample.bucket_size, progress=progress)
     for i, row in enumerate(result.tokens):
       out.append({"text": setup.tokenizer.decode(row.tolist()), "tokens": row.tolist(),
                   "sampler": sampler, "steps": num_steps, "seed": batch_seed,
@@ -92,7 +83,7 @@ def generate_images(setup: experiment.Setup, params, labels, *, num_steps: int, 
   """Class-conditional token grids int32 [len(labels), 1 + G*G] ([BOS] + codes), in batches
   of config.sample.batch_size (batch i seeded with seed + i)."""
   cfg = setup.config
-  sampler = sampler or config_lib.resolve_sampler(cfg)
+  sampler = sampler or families.resolve_sampler(cfg)
   cfg_w = cfg.sample.cfg_w if cfg_w is None else cfg_w
   labels = np.asarray(labels, np.int32)
   batch_size = max(1, min(cfg.sample.batch_size, len(labels)))
@@ -191,7 +182,7 @@ def sample_images(config, workdir: str, *, setup=None, params=None, step=None,
   classes = grid_classes(config)
   cols = config.sample.samples_per_class
   labels = np.repeat(np.asarray(classes, np.int32), cols)
-  sampler = config_lib.resolve_sampler(config)
+  sampler = families.resolve_sampler(config)
   started = time.time()
   tokens = generate_images(setup, params, labels, num_steps=config.sample.steps,
                            seed=config.sample.seed, sampler=sampler)
@@ -217,14 +208,14 @@ def sample(config, workdir: str):
   """
   if jax.process_index() == 0:
     fileio.check_writable_dir(workdir, create=False)
-  if config.model.kind in objectives.IMAGE_KINDS:
+  if families.of(config).is_image:
     return sample_images(config, workdir)
   setup = experiment.make_setup(config)
   prompts = read_prompts(config)
   for prompt in prompts:  # lengths against config.data.seq_len, before any work
     parse_prompt(prompt, setup.tokenizer, config.data.seq_len)
   step, params = experiment.restore_eval_params(setup, workdir)
-  sampler = config_lib.resolve_sampler(config)
+  sampler = families.resolve_sampler(config)
   started = time.time()
 
   def progress(k, total):

@@ -14,7 +14,7 @@ import optax
 from clu import metrics as clu_metrics
 from flax import struct
 
-from pgm_jax import objectives
+from pgm_jax import families
 
 
 @struct.dataclass
@@ -84,86 +84,35 @@ def make_optimizer(opt_config, num_steps: int | None = None) -> optax.GradientTr
   return optax.chain(*parts)
 
 
-def init_state(rng, *, model, tx, batch_size: int, seq_len: int, kind: str) -> TrainState:
-  """Boxed (logically partitioned) initial state; jit it with out_shardings."""
-  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
-  labels = jnp.zeros((batch_size,), jnp.int32)
-  if kind == "pgm":
-    variables = model.init({"params": rng}, tokens, tokens)
-  elif kind == "pgm_image":
-    variables = model.init({"params": rng}, tokens, tokens, labels)
-  elif kind == "maskgit":  # codes only: position 0 of a batch is BOS
-    variables = model.init({"params": rng}, tokens[:, 1:], labels)
-  else:  # sigma is read only by a time-conditioned MDLM
-    variables = model.init({"params": rng}, tokens, sigma_B=jnp.zeros((batch_size,)))
-  params = variables["params"]
+def init_state(rng, *, model, tx, batch_size: int, seq_len: int) -> TrainState:
+  """Boxed (logically partitioned) initial state; jit it with out_shardings. The model's
+  family (`model.config.kind`) gives the dummy inputs."""
+  args, kwargs = families.get(model.config.kind).init_args(batch_size, seq_len)
+  params = model.init({"params": rng}, *args, **kwargs)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=jax.tree.map(lambda x: x, params))
-
-
-def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antithetic: bool):
-  """t for a batch made of `groups` equal slices, each stratified on its own."""
-  rngs = jax.random.split(rng, groups)
-  per = batch // groups
-  ts = jax.vmap(lambda r: objectives.sample_times(r, per, sampling_eps=sampling_eps,
-                                                  antithetic=antithetic))(rngs)
-  return ts.reshape(batch)
 
 
 OBJECTIVES = ("auto", "complement-mdlm")
 
 
 def loss_terms(params, batch, t_B, noise_u_BxL, dropout_rng, *, model, mask_id: int,
-               kind: str, train: bool, sampling_eps: float, objective: str = "auto",
+               train: bool, sampling_eps: float, objective: str = "auto",
                attend_to_padding: bool = False):
-  """LossTerms of one (micro)batch for a PGM, an MDLM or an AR model.
+  """LossTerms of one (micro)batch, from the family of `model` (`model.config.kind`).
 
   `noise_u_BxL` (uniform [0, 1)) decides the partition / the masked tokens:
   token i is in group 1 (masked) iff u_i < 1 - alpha(t). Drawing it for the whole
   global batch makes gradient accumulation exact (same draws for any split).
-  objective: "auto" (the kind's own) or "complement-mdlm" (an MDLM trained on x_t and
+  objective: "auto" (the family's own) or "complement-mdlm" (an MDLM trained on x_t and
   its complement; in eval, train=False, it is scored as the MDLM it is).
   attend_to_padding: the model attends to pad tokens (they get groups / noise like any
   token) and `valid` masks them only in the loss: the reference's LM1B behaviour.
   """
-  tokens = batch["tokens"]
-  valid = batch["valid"] if "valid" in batch else jnp.ones(tokens.shape, bool)
   rngs = {"dropout": dropout_rng} if train else {}
-  if kind in objectives.IMAGE_KINDS:
-    return _image_loss_terms(params, tokens, batch["labels"], valid, t_B, noise_u_BxL, rngs,
-                             model=model, mask_id=mask_id, kind=kind, train=train)
-  model_valid = None if attend_to_padding else valid
-  group = objectives.groups_from_uniform(noise_u_BxL, t_B, sampling_eps)
-  time_conditioned = getattr(model.config, "time_conditioning", False)
-  # The models return log p(target) [B, L] directly (`targets_BxL`): the float32
-  # [B, L, V] logits are never materialised (chunked by config.model.loss_chunk_len);
-  # logit[MASK] is the model config's mask_id (the same id as `mask_id`).
-  if kind == "pgm":
-    logp = model.apply({"params": params}, tokens, group, model_valid, train=train,
-                       rngs=rngs, targets_BxL=tokens, mask_logit=-jnp.inf)
-    return objectives.pgm_loss_terms_from_log_probs(logp, group, t_B, valid)
-  if kind == "ar":  # no noise: next-token prediction on the clean sequence
-    logp = model.apply({"params": params}, tokens, model_valid, train=train, rngs=rngs,
-                       targets_BxL=objectives.next_token_targets(tokens),
-                       mask_logit=-jnp.inf)
-    return objectives.ar_loss_terms_from_log_probs(logp[:, :-1], valid)
-  is_masked = group.astype(bool)
-  if objective == "complement-mdlm" and train:
-    views = objectives.complement_mdlm_views(tokens, is_masked, mask_id)
-    both = lambda x: None if x is None else jnp.concatenate([x, x], axis=0)
-    sigma = None
-    if time_conditioned:
-      sigma = jnp.concatenate([objectives.sigma(t_B, sampling_eps),
-                               objectives.sigma(1.0 - t_B, sampling_eps)])
-    logp = model.apply({"params": params}, views, both(model_valid), train=train, rngs=rngs,
-                       targets_BxL=both(tokens), mask_logit=objectives.NEG_INF_MDLM,
-                       sigma_B=sigma)
-    return objectives.complement_mdlm_loss_terms_from_log_probs(logp, is_masked, t_B, valid)
-  x_t = jnp.where(is_masked, mask_id, tokens)
-  sigma = objectives.sigma(t_B, sampling_eps) if time_conditioned else None
-  logp = model.apply({"params": params}, x_t, model_valid, train=train, rngs=rngs,
-                     targets_BxL=tokens, mask_logit=objectives.NEG_INF_MDLM, sigma_B=sigma)
-  return objectives.mdlm_loss_terms_from_log_probs(logp, is_masked, t_B, valid)
+  return families.get(model.config.kind).loss_terms(
+      params, batch, t_B, noise_u_BxL, rngs, model=model, mask_id=mask_id, train=train,
+      sampling_eps=sampling_eps, objective=objective, attend_to_padding=attend_to_padding)
 
 
 def objective_options(config) -> dict:
@@ -171,35 +120,6 @@ def objective_options(config) -> dict:
   config.data.attend_to_padding)."""
   return dict(objective=config.train.get("objective", "auto"),
               attend_to_padding=bool(config.data.get("attend_to_padding", False)))
-
-
-def _image_loss_terms(params, tokens, labels, valid, r_B, noise_u_BxL, rngs, *, model, mask_id,
-                      kind, train):
-  """Images (method §7), tokens = [BOS] + codes and r_B ~ U(0, 1) per image: a code is in
-  group 1 / masked iff its uniform draw is below arccos(r)/(pi/2). Plain cross-entropy with
-  logit[MASK] = -1e6: PGM over every code of both groups, MaskGIT over the masked codes."""
-  counted = valid[:, 1:].astype(bool)
-  if kind == "pgm_image":
-    group = objectives.image_groups(noise_u_BxL, r_B)
-    logp = model.apply({"params": params}, tokens, group, labels, valid, train=train, rngs=rngs,
-                       targets_BxL=tokens, mask_logit=objectives.NEG_INF_MDLM)
-    return objectives.image_loss_terms_from_log_probs(logp[:, 1:], counted)
-  codes = tokens[:, 1:]
-  masked = noise_u_BxL[:, 1:] < objectives.arccos_rate(r_B)[:, None]
-  logp = model.apply({"params": params}, jnp.where(masked, mask_id, codes), labels, train=train,
-                     rngs=rngs, targets_BxN=codes, mask_logit=objectives.NEG_INF_MDLM)
-  return objectives.image_loss_terms_from_log_probs(logp, masked & counted)
-
-
-def _image_draws(rng, batch, *, config):
-  """(r_B ~ U(0, 1), the batch with its labels dropped to the null class w.p.
-  config.train.label_dropout) for an image train step."""
-  r_rng, drop_rng = jax.random.split(rng)
-  batch_size = batch["tokens"].shape[0]
-  r_B = jax.random.uniform(r_rng, (batch_size,))
-  labels = objectives.drop_labels(batch["labels"], jax.random.uniform(drop_rng, (batch_size,)),
-                                  config.train.label_dropout, config.model.num_classes)
-  return r_B, dict(batch, labels=labels)
 
 
 def keep_batch_sharded(x_AxBx):
@@ -230,21 +150,17 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
   does over its global batch) and each microbatch takes its slice.
   """
   t_cfg = config.train
-  kind = config.model.kind
   step_rng = jax.random.fold_in(rng, state.step)
   t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
   batch_size, seq_len = batch["tokens"].shape
   accum = t_cfg.grad_accum_steps
-  if kind in objectives.IMAGE_KINDS:  # r ~ U(0, 1) per image (the "t" slot), label dropout
-    t_B, batch = _image_draws(t_rng, batch, config=config)
-  else:
-    t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=t_cfg.sampling_eps,
-                           antithetic=t_cfg.antithetic)
+  # t stratified over the batch (text), or r ~ U(0, 1) per image and label dropout.
+  t_B, batch = families.of(config).train_times(t_rng, batch, config)
   noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
 
   def micro_loss(params, micro, t_mb, u_mb, r):
-    terms = loss_terms(params, micro, t_mb, u_mb, r, model=model, mask_id=mask_id, kind=kind,
-                       train=True, sampling_eps=t_cfg.sampling_eps, **objective_options(config))
+    terms = loss_terms(params, micro, t_mb, u_mb, r, model=model, mask_id=mask_id, train=True,
+                       sampling_eps=t_cfg.sampling_eps, **objective_options(config))
     denom = jnp.maximum(terms.num_tokens, 1.0)
     return terms.loss_sum / denom, terms.nll_sum / denom
 
@@ -294,16 +210,11 @@ def eval_step(params, batch, rng, *, model, config, mask_id: int, data_parallel:
   """
   batch_size, seq_len = batch["tokens"].shape
   t_rng, noise_rng = jax.random.split(rng)
-  if config.model.kind in objectives.IMAGE_KINDS:  # r ~ U(0, 1); labels kept (conditional)
-    t_B = jax.random.uniform(t_rng, (batch_size,))
-  else:
-    t_B = stratified_times(t_rng, batch_size, groups=data_parallel,
-                           sampling_eps=config.train.sampling_eps,
-                           antithetic=config.train.antithetic)
+  t_B = families.of(config).eval_times(t_rng, batch_size, config, data_parallel)
   noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
   terms = loss_terms(params, batch, t_B, noise_u_BxL, None, model=model, mask_id=mask_id,
-                     kind=config.model.kind, train=False,
-                     sampling_eps=config.train.sampling_eps, **objective_options(config))
+                     train=False, sampling_eps=config.train.sampling_eps,
+                     **objective_options(config))
   return terms.nll_sum, terms.num_tokens
 
 

@@ -27,7 +27,6 @@ from pgm_jax.data import pipeline
 from pgm_jax.evaluation import perplexity
 from pgm_jax import experiment
 from pgm_jax.core.metric_writers import MetricWriter
-from pgm_jax.objectives import IMAGE_KINDS
 from pgm_jax import sample as sample_lib
 
 
@@ -279,7 +278,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # After the loop SIGTERM still only sets the flag (exit 0, nothing saved twice); a
       # preempted job skips the end-of-training samples.
       final = config.train.num_final_samples > 0 and not preemption.requested
-      if final and config.model.kind in IMAGE_KINDS:
+      if final and setup.family.is_image:
         # A PNG grid (one row per class) and the codes: samples_step<N>.{png,npz}.
         history["samples"] = sample_lib.sample_images(config, workdir, setup=setup,
                                            params=experiment.eval_params(state), step=step,

@@ -25,7 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distill_table import load_config  # noqa: E402
-from pgm_jax import distill, experiment, objectives, steps  # noqa: E402
+from pgm_jax import distill, experiment, objectives  # noqa: E402
+from pgm_jax.families.base import stratified_times  # noqa: E402
 from pgm_jax.core import checkpointing
 from pgm_jax.data import pipeline  # noqa: E402
 
@@ -36,14 +37,14 @@ def optimum_stats(setup, teacher, tokens_BxL, valid_BxL, rng, *, dt: float, draw
   mask_id = setup.mask_id
   batch_size, seq_len = tokens_BxL.shape
   t_rng, noise_rng, draw_rng = jax.random.split(rng, 3)
-  t_B = steps.stratified_times(t_rng, batch_size, groups=1, sampling_eps=d.sampling_eps,
+  t_B = stratified_times(t_rng, batch_size, groups=1, sampling_eps=d.sampling_eps,
                                antithetic=True)
   masked = objectives.groups_from_uniform(
       jax.random.uniform(noise_rng, (batch_size, seq_len)), t_B).astype(bool)
   x_t = jnp.where(masked, mask_id, tokens_BxL)
   model_valid = None if config.data.get("attend_to_padding", False) else valid_BxL
   logp = lambda x, t: distill.log_probs(teacher, x, model_valid, model=setup.model,
-                                        kind=config.model.kind, mask_id=mask_id,
+                                        mask_id=mask_id,
                                         train=False, t_B=t)
   own = logp(x_t, t_B)
 

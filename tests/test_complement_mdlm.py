@@ -63,7 +63,7 @@ def test_complement_loss_matches_numpy_reference(mdlm):
   tokens, valid, t, u = _batch(setup.tokenizer.vocab_size, mask_id)
   loss = jax.jit(lambda p, batch, t, u, train: steps.loss_terms(
       p, batch, t, u, jax.random.key(3) if train else None, model=setup.model,
-      mask_id=mask_id, kind="mdlm", train=train, sampling_eps=EPS,
+      mask_id=mask_id, train=train, sampling_eps=EPS,
       **steps.objective_options(cfg)), static_argnums=4)
   batch = {"tokens": tokens, "valid": valid}
   terms = loss(params, batch, jnp.asarray(t), jnp.asarray(u), True)

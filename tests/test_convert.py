@@ -649,7 +649,7 @@ def test_lm1b_padded_batch_matches_reference_rule(tmp_path, kind):
   def nll_sum(attend_to_padding):
     return float(steps.loss_terms(
         params, {"tokens": tokens, "valid": valid}, t, u, None, model=setup.model,
-        mask_id=mask_id, kind=kind, train=False, sampling_eps=1e-3,
+        mask_id=mask_id, train=False, sampling_eps=1e-3,
         attend_to_padding=attend_to_padding).nll_sum)
 
   if kind == "pgm":

@@ -94,7 +94,7 @@ def _reference_elbo(setup, params, kind, tokens, t, u):
   (1/t)(-log p) at the noised positions, via the training code's loss_terms."""
   rows = np.broadcast_to(np.asarray(tokens, np.int32), (len(t), len(tokens)))
   terms = jax.jit(lambda p, batch, t, u: steps.loss_terms(
-      p, batch, t, u, None, model=setup.model, mask_id=setup.mask_id, kind=kind,
+      p, batch, t, u, None, model=setup.model, mask_id=setup.mask_id,
       train=False, sampling_eps=1e-3))(params, {"tokens": rows,
                                                 "valid": np.ones(rows.shape, bool)}, t, u)
   return -float(terms.nll_sum) / rows.size

@@ -89,7 +89,7 @@ def test_maskgit_parameter_count_matches_the_reference():
 
 def test_imagenet_presets_build_those_models():
   from pgm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from pgm_jax.models import model_config_from  # pylint: disable=g-import-not-at-top
+  from pgm_jax.families import model_config_from  # pylint: disable=g-import-not-at-top
   for preset, kind, vocab in (("pgm_14_10", "pgm_image", 16386), ("maskgit", "maskgit", 16385)):
     config = load_config("imagenet", preset)
     codes = tokenizers.get_tokenizer(config.data)
@@ -246,7 +246,7 @@ def test_image_loss_is_the_plain_cross_entropy(kind, pgm):
   r = jnp.asarray([0.2, 0.7])
   u = jax.random.uniform(jax.random.key(5), tokens.shape)
   terms = jax.jit(lambda p, b, r, u: steps.loss_terms(
-      p, b, r, u, None, model=model, mask_id=MASK, kind=kind, train=False,
+      p, b, r, u, None, model=model, mask_id=MASK, train=False,
       sampling_eps=1e-3))(params, batch, r, u)
   counted = np.asarray(u < objectives.arccos_rate(r)[:, None])[:, 1:]
   if kind == "pgm_image":

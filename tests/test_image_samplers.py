@@ -96,7 +96,7 @@ def test_guided_logits_combine_the_doubled_batch(maskgit):
   q_pos = st.rem_pos[:, :N]
 
   def both(params, st, labels):
-    guided = S._query_logits(params, st, labels, q_pos, 1.5, model=model, kind="maskgit",
+    guided = S._query_logits(params, st, labels, q_pos, 1.5, model=model,
                              execution="full", n_enc=0, cfg=True, mask_id=MASK, null_class=C)
     cond = model.apply({"params": params}, st.canvas[:, 1:], labels)
     uncond = model.apply({"params": params}, st.canvas[:, 1:], jnp.full_like(labels, C))

@@ -17,7 +17,8 @@ import pytest
 
 from pgm_jax import objectives, steps
 from pgm_jax.core import sharding
-from pgm_jax.models import DiT, ModelConfig, PartitionDiT, model_config_from
+from pgm_jax.families import model_config_from
+from pgm_jax.models import DiT, ModelConfig, PartitionDiT
 from pgm_jax.models.layers import remat_policy
 
 B, L, V = 3, 20, 37
@@ -82,7 +83,7 @@ def _loss_and_grads(cfg, kind):
   def loss(p):
     terms = steps.loss_terms(p, {"tokens": tokens, "valid": valid}, t_B, u,
                              jax.random.key(4),
-                             model=model, mask_id=MASK, kind=kind, train=True,
+                             model=model, mask_id=MASK, train=True,
                              sampling_eps=1e-3)
     return terms.loss_sum / terms.num_tokens
 
@@ -156,8 +157,9 @@ def test_model_config_from_carries_the_levers():
   assert cfg.remat == "dots_saveable" and cfg.loss_chunk_len == 16
   assert dict(cfg.logical_axis_rules)["batch"] == ("data", "fsdp")
   config.model.loss_chunk_len = -1
+  from pgm_jax import experiment  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="config.model.loss_chunk_len"):
-    model_config_from(config, vocab_size=V, mask_id=MASK)
+    experiment.validate(config)
 
 
 def test_activation_constraint_follows_the_rules():

@@ -291,15 +291,6 @@ def distill_enabled(config) -> bool:
   return bool(d is not None and d.get("enabled", False))
 
 
-def resolve_sampler(config) -> str:
-  """config.sample.sampler with "auto" resolved by config.model.kind."""
-  sampler = config.sample.sampler
-  if sampler == "auto":
-    return {"pgm": "efficient-uniform", "mdlm": "ddpm_cache", "ar": "ar",
-            "pgm_image": "halton", "maskgit": "halton"}.get(config.model.kind, sampler)
-  return sampler
-
-
 def apply_runlocal(c, *, hidden: int = 128, cond_dim: int | None = None,
                    seq_len: int | None = None, eval_batch_size: int = 8,
                    eval_max_batches: int = 2):
@@ -396,12 +387,6 @@ def validate(config, *, num_devices: int, data_parallel: int, mesh_shape=None) -
   for key in ("log_every", "eval_every"):
     if t[key] <= 0:
       raise ValueError(f"config.train.{key} must be positive, got {t[key]}")
-  objective = t.get("objective", "auto")
-  if objective not in ("auto", "complement-mdlm"):
-    raise ValueError(f"config.train.objective must be auto or complement-mdlm, got {objective!r}")
-  if objective == "complement-mdlm" and m.kind != "mdlm":
-    raise ValueError(f"config.train.objective=complement-mdlm trains an MDLM: it needs "
-                     f"config.model.kind='mdlm', got {m.kind!r}")
   if config.ckpt.every_steps <= 0 or config.ckpt.max_to_keep <= 0:
     raise ValueError("config.ckpt.every_steps and config.ckpt.max_to_keep must be positive")
   validate_opt(config.opt)
@@ -456,9 +441,6 @@ def validate_sample(config) -> None:
 
 def _validate_distill(config) -> None:
   d, t = config.distill, config.train
-  if config.model.kind not in ("pgm", "mdlm"):
-    raise ValueError(f"config.distill.enabled needs config.model.kind 'pgm' or 'mdlm', "
-                     f"got {config.model.kind!r}")
   if d.loss not in DISTILL_LOSSES:
     raise ValueError(f"config.distill.loss must be one of {DISTILL_LOSSES}, got {d.loss!r}")
   if config.ckpt.get("init_params_from"):

@@ -18,8 +18,8 @@ import time
 
 import jax
 
-from pgm_jax import distill, experiment, objectives
-from pgm_jax.core import config_lib, fileio
+from pgm_jax import distill, experiment, families
+from pgm_jax.core import fileio
 from pgm_jax.evaluation import images, judges, perplexity, zero_shot
 from pgm_jax.evaluation.judges import (ARJudge, GPT2Judge, convert_gpt2, load_judge,
                                        load_state_dict, mean_entropy, unigram_entropy)
@@ -36,7 +36,7 @@ def evaluate(config, workdir: str) -> dict:
   """
   if jax.process_index() == 0:
     fileio.check_writable_dir(workdir, create=False)
-  if config.model.kind in objectives.IMAGE_KINDS:
+  if families.of(config).is_image:
     return images.evaluate_images(config, workdir)
   setup = experiment.make_setup(config)
   if config.eval.gen_ppl and not config.eval.get("judge_workdir"):
@@ -68,7 +68,7 @@ def generation_metrics(setup: experiment.Setup, params, judge_workdir: str) -> d
   """
   cfg = setup.config
   judge = judges.load_judge(judge_workdir)
-  sampler = config_lib.resolve_sampler(cfg)
+  sampler = families.resolve_sampler(cfg)
   kw = dict(num_samples=cfg.eval.gen_num_samples, num_steps=cfg.sample.steps,
             seed=cfg.sample.seed, sampler=sampler)
   generate.generate_samples(setup, params, **dict(kw, num_samples=min(kw["num_samples"],

@@ -53,7 +53,7 @@ class Scorer:
                batch_size: int = 64, seed: int = 0, likelihood: str = "reference",
                bucket_size: int = 32, sampling_eps: float | None = None):
     self.setup, self.params = setup, params
-    self.kind = setup.model_cfg.kind
+    self.family = setup.family
     self.tokenizer = setup.tokenizer
     self.seq_len = setup.config.data.seq_len
     self.num_mc_samples, self.batch_size = int(num_mc_samples), int(batch_size)
@@ -63,14 +63,14 @@ class Scorer:
     if likelihood not in LIKELIHOODS:
       raise ValueError(f"config.harness.likelihood must be one of {LIKELIHOODS}, "
                        f"got {likelihood!r}")
-    if self.kind != "ar" and (self.num_mc_samples <= 0 or self.batch_size <= 0
+    if not self.family.exact_likelihood and (self.num_mc_samples <= 0 or self.batch_size <= 0
                               or self.num_mc_samples % self.batch_size):
       raise ValueError(f"config.harness.num_mc_samples={num_mc_samples} must be a positive "
                        f"multiple of config.harness.batch_size={batch_size}")
     model, mask_id = setup.model, setup.mask_id
     self._elbo = jax.jit(experiment.with_mesh(setup.mesh, _elbo_terms_fn(
-        model, self.kind, mask_id, self.eps)))
-    self._greedy = jax.jit(experiment.with_mesh(setup.mesh, _greedy_fn(model, self.kind,
+        model, self.family, mask_id, self.eps)))
+    self._greedy = jax.jit(experiment.with_mesh(setup.mesh, _greedy_fn(model, self.family,
                                                                           mask_id)))
     self._ar = jax.jit(experiment.with_mesh(setup.mesh, _ar_fn(model, mask_id)))
 
@@ -80,7 +80,7 @@ class Scorer:
     tok = self.tokenizer
     prefix = [tok.bos_id] + list(tok.encode(context))
     target = list(tok.encode(continuation))
-    if self.kind != "ar":
+    if not self.family.exact_likelihood:
       target = target + [tok.eos_id]
     return prefix, target
 
@@ -102,7 +102,7 @@ class Scorer:
       if len(prefix) + len(target) > self.seq_len:
         out.append((0.0, False))
         continue
-      if self.kind == "ar":
+      if self.family.exact_likelihood:
         out.append(self._ar_score(prefix, target))
       else:
         ll = self._elbo_score(prefix, target, self.request_key(i))
@@ -157,35 +157,27 @@ def _sigma_for(model, t_B):
   return objectives.sigma(t_B) if getattr(model.config, "time_conditioning", False) else None
 
 
-def _elbo_terms_fn(model, kind: str, mask_id: int, eps: float):
+def _elbo_terms_fn(model, family, mask_id: int, eps: float):
   """-> per-sample sums of (1/t)(-log p) over noised, scored positions ([B])."""
 
   def fn(params, tokens_BxL, valid_L, scored_L, t_B, u_BxL):
     valid = jnp.broadcast_to(valid_L, tokens_BxL.shape)
     noised = (u_BxL < objectives.mask_prob(t_B, eps)[:, None]) & scored_L[None]
-    if kind == "pgm":
-      logp = model.apply({"params": params}, tokens_BxL, noised.astype(jnp.int32), valid,
-                         targets_BxL=tokens_BxL, mask_logit=-jnp.inf)
-    else:
-      x_t = jnp.where(noised, mask_id, tokens_BxL)
-      logp = model.apply({"params": params}, x_t, valid, targets_BxL=tokens_BxL,
-                         mask_logit=objectives.NEG_INF_MDLM, sigma_B=_sigma_for(model, t_B))
+    logp = family.predict_hidden(params, tokens_BxL, noised, valid, model=model,
+                                 mask_id=mask_id, sigma_B=_sigma_for(model, t_B),
+                                 targets_BxL=tokens_BxL)
     return jnp.sum(jnp.where(noised & valid, -logp / t_B[:, None], 0.0), axis=1)
 
   return fn
 
 
-def _greedy_fn(model, kind: str, mask_id: int):
+def _greedy_fn(model, family, mask_id: int):
   """-> argmax predictions [B, L] with the `query` positions hidden from the model."""
 
   def fn(params, tokens_BxL, valid_BxL, query_BxL):
-    if kind == "pgm":
-      logits = model.apply({"params": params}, tokens_BxL, query_BxL.astype(jnp.int32),
-                           valid_BxL)
-    else:
-      x = jnp.where(query_BxL, mask_id, tokens_BxL)
-      sigma = _sigma_for(model, jnp.ones((tokens_BxL.shape[0],)))
-      logits = model.apply({"params": params}, x, valid_BxL, sigma_B=sigma)
+    sigma = _sigma_for(model, jnp.ones((tokens_BxL.shape[0],)))
+    logits = family.predict_hidden(params, tokens_BxL, query_BxL, valid_BxL, model=model,
+                                   mask_id=mask_id, sigma_B=sigma)
     return jnp.argmax(logits.at[..., mask_id].set(-jnp.inf), axis=-1)
 
   return fn

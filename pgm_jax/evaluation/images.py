@@ -25,8 +25,8 @@ import time
 import jax
 import numpy as np
 
-from pgm_jax import experiment
-from pgm_jax.core import config_lib, fileio
+from pgm_jax import experiment, families
+from pgm_jax.core import fileio
 from pgm_jax.data import images
 from pgm_jax.evaluation import digits_classifier, fid, perplexity
 from pgm_jax import sample as generate
@@ -115,7 +115,7 @@ def evaluate_images(config, workdir: str, *, setup=None, params=None, step=None)
   if params is None:
     step, params = experiment.restore_eval_params(setup, workdir)
   result = {"step": step}
-  result.update(sample_metrics(setup, params, sampler=config_lib.resolve_sampler(config),
+  result.update(sample_metrics(setup, params, sampler=families.resolve_sampler(config),
                                steps=config.sample.steps, cfg_w=config.sample.cfg_w))
   result.update(perplexity.run_validation(setup, params))
   if jax.process_index() == 0:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pgm_jax import experiment, objectives
+from pgm_jax import experiment, families, objectives
 
 
 def unigram_entropy(token_ids) -> float:
@@ -102,9 +102,10 @@ class ARJudge(_Judge):
     except (OSError, ValueError, AttributeError, KeyError) as e:
       raise ValueError(f"config.eval.judge_workdir: {path} is not a pgm_jax config.json "
                        f"({type(e).__name__}: {e})") from None
-    if kind != "ar":
-      raise ValueError(f"config.eval.judge_workdir: {workdir} holds a {config.model.kind!r} "
-                       f"model; the judge must be an 'ar' model")
+    if not families.get(kind, key=f"config.eval.judge_workdir: {path}: model.kind"
+                        ).exact_likelihood:
+      raise ValueError(f"config.eval.judge_workdir: {workdir} holds a {kind!r} model; the "
+                       f"judge must be a left-to-right model with an exact likelihood ('ar')")
     self.setup = experiment.make_setup(config)
     self.step, self.params = experiment.restore_eval_params(self.setup, workdir,
                                                             key="config.eval.judge_workdir")

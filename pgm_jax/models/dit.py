@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import objectives
+from pgm_jax.ops.logits import NEG_INF_MDLM
 from pgm_jax.models.layers import (DiTBlock, FinalLayer, ModelConfig, VocabEmbedding,
                                    conditioning, maybe_remat)
 from pgm_jax.ops import AttentionMask
@@ -22,7 +22,7 @@ from pgm_jax.ops import AttentionMask
 
 class DiT(nn.Module):
   """Bidirectional transformer over the full (partially masked) sequence (MDLM), or,
-  with config.kind == "ar", the same network with causal attention (the AR baseline)."""
+  with config.causal, the same network with causal attention (the AR baseline)."""
   config: ModelConfig
 
   @nn.compact
@@ -30,11 +30,11 @@ class DiT(nn.Module):
                train: bool = False, causal: bool = False, decode: bool = False,
                positions_BxL: Optional[jax.Array] = None,
                targets_BxL: Optional[jax.Array] = None,
-               mask_logit: float = objectives.NEG_INF_MDLM,
+               mask_logit: float = NEG_INF_MDLM,
                sigma_B: Optional[jax.Array] = None) -> jax.Array:
     """Float32 logits [B, L, V] (no SUBS; see objectives).
 
-    causal (or kind "ar"): position i attends to positions <= i. decode: one token per
+    causal (or config.causal): position i attends to positions <= i. decode: one token per
     call against the "cache" collection (see DiTBlock); positions_BxL then gives the
     token's position. targets_BxL: return float32 log p(targets) [B, L] instead (with
     logit[MASK] = mask_logit), without materialising the logits (`FinalLayer`).
@@ -48,7 +48,7 @@ class DiT(nn.Module):
     cond_BxC = conditioning(cfg, batch, sigma_B)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
-    causal = causal or cfg.kind == "ar"
+    causal = causal or cfg.causal
     mask = AttentionMask(kind="causal" if causal else "full", kv_valid=valid_BxL)
     # Rematerialise only where there is a backward pass (training); `decode` mutates
     # the cache collection and never needs it.

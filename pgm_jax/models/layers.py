@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import objectives
 from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask, partition_attention
+from pgm_jax.ops.logits import token_log_probs
 
 Dtype = Any
 
@@ -29,7 +29,7 @@ Dtype = Any
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static model hyperparameters (built from `config.model` by `model_config_from`)."""
-  kind: str                     # "pgm" | "mdlm" | "ar" | "pgm_image" | "maskgit"
+  kind: str                     # the family's name (config.model.kind; pgm_jax.families)
   vocab_size: int               # includes MASK
   mask_id: int
   hidden: int = 768
@@ -50,6 +50,7 @@ class ModelConfig:
   remat: str = "none"           # config.model.remat: jax.checkpoint policy of every block
   loss_chunk_len: int = 0       # config.model.loss_chunk_len: positions per output chunk
   time_conditioning: bool = False  # config.model.time_conditioning: the DiT reads sigma(t)
+  causal: bool = False          # the DiT attends causally (the AR family sets it)
   logical_axis_rules: tuple = ()  # config.mesh.logical_axis_rules (activation constraints)
   # Images (pgm_image, maskgit): class conditioning, learned register tokens, and MaskGIT's
   # learned position table (one row per code).
@@ -401,7 +402,7 @@ def projected_log_probs(cfg: ModelConfig, h_BxLxH, kernel_HxV, bias_V, targets_B
 
   def chunk_log_probs(h, targets):
     logits = dense(h, kernel_HxV, bias_V, cfg.compute_dtype)
-    return objectives.token_log_probs(logits, targets, cfg.mask_id, mask_logit=mask_logit)
+    return token_log_probs(logits, targets, cfg.mask_id, mask_logit=mask_logit)
 
   batch, length, hidden = h_BxLxH.shape
   chunk = cfg.loss_chunk_len

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import objectives
+from pgm_jax.ops.logits import NEG_INF_MDLM
 from pgm_jax.models.layers import (ClassEmbedding, Linear, ModelConfig, dense, logical,
                                    maybe_remat, merge_heads, modulate, projected_log_probs,
                                    split_heads)
@@ -147,7 +147,7 @@ class MaskGIT(nn.Module):
   @nn.compact
   def __call__(self, codes_BxN: jax.Array, labels_B: jax.Array, *, train: bool = False,
                targets_BxN: Optional[jax.Array] = None,
-               mask_logit: float = objectives.NEG_INF_MDLM) -> jax.Array:
+               mask_logit: float = NEG_INF_MDLM) -> jax.Array:
     """Float32 logits [B, N, V] over the codes (MASK included in the vocabulary), or, with
     `targets_BxN`, float32 log p(targets) [B, N] after logit[MASK] = mask_logit."""
     cfg = self.config
@@ -175,3 +175,10 @@ class MaskGIT(nn.Module):
     if targets_BxN is None:
       return dense(h_BxNxH, tok_VxH.T, bias_V, cfg.compute_dtype).astype(jnp.float32)
     return projected_log_probs(cfg, h_BxNxH, tok_VxH.T, bias_V, targets_BxN, mask_logit)
+
+  def canvas_logits(self, canvas_BxL: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """The samplers' full-length pass over a canvas ([BOS] + codes, MASK where unknown):
+    float32 logits [B, L, V] indexed by token position (MaskGIT never sees BOS: row 0
+    repeats row 1, and BOS is never queried)."""
+    full_BxNxV = self(canvas_BxL[:, 1:], labels_B)
+    return jnp.concatenate([full_BxNxV[:, :1], full_BxNxV], axis=1)

@@ -30,7 +30,7 @@ from pgm_jax.models.layers import (AffineLayerNorm, DiTBlock, FinalLayer, Linear
                                    attention_out_and_mlp, logical, maybe_remat, merge_heads,
                                    modulate, sinusoidal_embedding, split_heads)
 from pgm_jax.ops import AttentionMask
-from pgm_jax.ops.partition_layout import permute, sort_by_group
+from pgm_jax.ops.partition_layout import partition_view
 
 QUERY_MODES = ("learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp")
 
@@ -197,7 +197,7 @@ class PartitionDiT(nn.Module):
       group_BxL: 0/1 partition (1 = the "masked" group at time t).
       valid_BxL: optional key validity (padding), applied to every attention.
       sorted_layout: run encoder and decoder with each example's tokens stably sorted
-        by group (`pgm_jax.ops.partition_layout`), so that attention kernels can skip
+        by group (`pgm_jax.ops.partition_layout.partition_view`, shared with the image PGM), so that attention kernels can skip
         the masked half of every attention; RoPE and the query embedding still use the
         ORIGINAL positions and the logits are returned in the original order. Same
         function (to float tolerance; with dropout active the dropout masks land on
@@ -212,30 +212,8 @@ class PartitionDiT(nn.Module):
     """
     if sorted_layout is None:
       sorted_layout = bool(getattr(self.config, "sorted_layout", False))
-    if sorted_layout:
-      return self._sorted_call(tokens_BxL, group_BxL, valid_BxL, train=train,
-                               targets_BxL=targets_BxL, mask_logit=mask_logit)
-    batch, length = tokens_BxL.shape
-    group_BxL = group_BxL.astype(jnp.int32)
-    positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
-    same = AttentionMask("same_group", group_BxL, group_BxL, valid_BxL)
-    other = AttentionMask("other_group", group_BxL, group_BxL, valid_BxL)
-    enc_BxLxH = self.encode(tokens_BxL, positions_BxL, same, train=train)
-    return self.decode(enc_BxLxH, positions_BxL, positions_BxL, other, train=train,
-                       targets_BxQ=targets_BxL, mask_logit=mask_logit)
-
-  def _sorted_call(self, tokens_BxL, group_BxL, valid_BxL, *, train: bool, targets_BxL=None,
-                   mask_logit: float = -jnp.inf):
-    """`__call__` in the group-sorted layout (block-diagonal / anti-diagonal masks)."""
-    layout = sort_by_group(group_BxL)
-    tokens_s = permute(tokens_BxL, layout.perm)
-    group_s = permute(group_BxL.astype(jnp.int32), layout.perm)
-    valid_s = None if valid_BxL is None else permute(valid_BxL, layout.perm)
-    positions_s = layout.positions                       # ORIGINAL positions
-    same = AttentionMask.sorted_groups("same_group", group_s, layout.split, valid_s)
-    other = AttentionMask.sorted_groups("other_group", group_s, layout.split, valid_s)
-    enc_BxLxH = self.encode(tokens_s, positions_s, same, train=train)
-    targets_s = None if targets_BxL is None else permute(targets_BxL, layout.perm)
-    out_s = self.decode(enc_BxLxH, positions_s, positions_s, other, train=train,
-                        targets_BxQ=targets_s, mask_logit=mask_logit)
-    return permute(out_s, layout.inv)  # [B, L, V] logits or [B, L] log-probs
+    view = partition_view(group_BxL, valid_BxL, sorted_layout=sorted_layout)
+    enc_BxLxH = self.encode(view.gather(tokens_BxL), view.positions, view.same, train=train)
+    out = self.decode(enc_BxLxH, view.positions, view.positions, view.other, train=train,
+                      targets_BxQ=view.gather(targets_BxL), mask_logit=mask_logit)
+    return view.restore(out)  # [B, L, V] logits or [B, L] log-probs

@@ -30,11 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgm_jax import objectives
+from pgm_jax.ops.logits import NEG_INF_MDLM
 from pgm_jax.models.layers import ClassEmbedding, FinalLayer, ModelConfig, VocabEmbedding, logical
 from pgm_jax.models.pgm import Decoder, Encoder
 from pgm_jax.ops import AttentionMask
-from pgm_jax.ops.partition_layout import permute, sort_by_group
+from pgm_jax.ops.partition_layout import partition_view
 
 
 def prepend_valid_keys(mask: AttentionMask, n: int) -> AttentionMask:
@@ -80,7 +80,7 @@ class ImagePartitionDiT(nn.Module):
   def __call__(self, tokens_BxL: jax.Array, group_BxL: jax.Array, labels_B: jax.Array,
                valid_BxL: Optional[jax.Array] = None, *, train: bool = False,
                sorted_layout: Optional[bool] = None, targets_BxL: Optional[jax.Array] = None,
-               mask_logit: float = objectives.NEG_INF_MDLM) -> jax.Array:
+               mask_logit: float = NEG_INF_MDLM) -> jax.Array:
     """Training layout: every token is predicted from the other group (registers included).
 
     Args:
@@ -113,27 +113,18 @@ class ImagePartitionDiT(nn.Module):
       if targets_BxT is not None:
         targets_BxT = jnp.concatenate([jnp.zeros((batch, r), targets_BxT.dtype), targets_BxT],
                                       1)
-    total = r + length
-    positions_BxT = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32)[None], (batch, total))
-    if sorted_layout:
-      layout = sort_by_group(group_BxT)
-      x_BxTxH = permute(x_BxTxH, layout.perm)
-      group_BxT = permute(group_BxT, layout.perm)
-      valid_BxT = None if valid_BxT is None else permute(valid_BxT, layout.perm)
-      targets_BxT = None if targets_BxT is None else permute(targets_BxT, layout.perm)
-      positions_BxT = layout.positions
-      same = AttentionMask.sorted_groups("same_group", group_BxT, layout.split, valid_BxT)
-      other = AttentionMask.sorted_groups("other_group", group_BxT, layout.split, valid_BxT)
-    else:
-      same = AttentionMask("same_group", group_BxT, group_BxT, valid_BxT)
-      other = AttentionMask("other_group", group_BxT, group_BxT, valid_BxT)
+    view = partition_view(group_BxT, valid_BxT, sorted_layout=sorted_layout)
     cond_BxH = self.cls_embed(labels_B)
-    enc = self.encoder(cfg.constrain(x_BxTxH), cond_BxH, positions_BxT, same, train=train)
-    dec = self.decoder(enc, cond_BxH, positions_BxT, positions_BxT, other, train=train)
-    out = self.output_layer(dec, cond_BxH, targets_BxT, mask_logit)
-    if sorted_layout:
-      out = permute(out, layout.inv)
+    enc = self.encoder(cfg.constrain(view.gather(x_BxTxH)), cond_BxH, view.positions, view.same,
+                       train=train)
+    dec = self.decoder(enc, cond_BxH, view.positions, view.positions, view.other, train=train)
+    out = view.restore(self.output_layer(dec, cond_BxH, view.gather(targets_BxT), mask_logit))
     return out[:, r:]
+
+  def canvas_logits(self, canvas_BxL: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """The samplers' full-length pass over a canvas ([BOS] + codes, MASK where unknown), in
+    the training layout: the unknown positions are group 1. Float32 logits [B, L, V]."""
+    return self(canvas_BxL, (canvas_BxL == self.config.mask_id).astype(jnp.int32), labels_B)
 
   def infer(self, tokens_BxN: jax.Array, positions_BxN: jax.Array, mask: AttentionMask,
             query_pos_BxQ: jax.Array, labels_B: jax.Array) -> jax.Array:

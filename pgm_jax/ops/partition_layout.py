@@ -15,10 +15,12 @@ Groups must be in {0, 1} (the PGM partition) for the split to describe the mask.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from pgm_jax.ops.masks import AttentionMask
 
 
 class SortedLayout(NamedTuple):
@@ -52,4 +54,50 @@ def permute(x_BxL, index_BxL: jax.Array):
   return jnp.take_along_axis(x_BxL, idx, axis=1)
 
 
-__all__ = ["SortedLayout", "sort_by_group", "permute"]
+class PartitionView(NamedTuple):
+  """How a PGM's training pass sees a partitioned sequence (text and image PGMs alike).
+
+  positions: [B, T] the ORIGINAL position of each slot (RoPE, query embeddings).
+  same:      the encoder's mask (attend within the group).
+  other:     GroupSwap's and the decoder's mask (attend to the other group).
+  layout:    the SortedLayout in the group-sorted view, else None (slots = positions).
+  Inputs enter through `gather` and outputs leave through `restore`.
+  """
+  positions: jax.Array
+  same: AttentionMask
+  other: AttentionMask
+  layout: Optional[SortedLayout]
+
+  def gather(self, x_BxT):
+    """Per-slot inputs (tokens, embeddings, targets) in this view's order."""
+    return x_BxT if self.layout is None or x_BxT is None else permute(x_BxT, self.layout.perm)
+
+  def restore(self, out_BxT):
+    """Outputs back in the original order."""
+    return out_BxT if self.layout is None else permute(out_BxT, self.layout.inv)
+
+
+def partition_view(group_BxT: jax.Array, valid_BxT: Optional[jax.Array], *,
+                   sorted_layout: bool) -> PartitionView:
+  """The masks and slot order of a PGM training pass over groups in {0, 1}.
+
+  sorted_layout=False: slots are positions and the masks compare group ids. True: each
+  example's tokens are stably sorted by group (`sort_by_group`), so that the masks are
+  block-structured and a kernel can skip the blocks nobody may read.
+  """
+  group_BxT = group_BxT.astype(jnp.int32)
+  batch, length = group_BxT.shape
+  if not sorted_layout:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
+    return PartitionView(positions, AttentionMask("same_group", group_BxT, group_BxT, valid_BxT),
+                         AttentionMask("other_group", group_BxT, group_BxT, valid_BxT), None)
+  layout = sort_by_group(group_BxT)
+  group_s = permute(group_BxT, layout.perm)
+  valid_s = None if valid_BxT is None else permute(valid_BxT, layout.perm)
+  return PartitionView(layout.positions,
+                       AttentionMask.sorted_groups("same_group", group_s, layout.split, valid_s),
+                       AttentionMask.sorted_groups("other_group", group_s, layout.split, valid_s),
+                       layout)
+
+
+__all__ = ["PartitionView", "SortedLayout", "partition_view", "sort_by_group", "permute"]

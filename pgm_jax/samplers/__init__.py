@@ -16,11 +16,7 @@ from pgm_jax.samplers.mdlm import MDLM_SAMPLERS, mdlm_passes, mdlm_sample
 from pgm_jax.samplers.pgm import (PGM_SAMPLERS, SCHEDULES, make_schedule, pgm_plan, pgm_sample,
                                   random_orders)
 
-# config.model.kind -> the samplers of that family.
-SAMPLERS_BY_KIND = {"pgm": PGM_SAMPLERS, "mdlm": MDLM_SAMPLERS, "ar": AR_SAMPLERS,
-                    "pgm_image": IMAGE_SAMPLERS, "maskgit": IMAGE_SAMPLERS}
-
-__all__ = ["AR_SAMPLERS", "IMAGE_SAMPLERS", "MDLM_SAMPLERS", "PGM_SAMPLERS", "SAMPLERS_BY_KIND",
+__all__ = ["AR_SAMPLERS", "IMAGE_SAMPLERS", "MDLM_SAMPLERS", "PGM_SAMPLERS",
            "SCHEDULES", "TRACE_COUNTS", "Prompt", "SampleResult", "ar_sample",
            "filtered_log_probs", "image_sample", "keyed_gumbel", "keyed_gumbel_argmax",
            "make_prompt", "make_schedule", "mdlm_passes", "mdlm_sample",

@@ -154,7 +154,7 @@ class ImageState:
   rem_len: jax.Array    # [B]
 
 
-def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model, kind: str,
+def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model,
                   execution: str, n_enc: int, cfg: bool, mask_id: int, null_class: int):
   """Float32 logits [B, Q, V] at the query positions, guidance applied."""
   batch = labels_B.shape[0]
@@ -168,13 +168,9 @@ def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model, ki
     mask = AttentionMask.packed(dbl(st.clean_len), n_enc)
     logits = model.apply({"params": params}, dbl(st.clean_tok[:, :n_enc]),
                          dbl(st.clean_pos[:, :n_enc]), mask, q_pos, labels, method="infer")
-  elif kind == "pgm_image":  # the training layout: the unknown positions are group 1
-    canvas = dbl(st.canvas)
-    full = model.apply({"params": params}, canvas, (canvas == mask_id).astype(jnp.int32), labels)
+  else:  # the whole canvas: the model's own full-length pass (`canvas_logits`)
+    full = model.apply({"params": params}, dbl(st.canvas), labels, method="canvas_logits")
     logits = jnp.take_along_axis(full, q_pos[..., None], axis=1)
-  else:  # maskgit: the codes only
-    full = model.apply({"params": params}, dbl(st.canvas)[:, 1:], labels)
-    logits = jnp.take_along_axis(full, jnp.maximum(q_pos - 1, 0)[..., None], axis=1)
   logits = logits.astype(jnp.float32)
   if cfg:
     logits = cfg_logits(logits[:batch], logits[batch:], w_k)
@@ -182,14 +178,14 @@ def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model, ki
 
 
 def _image_step(params, st: ImageState, labels_B, key, k, count, w_k, temp_k, noise_k, *,
-                model, kind: str, execution: str, sampler: str, n_enc: int, n_query: int,
+                model, execution: str, sampler: str, n_enc: int, n_query: int,
                 cfg: bool, mask_id: int, bos_id: int, null_class: int):
   TRACE_COUNTS["image"] += 1
   batch, length = st.canvas.shape
   j = jnp.arange(n_query)[None, :]
   q_pos = st.rem_pos[:, :n_query]
   q_valid = j < st.rem_len[:, None]
-  logits = _query_logits(params, st, labels_B, q_pos, w_k, model=model, kind=kind,
+  logits = _query_logits(params, st, labels_B, q_pos, w_k, model=model,
                          execution=execution, n_enc=n_enc, cfg=cfg, mask_id=mask_id,
                          null_class=null_class)
   logits = (logits * temp_k).at[..., mask_id].set(-jnp.inf)
@@ -233,7 +229,7 @@ def _reveal(st: ImageState, q_pos, draw, selected) -> ImageState:
                     rem_len=st.rem_len - n_sel)
 
 
-_STATIC = ("model", "kind", "execution", "sampler", "n_enc", "n_query", "cfg", "mask_id",
+_STATIC = ("model", "execution", "sampler", "n_enc", "n_query", "cfg", "mask_id",
            "bos_id", "null_class")
 _image_step_jit = jax.jit(_image_step, static_argnames=_STATIC, donate_argnames=("st",))
 
@@ -305,8 +301,15 @@ def _put_fn(params):
   return lambda x: jax.device_put(x, sharding.replicated(mesh))
 
 
-def default_execution(kind: str) -> str:
-  return "efficient" if kind == "pgm_image" else "full"
+def executions(model) -> tuple[str, ...]:
+  """What `model` can run: "efficient" (packed known tokens + queries, `infer`) and/or
+  "full" (the whole canvas every step, `canvas_logits`)."""
+  return tuple(e for e, method in (("efficient", "infer"), ("full", "canvas_logits"))
+               if callable(getattr(type(model), method, None)))
+
+
+def default_execution(model) -> str:
+  return executions(model)[0]
 
 
 def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, grid: int,
@@ -323,12 +326,12 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
   lowering: `measure_flops`).
   """
   cfg = model.config
-  kind = cfg.kind
-  if kind not in ("pgm_image", "maskgit"):
-    raise ValueError(f"image_sample: model kind {kind!r} is not an image model")
-  execution = execution or default_execution(kind)
-  if execution not in EXECUTIONS or (execution == "efficient" and kind != "pgm_image"):
-    raise ValueError(f"image_sample: execution {execution!r} is not available for {kind}")
+  available = executions(model)
+  if not available:
+    raise ValueError(f"image_sample: model kind {cfg.kind!r} is not an image model")
+  execution = execution or available[0]
+  if execution not in EXECUTIONS or execution not in available:
+    raise ValueError(f"image_sample: execution {execution!r} is not available for {cfg.kind}")
   labels = np.asarray(labels, np.int32).reshape(-1)
   batch, n = len(labels), grid * grid
   length = n + 1
@@ -342,7 +345,7 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
   put = _put_fn(params)
   st = _initial_state(plan.order, mask_id, bos_id, put)
   labels_dev, key = put(labels), put(jax.random.key(seed))
-  static = dict(model=model, kind=kind, execution=execution, sampler=sampler,
+  static = dict(model=model, execution=execution, sampler=sampler,
                 cfg=bool(cfg_w != 0), mask_id=mask_id, bos_id=bos_id,
                 null_class=cfg.num_classes)
   traces_before = TRACE_COUNTS["image"]
@@ -380,42 +383,28 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
                       flops_per_seq=None if flops is None else flops / batch, seconds=seconds)
 
 
-def analytic_flops_per_image(model_cfg, sampler: str, grid: int, steps: int, *,
+def analytic_flops_per_image(model_cfg, sampler: str, grid: int, steps: int, *, step_flops,
                              cfg_w: float = 0.0) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one image's run, unpadded (method §5, adapted):
-
-  PGM step k with n known tokens (+ the group-0 registers) and m queries:
-    Ne (24 n H^2 + 4 n^2 H) + (Nd + 1)(4 n H^2 + 4 m n H) + (20 Nd + 4) m H^2 + 2 m H V;
-  MaskGIT, every step on T = N + register tokens with SwiGLU width F:
-    Nl (8 T H^2 + 6 T H F + 4 T^2 H) + 2 N H V.
-  Classifier-free guidance doubles every pass. Conditioning (one vector per image) and
-  the non-matmul work are left out.
+  """Matmul FLOPs (2 per multiply-add) of one image's run, unpadded (method §5, adapted): the
+  sum over the sampler's steps of `step_flops(model_cfg, revealed=, count=, num_codes=,
+  sampler=)`, the family's count of one step (`pgm_jax.families.pgm_image` /
+  `.maskgit`). Classifier-free guidance doubles every pass. Conditioning (one vector per
+  image) and the non-matmul work are left out.
   """
-  from pgm_jax.models.maskgit import swiglu_hidden  # pylint: disable=g-import-not-at-top
   n_codes = grid * grid
-  h, v = model_cfg.hidden, model_cfg.vocab_size
   counts = halton_counts(n_codes, steps) if sampler == "halton" else confidence_counts(n_codes,
                                                                                         steps)
   total, revealed = 0.0, 0
   for count in counts:
     if count == 0:
       continue
-    if model_cfg.kind == "pgm_image":
-      n = 1 + revealed + (model_cfg.register - model_cfg.register // 2)
-      m = int(count) if sampler == "halton" else n_codes - revealed
-      ne, nd = model_cfg.enc_layers, model_cfg.dec_layers
-      total += (ne * (24 * n * h * h + 4 * n * n * h) + (nd + 1) * (4 * n * h * h + 4 * m * n * h)
-                + (20 * nd + 4) * m * h * h + 2 * m * h * v)
-    else:
-      t = n_codes + model_cfg.register
-      f = swiglu_hidden(model_cfg.mlp_ratio * h)
-      total += (model_cfg.num_layers * (8 * t * h * h + 6 * t * h * f + 4 * t * t * h)
-                + 2 * n_codes * h * v)
+    total += step_flops(model_cfg, revealed=revealed, count=int(count), num_codes=n_codes,
+                        sampler=sampler)
     revealed += int(count)
   return total * (2.0 if cfg_w != 0 else 1.0)
 
 
 __all__ = ["IMAGE_SAMPLERS", "EXECUTIONS", "ImagePlan", "analytic_flops_per_image",
            "cfg_logits", "cfg_weights", "confidence_counts", "confidence_noise",
-           "default_execution", "halton_counts", "halton_order", "halton_sequence",
+           "default_execution", "executions", "halton_counts", "halton_order", "halton_sequence",
            "halton_temperatures", "image_plan", "image_sample"]

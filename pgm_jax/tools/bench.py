@@ -20,15 +20,14 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pgm_jax import objectives, samplers
+from pgm_jax import families, samplers
 from pgm_jax.core import checkpointing, fileio
 from pgm_jax.data import tokenizers
 from pgm_jax.samplers import common as sampler_common
-from pgm_jax.models import ModelConfig, build_model
+from pgm_jax.models import ModelConfig
 
 
 def _model(kind, dims, tokenizer, config):
@@ -39,15 +38,11 @@ def _model(kind, dims, tokenizer, config):
                     enc_layers=dims.get("enc_layers", 6), dec_layers=dims.get("dec_layers", 6),
                     query_mode=dims.get("query_mode", config.model.query_mode), dropout=0.0,
                     dtype=config.model.dtype, attn_impl=config.attn.impl)
-  return build_model(cfg)
+  return families.build_model(cfg)
 
 
 def _params(model, kind, workdir, *, abstract: bool, seed: int):
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  args = (tokens, tokens) if kind == "pgm" else (tokens,)
-  init = lambda r: jax.tree.map(lambda x: getattr(x, "value", x),
-                                model.init(r, *args)["params"],
-                                is_leaf=lambda x: hasattr(x, "value"))
+  init = lambda r: families.get(kind).init_params(model, r)
   if abstract:
     return jax.eval_shape(init, jax.random.key(seed))
   if workdir:
@@ -149,8 +144,9 @@ def run_train_bench(config) -> dict:
                            for name, kind, dims in models}, b.batch_size, b.repeats, b.warmup)
   for name, kind, _ in models:
     rows[name]["kind"] = kind
-  mdlm = rows["mdlm"]["step_seconds"]
-  ratios = {name: r["step_seconds"] / mdlm for name, r in rows.items() if name != "mdlm"}
+  baseline = models[0][0]  # the MDLM row: every ratio is a step time over its
+  ratios = {name: r["step_seconds"] / rows[baseline]["step_seconds"]
+            for name, r in rows.items() if name != baseline}
   first_pgm = models[2][0]
   return {"train": {"batch_size": b.batch_size, "seq_len": b.seq_len, "models": rows,
                     "step_time_ratio_vs_mdlm": ratios},
@@ -159,7 +155,7 @@ def run_train_bench(config) -> dict:
 
 
 def run_bench(config, workdir: str) -> dict:
-  if config.model.kind in objectives.IMAGE_KINDS:  # images: PGM vs MaskGIT
+  if families.of(config).is_image:  # images: PGM vs MaskGIT
     from pgm_jax.tools import bench_images  # pylint: disable=g-import-not-at-top
     return bench_images.run_image_bench(config, workdir)
   b = config.bench

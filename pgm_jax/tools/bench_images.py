@@ -20,14 +20,14 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pgm_jax.core import config_lib, fileio
+from pgm_jax.core import fileio
 from pgm_jax.data import tokenizers
 from pgm_jax.samplers import common as sampler_common
-from pgm_jax.models import ModelConfig, build_model
+from pgm_jax import families
+from pgm_jax.models import ModelConfig
 from pgm_jax.samplers import image as image_samplers
 
 DEFAULT_REGISTER = {"pgm_image": 2, "maskgit": 1}  # the reference's image runs
@@ -36,7 +36,8 @@ DEFAULT_REGISTER = {"pgm_image": 2, "maskgit": 1}  # the reference's image runs
 def _model(kind: str, dims: dict, vocab, config):
   m = config.model
   cfg = ModelConfig(
-      kind=kind, vocab_size=vocab.vocab_size if kind == "pgm_image" else vocab.mask_id + 1,
+      kind=kind, vocab_size=families.get(kind).model_config_fields(
+          config, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)["vocab_size"],
       mask_id=vocab.mask_id, hidden=dims["hidden"], num_heads=dims["num_heads"],
       cond_dim=dims["hidden"], mlp_ratio=m.mlp_ratio, num_layers=dims.get("num_layers", 24),
       enc_layers=dims.get("enc_layers", 12), dec_layers=dims.get("dec_layers", 12),
@@ -44,16 +45,11 @@ def _model(kind: str, dims: dict, vocab, config):
       block_q=config.attn.block_q, block_kv=config.attn.block_kv, num_classes=m.num_classes,
       register=dims.get("register", DEFAULT_REGISTER[kind]),
       num_positions=config.data.grid ** 2)
-  return build_model(cfg)
+  return families.build_model(cfg)
 
 
 def _params(model, *, abstract: bool, seed: int):
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  labels = jnp.zeros((1,), jnp.int32)
-  args = (tokens, tokens, labels) if model.config.kind == "pgm_image" else (tokens[:, 1:],
-                                                                             labels)
-  init = lambda r: jax.tree.map(lambda x: getattr(x, "value", x), model.init(r, *args)["params"],
-                                is_leaf=lambda x: hasattr(x, "value"))
+  init = lambda r: families.get(model.config.kind).init_params(model, r)
   if abstract:
     return jax.eval_shape(init, jax.random.key(seed))
   return jax.jit(init)(jax.random.key(seed))
@@ -65,7 +61,7 @@ def run_image_bench(config, workdir: str) -> dict:
     fileio.check_writable_dir(workdir)
   vocab = tokenizers.get_tokenizer(config.data)
   grid, steps = config.data.grid, b.steps
-  sampler = b.sampler if b.sampler != "auto" else config_lib.resolve_sampler(config)
+  sampler = b.sampler if b.sampler != "auto" else families.resolve_sampler(config)
   cfg_w = float(config.sample.cfg_w)
   num_classes = config.model.num_classes
   batch, latency_batch = b.batch_size, b.latency_batch_size
@@ -89,8 +85,9 @@ def run_image_bench(config, workdir: str) -> dict:
       _, latency = sampler_common.measure_sampler(
           lambda m: run(False, labels[:latency_batch]), warmup=b.warmup, repeats=b.repeats,
           flops_only=False)
-    analytic = image_samplers.analytic_flops_per_image(model.config, sampler, grid, steps,
-                                                       cfg_w=cfg_w)
+    analytic = image_samplers.analytic_flops_per_image(
+        model.config, sampler, grid, steps, cfg_w=cfg_w,
+        step_flops=families.get(kind).step_flops)
     return {"images_per_s": None if seconds is None else batch / seconds,
             "seconds_per_run": seconds, "latency_s": latency,
             "flops_per_image": result.flops_per_seq, "analytic_flops_per_image": analytic,

@@ -29,17 +29,14 @@ all restore it. See docs/convert.md for the name mapping.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import struct
-import sys
 from typing import Any, Optional
 
 import numpy as np
 
 from pgm_jax.core import cli
 from pgm_jax.io import torch_files
+from pgm_jax.io.torch_names import flax_path_to_torch_name
 from pgm_jax.io.torch_files import ReadError, is_tensor, read_safetensors, read_safetensors_metadata, read_torch, to_numpy
 
 ROPE_BASE = 10000.0
@@ -55,41 +52,19 @@ class ConvertError(ReadError):
 # Name mapping: Flax parameter path <-> reference state-dict name.
 # ----------------------------------------------------------------------------
 
-def flax_path_to_torch_name(path: tuple[str, ...]) -> tuple[str, bool]:
-  """('encoder', 'blocks_0', 'mlp', 'fc_0', 'kernel') -> ('encoder.blocks.0.mlp.0.weight', True).
-
-  The bool says whether the tensor is transposed (a Linear kernel [in, out] is a torch
-  weight [out, in]).
-  """
-  parts: list[str] = []
-  for p in path[:-1]:
-    m = re.fullmatch(r"(blocks|layers)_(\d+)", p)
-    if m:
-      parts += [m.group(1), m.group(2)]
-    elif re.fullmatch(r"fc_\d+", p):          # MLP inside a block: mlp.{0,2}
-      parts.append(p[3:])
-    elif re.fullmatch(r"mlp_\d+", p):         # sigma_map: mlp.{0,2}
-      parts += ["mlp", p[4:]]
-    else:
-      parts.append(p)
-  leaf = path[-1]
-  transpose = leaf == "kernel"
-  if leaf in ("kernel", "scale"):
-    leaf = "weight"
-  return ".".join(parts + [leaf]), transpose
-
-
 def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def expected_torch_params(abstract_params) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
-  """{torch name: (flax path, torch shape, transpose)} for every parameter of the model."""
+def expected_torch_params(abstract_params, name_fn=flax_path_to_torch_name
+                          ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+  """{torch name: (flax path, torch shape, transpose)} for every parameter of the model;
+  `name_fn` is the family's `torch_name` (default: the text models' names)."""
   import jax  # pylint: disable=g-import-not-at-top
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
     keys = _path_keys(path)
-    name, transpose = flax_path_to_torch_name(keys)
+    name, transpose = name_fn(keys)
     shape = tuple(leaf.shape)
     out[name] = (keys, shape[::-1] if transpose else shape, transpose)
   return out

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgm_jax import families
 from pgm_jax.core import fileio, sharding
 
 _GIB = 1024 ** 3
@@ -238,24 +239,6 @@ def matmul_params(params) -> int:
   return int(total)
 
 
-# Expected fraction of (query, key) pairs that a mask lets through, t ~ U[0, 1] masking each
-# token independently with probability t (the PGM partition): same group t^2 + (1-t)^2,
-# E = 2/3; other group 2 t (1 - t), E = 1/3.
-ALIVE_FRACTION = {"full": 1.0, "same_group": 2.0 / 3.0, "other_group": 1.0 / 3.0}
-
-
-def attention_layers(model_cfg, seq_len: int) -> list[tuple[str, float]]:
-  """(mask kind, alive fraction) of every attention layer of one training forward pass."""
-  if model_cfg.kind in ("pgm", "pgm_image"):
-    # Encoder self-attention within the group; GroupSwap + every decoder block
-    # cross-attend to the other group.
-    return ([("same_group", ALIVE_FRACTION["same_group"])] * model_cfg.enc_layers
-            + [("other_group", ALIVE_FRACTION["other_group"])] * (model_cfg.dec_layers + 1))
-  if model_cfg.kind == "ar":
-    return [("causal", (seq_len + 1) / (2 * seq_len))] * model_cfg.num_layers
-  return [("full", 1.0)] * model_cfg.num_layers
-
-
 def model_flops(model_cfg, params, batch_size: int, seq_len: int) -> dict:
   r"""Analytic training FLOPs of one optimizer step (whole batch, forward + backward).
 
@@ -273,7 +256,7 @@ def model_flops(model_cfg, params, batch_size: int, seq_len: int) -> dict:
   """
   n_mm = matmul_params(params)
   tokens = batch_size * seq_len
-  layers = attention_layers(model_cfg, seq_len)
+  layers = families.get(model_cfg.kind).attention_layers(model_cfg, seq_len)
   dense = 6.0 * n_mm * tokens
   attn = 12.0 * model_cfg.hidden * batch_size * seq_len ** 2 * sum(f for _, f in layers)
   return {"matmul_params": n_mm, "dense_flops": dense, "attention_flops": attn,
@@ -432,11 +415,6 @@ def _sample_programs(config, device, compiler: str) -> dict:
   """The samplers' programs at config.bench.* on one device (see module docstring)."""
   from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
   from pgm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top
-  from pgm_jax.samplers import mdlm as mdlm_samplers
-  from pgm_jax.samplers import pgm as pgm_samplers
-  # pylint: enable=g-import-not-at-top
-  from pgm_jax.models import build_model, model_config_from  # pylint: disable=g-import-not-at-top
   b = config.bench
   batch, length, steps = int(b.batch_size), int(b.seq_len), int(b.steps)
   if not 1 <= steps <= length - 1:
@@ -451,51 +429,21 @@ def _sample_programs(config, device, compiler: str) -> dict:
              "vocab_size": tok.vocab_size, "n_enc": length, "n_query": n_query}
   programs = {}
   for kind in tuple(config.plan.sample_models):
+    family = families.get(kind, key="config.plan.sample_models")
     model_cfg = dataclasses.replace(
-        model_config_from(config, vocab_size=tok.vocab_size, mask_id=tok.mask_id),
+        families.model_config_from(config, vocab_size=tok.vocab_size, mask_id=tok.mask_id),
         kind=kind, dropout=0.0)
-    model = build_model(model_cfg)
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    init_args = (dummy, dummy) if kind == "pgm" else (dummy,)
-    params = jax.eval_shape(
-        lambda r, m=model, a=init_args: jax.tree.map(
-            lambda x: getattr(x, "value", x), m.init(r, *a)["params"],
-            is_leaf=lambda x: hasattr(x, "value")), jax.random.key(0))
+    model = family.build_model(model_cfg)
+    params = jax.eval_shape(lambda r, m=model: family.init_params(m, r), jax.random.key(0))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
                           params)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    # Fresh wrappers, so that no trace cached outside the compile target is reused.
-    if kind == "pgm":
-      name = "pgm_efficient_step"
-      # pylint: disable-next=protected-access
-      fn = jax.jit(lambda *a, **k: pgm_samplers._pgm_efficient_step(*a, **k),
-                   static_argnames=pgm_samplers._STATIC,  # pylint: disable=protected-access
-                   donate_argnames=("st",))
-      st = pgm_samplers.PGMState(canvas=sds((batch, length), jnp.int32),
-                                 clean_tok=sds((batch, length), jnp.int32),
-                                 clean_pos=sds((batch, length), jnp.int32),
-                                 clean_len=sds((batch,), jnp.int32),
-                                 order=sds((batch, length), jnp.int32),
-                                 cursor=sds((batch,), jnp.int32))
-      args = (params, st, sds((batch,), jnp.int32), key)
-      static = dict(model=model, n_enc=length, n_query=n_query, mask_id=tok.mask_id,
-                    top_p=1.0, temperature=1.0)
-    elif kind == "mdlm":
-      name = "mdlm_ddpm_cache_run"
-      # pylint: disable-next=protected-access
-      fn = jax.jit(lambda *a, **k: mdlm_samplers._mdlm_run(*a, **k),
-                   static_argnames=("model", "steps", "cache", "mask_id", "eps", "top_p",
-                                    "temperature"))
-      args = (params, sds((batch, length), jnp.int32), key)
-      static = dict(model=model, steps=steps, cache=True, mask_id=tok.mask_id, eps=1e-5,
-                    top_p=1.0, temperature=1.0)
-    else:
-      raise ValueError(f"config.plan.sample_models: {kind!r} is not 'pgm' or 'mdlm'")
-    prog = compile_program(fn, args, static, compiler=compiler, impl=config.attn.impl)
-    prog.update(model=kind, num_params=int(n_params),
-                flops_note=("per call (the PGM run calls it once per step, at growing n_enc)"
-                            if kind == "pgm" else "the whole run (loop bodies counted once)"))
-    programs[name] = prog
+    spec = family.sampler_program(model=model, batch=batch, length=length, steps=steps,
+                                  n_query=n_query, mask_id=tok.mask_id, sds=sds, key=key)
+    prog = compile_program(spec["fn"], (params,) + tuple(spec["args"]), spec["static"],
+                           compiler=compiler, impl=config.attn.impl)
+    prog.update(model=kind, num_params=int(n_params), flops_note=spec["flops_note"])
+    programs[spec["name"]] = prog
   return {"setting": setting, "programs": programs}
 
 

@@ -1,0 +1,202 @@
+"""What the rest of pgm_jax asks of a model family (`Family`), with the defaults that text
+and image families share.
+
+A family is one module in this package that defines a `Family` subclass and one instance
+of it, `FAMILY`; `pgm_jax.families.REGISTRY` maps `config.model.kind` to it. Training,
+evaluation, sampling, the converter, plan and bench only ever call these hooks: none of
+them compares a kind string. docs/adding_a_family.md walks through adding one.
+
+Hooks (all pure functions of their arguments, jit-able where they touch arrays):
+  validate(config)                       family-specific config checks (one-line errors)
+  model_config_fields(config, vocab_size, mask_id) -> dict   ModelConfig fields it sets
+  build_model(model_cfg)                 the Flax module
+  init_args(batch_size, seq_len)         (args, kwargs) of `model.init` (shapes only matter)
+  train_times(rng, batch, config)        -> (t_B, batch): the per-example time of a train step
+  eval_times(rng, batch_size, config, data_parallel) -> t_B
+  loss_terms(params, batch, t_B, noise_u_BxL, rngs, ...) -> objectives.LossTerms
+  sample_text(params, prompt, ...)       -> samplers.SampleResult       (text families)
+  predict_hidden(params, tokens, hidden, valid, ...)  logits / log p of hidden positions
+                                         (masked text families: harness, distillation)
+  attention_layers(model_cfg, seq_len)   (mask kind, alive fraction) per attention layer (plan)
+  sampler_program(...)                   one sampler program to compile in plan mode
+  torch_name(flax_path)                  the reference state-dict name of a parameter (convert)
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from pgm_jax import objectives
+from pgm_jax.io.torch_names import flax_path_to_torch_name
+from pgm_jax.models.layers import ModelConfig
+
+# Expected fraction of (query, key) pairs a mask lets through when t ~ U[0, 1] masks each
+# token independently with probability t (the PGM partition): same group t^2 + (1-t)^2,
+# E = 2/3; other group 2 t (1 - t), E = 1/3.
+ALIVE_FRACTION = {"full": 1.0, "same_group": 2.0 / 3.0, "other_group": 1.0 / 3.0}
+
+
+class Family:
+  """A model family. Subclasses set the class attributes and override what differs."""
+  name: str = ""                       # config.model.kind
+  modality: str = "text"               # the data it trains on: "text" | "image"
+  samplers: tuple[str, ...] = ()       # config.sample.sampler values it accepts
+  default_sampler: str = ""            # what config.sample.sampler="auto" resolves to
+  train_objectives: tuple[str, ...] = ("auto",)  # config.train.objective values it accepts
+  distillable: bool = False            # config.distill.enabled (SDTT) applies
+  time_conditioning: bool = False      # config.model.time_conditioning may be True
+  exact_likelihood: bool = False       # log p(x) is exact (left to right), not an ELBO
+  mask_logit: float = objectives.NEG_INF_MDLM  # logit[MASK] in its loss
+
+  @property
+  def is_image(self) -> bool:
+    return self.modality == "image"
+
+  def __repr__(self):
+    return f"<family {self.name}>"
+
+  # -- config and model ---------------------------------------------------------------
+  def validate(self, config) -> None:
+    """Family-specific checks of a config (errors name the key). The generic ones are in
+    `pgm_jax.experiment.validate`."""
+    m = config.model
+    if bool(m.get("time_conditioning", False)) and not self.time_conditioning:
+      raise ValueError(f"config.model.time_conditioning=True needs config.model.kind='mdlm' "
+                       f"(got {self.name!r}): the reference's PGM and AR models are never time "
+                       f"conditioned")
+    objective = config.train.get("objective", "auto")
+    if objective not in self.train_objectives:
+      raise ValueError(f"config.train.objective={objective} is not available for "
+                       f"config.model.kind={self.name!r} (it has {self.train_objectives}; "
+                       f"complement-mdlm trains an MDLM: config.model.kind='mdlm')")
+    if bool(config.get("distill", {}).get("enabled", False)) and not self.distillable:
+      raise ValueError(f"config.distill.enabled needs config.model.kind 'pgm' or 'mdlm', "
+                       f"got {self.name!r}")
+
+  def model_config_fields(self, config, *, vocab_size: int, mask_id: int) -> dict:
+    """ModelConfig fields this family decides (vocabulary, conditioning width, ...)."""
+    del config, mask_id
+    return {"vocab_size": vocab_size}
+
+  def build_model(self, model_cfg: ModelConfig):
+    raise NotImplementedError(f"{self.name}: build_model")
+
+  def init_args(self, batch_size: int, seq_len: int) -> tuple[tuple, dict]:
+    """Dummy (args, kwargs) for `model.init`; parameter shapes never depend on seq_len."""
+    raise NotImplementedError(f"{self.name}: init_args")
+
+  def init_params(self, model, rng, batch_size: int = 1, seq_len: int = 8):
+    """Unboxed parameters of `model` (jit or eval_shape it)."""
+    args, kwargs = self.init_args(batch_size, seq_len)
+    params = model.init({"params": rng}, *args, **kwargs)["params"]
+    return jax.tree.map(lambda x: getattr(x, "value", x), params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+
+  # -- training and evaluation ------------------------------------------------------------
+  def train_times(self, rng, batch: dict, config) -> tuple[jax.Array, dict]:
+    """(t_B, batch) of a train step: t stratified over the global batch (the reference's
+    antithetic sampling), the batch unchanged."""
+    t_B = stratified_times(rng, batch["tokens"].shape[0], groups=1,
+                           sampling_eps=config.train.sampling_eps,
+                           antithetic=config.train.antithetic)
+    return t_B, batch
+
+  def eval_times(self, rng, batch_size: int, config, data_parallel: int) -> jax.Array:
+    """t of a validation batch, stratified within each data-parallel shard (the reference
+    stratifies per device at eval)."""
+    return stratified_times(rng, batch_size, groups=data_parallel,
+                            sampling_eps=config.train.sampling_eps,
+                            antithetic=config.train.antithetic)
+
+  def loss_terms(self, params, batch: dict, t_B, noise_u_BxL, rngs: dict, *, model,
+                 mask_id: int, train: bool, sampling_eps: float, objective: str = "auto",
+                 attend_to_padding: bool = False) -> objectives.LossTerms:
+    """LossTerms of one (micro)batch. `noise_u_BxL` (uniform [0, 1)) decides the partition /
+    the masked tokens; drawing it for the whole global batch makes gradient accumulation
+    exact."""
+    raise NotImplementedError(f"{self.name}: loss_terms")
+
+  # -- sampling ---------------------------------------------------------------------------
+  def sample_text(self, params, prompt, *, model, sampler: str, steps: int, seed: int,
+                  mask_id: int, top_p: float, temperature: float, bucket_size: int = 0,
+                  progress: Optional[Callable[[int, int], None]] = None):
+    raise ValueError(f"config.model.kind={self.name!r} does not sample text")
+
+  def predict_hidden(self, params, tokens_BxL, hidden_BxL, valid_BxL, *, model, mask_id: int,
+                     sigma_B=None, train: bool = False, rngs: Optional[dict] = None,
+                     targets_BxL=None, mask_logit: Optional[float] = None):
+    """The model's prediction at `hidden_BxL` positions from the others: float32 logits
+    [B, L, V], or with `targets_BxL` log p(targets) [B, L] (logit[MASK] = `mask_logit`,
+    default the family's). Masked text families only (harness, distillation)."""
+    raise ValueError(f"config.model.kind={self.name!r} does not predict hidden tokens")
+
+  # -- plan, bench, convert ---------------------------------------------------------------
+  def attention_layers(self, model_cfg: ModelConfig, seq_len: int) -> list[tuple[str, float]]:
+    """(mask kind, alive fraction) of every attention layer of one training forward pass."""
+    del seq_len
+    return [("full", 1.0)] * model_cfg.num_layers
+
+  def sampler_program(self, *, model, batch: int, length: int, steps: int, n_query: int,
+                      mask_id: int, sds: Callable, key) -> dict:
+    """{name, fn, args, static, flops_note}: the sampler's jitted program at the paper's
+    setting, for plan mode to compile as fn(params, *args, **static)."""
+    raise ValueError(f"config.plan.sample_models: {self.name!r} has no sampler program to "
+                     f"plan (use 'pgm' or 'mdlm')")
+
+  def torch_name(self, path: tuple[str, ...]) -> tuple[str, bool]:
+    """The reference's PyTorch state-dict name of a Flax parameter path (convert)."""
+    return flax_path_to_torch_name(path)
+
+
+class ImageFamily(Family):
+  """Class-conditional models on [BOS] + codes: r ~ U(0, 1) per image, label dropout,
+  plain cross-entropy (method §7)."""
+  modality = "image"
+  samplers = ("halton", "confidence")
+  default_sampler = "halton"
+
+  def validate(self, config) -> None:
+    super().validate(config)
+    m = config.model
+    if int(m.get("num_classes", 0)) <= 0:
+      raise ValueError(f"config.model.num_classes must be positive for {self.name}, got "
+                       f"{int(m.get('num_classes', 0))}")
+    if int(m.get("register", 0)) < 0:
+      raise ValueError(f"config.model.register={int(m.get('register', 0))} must be >= 0")
+
+  def model_config_fields(self, config, *, vocab_size: int, mask_id: int) -> dict:
+    # Images condition on a class embedding of width H (cond_dim = H, as the reference).
+    m = config.model
+    return {"vocab_size": vocab_size, "cond_dim": m.hidden,
+            "num_classes": int(m.get("num_classes", 0)), "register": int(m.get("register", 0)),
+            "num_positions": int(config.data.grid) ** 2}
+
+  def train_times(self, rng, batch: dict, config) -> tuple[jax.Array, dict]:
+    """r_B ~ U(0, 1) (the "t" slot) and the labels dropped to the null class w.p.
+    config.train.label_dropout."""
+    r_rng, drop_rng = jax.random.split(rng)
+    batch_size = batch["tokens"].shape[0]
+    r_B = jax.random.uniform(r_rng, (batch_size,))
+    labels = objectives.drop_labels(batch["labels"], jax.random.uniform(drop_rng, (batch_size,)),
+                                    config.train.label_dropout, config.model.num_classes)
+    return r_B, dict(batch, labels=labels)
+
+  def eval_times(self, rng, batch_size: int, config, data_parallel: int) -> jax.Array:
+    del config, data_parallel  # r ~ U(0, 1); labels kept (conditional)
+    return jax.random.uniform(rng, (batch_size,))
+
+
+def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antithetic: bool):
+  """t for a batch made of `groups` equal slices, each stratified on its own."""
+  rngs = jax.random.split(rng, groups)
+  per = batch // groups
+  ts = jax.vmap(lambda r: objectives.sample_times(r, per, sampling_eps=sampling_eps,
+                                                  antithetic=antithetic))(rngs)
+  return ts.reshape(batch)
+
+
+def dummy_tokens(batch_size: int, seq_len: int):
+  return jnp.zeros((batch_size, seq_len), jnp.int32)
+
