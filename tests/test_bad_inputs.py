@@ -452,8 +452,9 @@ def test_process_level_errors_are_one_line(data, tmp_path):
                    "--config.sample.top_p=0"], "config.sample.top_p"),
       # The last-resort handler of a real entry point, around an injected bug.
       ("pgm_jax.tools.tokenizers", ["-c", "import sys; from pgm_jax.data import tokenizers as t; "
+                              "from pgm_jax.tools import tokenizers as cli; "
                               "t.expand_inputs = lambda *a, **k: {}['no such key']; "
-                              "t.main(sys.argv[1:])", "train", "--input=x",
+                              "cli.main(sys.argv[1:])", "train", "--input=x",
                               f"--model_prefix={tmp_path}/sp"], "unexpected KeyError"),
   ]
   before = _hashes(data["root"])

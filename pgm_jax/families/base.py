@@ -69,8 +69,8 @@ class Family:
     objective = config.train.get("objective", "auto")
     if objective not in self.train_objectives:
       raise ValueError(f"config.train.objective={objective} is not available for "
-                       f"config.model.kind={self.name!r} (it has {self.train_objectives}; "
-                       f"complement-mdlm trains an MDLM: config.model.kind='mdlm')")
+                       f"config.model.kind={self.name!r}: config.train.objective must be one "
+                       f"of {self.train_objectives} (complement-mdlm trains an MDLM)")
     if bool(config.get("distill", {}).get("enabled", False)) and not self.distillable:
       raise ValueError(f"config.distill.enabled needs config.model.kind 'pgm' or 'mdlm', "
                        f"got {self.name!r}")
