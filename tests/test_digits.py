@@ -1,6 +1,7 @@
 """The offline image default: the vendored digits, PNG grids, the Frechet distance, the
 digits classifier, and an end-to-end train -> sample -> eval -> bench run on a tiny preset."""
 import hashlib
+import io
 import json
 import os
 import struct
@@ -8,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO_ROOT, load_config
 from pgm_jax import train
@@ -34,25 +36,26 @@ def test_vendored_digits():
 
 
 def _decode_png(data: bytes) -> np.ndarray:
-  """A minimal independent PNG reader (8-bit grey or RGB, filter 0 rows)."""
+  """PNG bytes -> uint8 [H, W] (grey) or [H, W, 3] (RGB), decoded by Pillow."""
   assert data[:8] == b"\x89PNG\r\n\x1a\n"
-  pos, idat, header = 8, b"", None
-  while pos < len(data):
-    (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-    body = data[pos + 8:pos + 8 + length]
-    assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(
-        tag + body)
-    if tag == b"IHDR":
-      header = struct.unpack(">IIBBBBB", body)
-    elif tag == b"IDAT":
-      idat += body
-    pos += 12 + length
-  width, height, depth, color = header[:4]
-  channels = {0: 1, 2: 3}[color]
-  raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * channels)
-  assert (raw[:, 0] == 0).all()
-  out = raw[:, 1:].reshape(height, width, channels)
-  return out[..., 0] if channels == 1 else out
+  image = Image.open(io.BytesIO(data))
+  assert image.format == "PNG" and image.mode in ("L", "RGB"), (image.format, image.mode)
+  return np.asarray(image)
+
+
+def _hand_written_png(image: np.ndarray) -> bytes:
+  """The encoder images.encode_png had before it used Pillow (filter 0 rows, zlib level 9),
+  kept as the oracle: the Pillow-written file must decode to the same pixels."""
+  height, width = image.shape[:2]
+  raw = b"".join(b"\x00" + image[y].tobytes() for y in range(height))
+
+  def chunk(tag: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + tag + data +
+            struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+  header = struct.pack(">IIBBBBB", width, height, 8, 0 if image.ndim == 2 else 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+          + chunk(b"IEND", b""))
 
 
 def test_png_grid_round_trip():
@@ -66,6 +69,29 @@ def test_png_grid_round_trip():
   np.testing.assert_array_equal(_decode_png(images.encode_png(rgb)), rgb)
   tokens = np.concatenate([[[18]], np.arange(64).reshape(1, 64) % 17], axis=1)
   assert images.digits_to_pixels(tokens)[0, 2, 0] == round(16 * 255 / 16)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (35, 52), (1, 1, 3), (5, 7, 3), (131, 196)])
+def test_png_decodes_to_the_hand_written_encoders_pixels(shape):
+  """Pillow's file and the former hand-written one decode to identical pixels (the bytes
+  differ: Pillow picks a filter per row); a strided (non-contiguous) view is accepted."""
+  rng = np.random.default_rng(sum(shape))
+  image = rng.integers(0, 256, shape, dtype=np.uint8)
+  if shape == (131, 196):  # a digits sample grid: large flat areas, white gaps
+    image = images.tile_grid(rng.integers(0, 256, (6, 8, 8), dtype=np.uint8), 2, 3, scale=8)
+  ours = _decode_png(images.encode_png(image))
+  assert ours.dtype == np.uint8 and ours.shape == image.shape
+  np.testing.assert_array_equal(ours, _decode_png(_hand_written_png(image)))
+  np.testing.assert_array_equal(ours, image)
+  strided = np.repeat(image, 2, axis=1)[:, ::2]
+  np.testing.assert_array_equal(_decode_png(images.encode_png(strided)), image)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 4), np.uint8),
+                                 np.zeros((4, 4, 1), np.uint8), np.zeros(4, np.uint8)])
+def test_png_refuses_other_layouts(bad):
+  with pytest.raises(ValueError, match="encode_png: expected uint8"):
+    images.encode_png(bad)
 
 
 def test_frechet_distance_matches_an_eigenvalue_reference():
