@@ -26,8 +26,11 @@ INSTALL_REQUIRES = [
     "tiktoken==0.14.0",
     "tensorboardX==2.6.5",
     "absl-py==2.5.1",
-    # Images: decoding/resizing for the ImageNet codes and FID reference statistics.
+    # Images: decoding/resizing for the ImageNet codes and FID reference statistics, PNGs.
     "pillow==13.0.0",
+    # Reading .safetensors checkpoints (`pgm_jax.tools.convert`, the GPT-2 judge) without
+    # torch; bf16 tensors come back as ml_dtypes.bfloat16 (ml_dtypes comes with jax).
+    "safetensors==0.8.0",
 ]
 
 # TFDS datasets (config.data.name=lm1b, zero-shot sets prepared with TFDS, preprocess
@@ -37,10 +40,10 @@ DATA = ["tensorflow-datasets==4.9.10"]
 HARNESS = ["lm-eval==0.4.13"]
 
 EXTRAS_REQUIRE = {
-    # torch (CPU wheel) and safetensors build reference checkpoints in tests/test_convert.py;
+    # torch (CPU wheel) builds reference checkpoints in tests/test_convert.py;
     # matplotlib runs the Colab notebook's plotting cell in tests/test_notebook.py; the
     # data and harness extras are exercised by their tests.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "safetensors==0.8.0",
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0",
              "matplotlib==3.10.8"] + DATA + HARNESS,
     "data": DATA,
     "harness": HARNESS,
