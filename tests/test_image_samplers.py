@@ -1,6 +1,8 @@
 """Image samplers: the Halton order and the schedules, the guidance formula, efficient PGM
 == full-length PGM token for token (Halton and confidence, with guidance), and bounded
 compilation whatever S is."""
+import fractions
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,22 @@ def test_halton_order_is_the_2d_halton_sequence():
       i += 1
     assert order.tolist() == expected
   assert S.halton_order(8)[:4].tolist() == [4 * 8 + 2, 2 * 8 + 5, 6 * 8 + 0, 1 * 8 + 3]
+
+
+def test_halton_points_are_the_exact_rationals():
+  """Point i is the radical inverse of i as a fraction, rounded once (the reference's num / den
+  generator). Summing digit * base^-k in floats, as scipy.stats.qmc.Halton does, is 1 ulp off
+  for some base-3 points (i = 5: 7/9), which moves cells for grids divisible by 9."""
+  for base in (2, 3):
+    points = S.halton_sequence(base, 3000)
+    for i, got in enumerate(points.tolist(), start=1):
+      exact, f, k = fractions.Fraction(0), fractions.Fraction(1, base), i
+      while k:
+        k, digit = divmod(k, base)
+        exact, f = exact + digit * f, f / base
+      assert got == float(exact), (base, i, got, exact)
+  assert S.halton_sequence(3, 5)[4] == 7 / 9 != _radical_inverse(5, 3)
+  assert S.halton_order(9)[4] == 5 * 9 + 7  # column floor(9 * 7/9) = 7, not 6
 
 
 @pytest.mark.parametrize("n,steps", [(64, 1), (64, 8), (64, 64), (1024, 32), (16, 5)])

@@ -53,8 +53,13 @@ EXECUTIONS = ("efficient", "full")
 # Orders, schedules and per-step scalars (host side: they fix the program shapes).
 # ----------------------------------------------------------------------------
 
+# Not scipy.stats.qmc.Halton(d=2, scramble=False) (+ fast_forward(1) for the origin): it sums
+# digit * base^-k in floats, so base-3 points can be 1 ulp off (point 5: 0.7777777777777777,
+# not 7/9 = 0.7777777777777778) and floor(point * grid) then moves cells for grids divisible
+# by 9. This is the authors' generator (Halton-MaskGIT's build_halton_mask): exact num / den.
 def halton_sequence(base: int, n: int) -> np.ndarray:
-  """The first n points of the van der Corput / Halton sequence in `base` (0 first)."""
+  """Points 1..n of the van der Corput sequence in `base` (the origin, point 0, skipped: 1/base
+  first), each num / den correctly rounded, as the reference's iterative generator."""
   out = np.empty(n, np.float64)
   num, den = 0, 1
   for i in range(n):
