@@ -100,6 +100,8 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+# Progress/ETA by hand, not clu.periodic_actions.ReportProgress/Profile: clu.periodic_actions
+# imports clu.metric_writers, which imports TensorFlow unconditionally (+1.5 GB; not a dependency).
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
