@@ -23,6 +23,7 @@ e.g. at the paper setting on a GPU/TPU:
   python -m pgm_jax.main --config=configs/bench.py:paper --workdir=workdirs/bench_train \
       --mode=bench --config.bench.what=train
 """
+from pgm_jax import tools
 from pgm_jax.core import config_lib
 
 
@@ -31,7 +32,7 @@ def get_config(arg=None):
                                 runlocal=False)
   if preset.paper + preset.lm1b + preset.cpu > 1:
     raise ValueError("config presets 'cpu', 'paper' and 'lm1b' are mutually exclusive")
-  c = config_lib.base_config()
+  c = tools.with_tool_configs(config_lib.base_config())
   if preset.lm1b:
     c.data.tokenizer = "bert_wordpiece"
     c.data.tokenizer_path = config_lib.placeholder(str)

@@ -21,6 +21,7 @@ Presets (comma separated after the colon):
   tiny       H = 32, one layer each, 6 steps: for smoke tests.
   steps=N    number of training steps.
 """
+from pgm_jax import tools
 from pgm_jax.core import config_lib
 
 
@@ -28,7 +29,7 @@ def get_config(arg=None):
   preset = config_lib.parse_arg(arg, pgm=False, maskgit=False, tiny=False, steps=0)
   if preset.pgm and preset.maskgit:
     raise ValueError("config presets 'pgm' and 'maskgit' are mutually exclusive")
-  c = config_lib.image_base_config()
+  c = tools.with_tool_configs(config_lib.image_base_config())
   c.seed = 0
 
   c.data.name = "digits"

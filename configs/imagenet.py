@@ -29,6 +29,7 @@ Training hyperparameters are the reference's: AdamW(0.9, 0.999), weight decay 0.
 lr 1e-4 after 2500 warmup steps, cosine over the last 10% of 1M steps down to 1% of lr,
 clipping 1.0, global batch 256, label dropout 0.1, bf16 matmuls, no EMA.
 """
+from pgm_jax import tools
 from pgm_jax.core import config_lib
 
 
@@ -37,7 +38,7 @@ def get_config(arg=None):
   if preset.pgm_12_12 + preset.pgm_14_10 + preset.maskgit > 1:
     raise ValueError("config presets 'pgm_12_12', 'pgm_14_10' and 'maskgit' are mutually "
                      "exclusive")
-  c = config_lib.image_base_config()
+  c = tools.with_tool_configs(config_lib.image_base_config())
 
   c.data.name = "imagenet_codes"    # ArrayRecord of (codes, label) records
   c.data.data_dir = config_lib.placeholder(str)

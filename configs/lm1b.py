@@ -25,6 +25,7 @@ masked only in the loss (config.data.attend_to_padding=True).
       --tokenizer_path=/path/to/vocab.txt --detokenizer=lm1b --group_docs=1000 \
       --seq_len=128 --out=/data/lm1b_wrap_128
 """
+from pgm_jax import tools
 from pgm_jax.core import config_lib
 
 _QUERY = {"pgm": "learn+freqs", "pgm_mean": "learn+freqs+mean",
@@ -38,7 +39,7 @@ def get_config(arg=None):
   chosen = [k for k in ("mdlm", "mdlm_complement", *_QUERY) if preset[k]] or ["pgm"]
   if len(chosen) > 1:
     raise ValueError(f"config presets {chosen} are mutually exclusive")
-  c = config_lib.base_config()
+  c = tools.with_tool_configs(config_lib.base_config())
   if chosen[0] in ("mdlm", "mdlm_complement"):
     c.model.kind = "mdlm"
     if chosen[0] == "mdlm_complement":

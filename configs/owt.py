@@ -38,6 +38,7 @@ docs/scaling.md; mdlm_complement and the distill presets were not planned):
   python -m pgm_jax.main --config=configs/owt.py:pgm_8_8 --workdir=/tmp/plan --mode=plan \
       --config.plan.topology=v5e-32
 """
+from pgm_jax import tools
 from pgm_jax.core import config_lib
 
 _MODELS = {
@@ -81,7 +82,7 @@ def get_config(arg=None):
   if len(names) > 1:
     raise ValueError(f"config presets {names} are mutually exclusive")
   chosen = [_DISTILL.get(k, k) for k in names] or ["pgm_6_6"]
-  c = config_lib.base_config()
+  c = tools.with_tool_configs(config_lib.base_config())
   for k, v in _MODELS[chosen[0]].items():
     c.model[k] = v
   c.model.cond_dim = 128

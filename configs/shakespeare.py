@@ -24,6 +24,7 @@ Presets (comma separated after the colon):
   python -m pgm_jax.main --config=configs/shakespeare.py:distill_pgm \
       --workdir=workdirs/distill_pgm
 """
+from pgm_jax import tools
 from pgm_jax.core import config_lib
 
 
@@ -35,7 +36,7 @@ def get_config(arg=None):
   if preset.pgm + preset.mdlm + preset.ar > 1:
     raise ValueError("config presets 'pgm', 'mdlm', 'ar', 'distill_pgm' and 'distill_mdlm' "
                      "are mutually exclusive")
-  c = config_lib.base_config()
+  c = tools.with_tool_configs(config_lib.base_config())
   c.seed = 0
 
   c.data.name = "shakespeare"

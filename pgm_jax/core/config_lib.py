@@ -158,25 +158,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt.restore_from = placeholder(str)     # full state, if the workdir has none
   c.ckpt.init_params_from = placeholder(str)  # params only (fresh optimizer)
 
-  # --- plan: --mode=plan (ahead-of-time compile of the train step; pgm_jax/plan.py). --
-  c.plan = ml_collections.ConfigDict()
-  c.plan.num_devices = placeholder(int)  # mesh size to plan for; None = product of
-                                         # config.mesh.shape (or the local devices if -1).
-                                         # On CPU, more than are here -> virtual devices.
-  c.plan.device_memory_gib = placeholder(float)  # e.g. 32 (TPU v4), 16 (v5e), 80 (H100);
-                                         # with a topology: overrides the compiler's HBM
-  c.plan.topology = placeholder(str)     # compile with the real TPU compiler (libtpu) for a
-                                         # named slice: v4-16, v4-32, v5e-16, v5e-32, v5e-256,
-                                         # v5p-16, v6e-16, ... (plan.TOPOLOGIES) or a raw
-                                         # topology string "v5e:4x4"; sets the device count
-  c.plan.compiler = "auto"               # auto (tpu if libtpu imports, else cpu-virtual) |
-                                         # tpu | cpu-virtual (XLA:CPU on virtual devices)
-  c.plan.what = "train"                  # train: the train step on the mesh | sample: the
-                                         # samplers at config.bench.* on ONE chip
-  c.plan.max_memory_fraction = 0.9       # fits = peak <= this fraction of device memory
-  c.plan.sample_models = ("pgm", "mdlm")  # what=sample: PGM efficient step, MDLM ddpm_cache
-                                         # (both built from config.model's dimensions)
-
   # --- sample: samplers (--mode=sample and end-of-training samples). -------------
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "auto"         # auto | PGM: efficient-uniform, efficient-non-uniform,
@@ -191,37 +172,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.prompt = ""              # prefix, or infill with [[N]] gaps: "To be[[5]]question"
   c.sample.prompt_file = placeholder(str)  # one prompt per line (cycled over samples)
 
-  # --- harness: --mode=harness, lm-evaluation-harness tasks (pgm_jax/evaluation/harness.py). --
-  c.harness = ml_collections.ConfigDict()
-  c.harness.tasks = ("arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,race,"
-                     "social_iqa,mathqa,piqa,lambada_openai")  # the reference's list
-  c.harness.num_mc_samples = 1024   # MDLM / PGM: noised copies per request (the paper's)
-  c.harness.batch_size = 64         # copies per forward pass (divides num_mc_samples)
-  c.harness.likelihood = "reference"  # reference (whole sequence noised, mean per token) |
-                                    # conditional (context clean, continuation ELBO summed)
-  c.harness.bucket_size = 32        # requests padded to a multiple (bounded compiles)
-  c.harness.seed = 0
-  c.harness.limit = placeholder(int)       # lm_eval --limit: examples per task (debugging)
-  c.harness.num_fewshot = placeholder(int)
-  c.harness.include_path = placeholder(str)  # folder of extra lm_eval task YAMLs (local data)
-  c.harness.output_path = placeholder(str)   # default WORKDIR/harness.json
-
-  # --- bench: sampling throughput, PGM vs MDLM (--mode=bench; see configs/bench.py). --
-  c.bench = ml_collections.ConfigDict()
-  c.bench.what = "sample"           # sample: samplers' tokens/s and FLOPs | train: the jitted
-                                    # train step's tokens/s (PGM vs MDLM vs AR) | all: both
-  c.bench.setting = "cpu"
-  c.bench.batch_size = 8
-  c.bench.seq_len = 128
-  c.bench.steps = 32
-  c.bench.repeats = 5               # timed runs (median reported), after warmup runs
-  c.bench.warmup = 1
-  c.bench.flops_only = False        # True: cost analysis only, nothing is executed
-  c.bench.exact_flops = True        # also count the unpadded FLOPs (padding overhead)
-  c.bench.mdlm = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
-  c.bench.pgm = (dict(name="pgm_2_2", hidden=128, num_heads=2, enc_layers=2, dec_layers=2),)
-  c.bench.pgm_workdir = placeholder(str)   # restore the PGM's EMA weights from here
-  c.bench.mdlm_workdir = placeholder(str)  # restore the MDLM's EMA weights from here
   return c
 
 
@@ -275,9 +225,6 @@ def image_base_config() -> ml_collections.ConfigDict:
   c.eval.fid_ref_stats = placeholder(str)  # fid: reference statistics .npz (mu, sigma) or a
                                            # folder of reference images
 
-  c.bench.sampler = "auto"          # the sampler both models run
-  c.bench.latency_batch_size = 1    # latency at batch 1, images/s at bench.batch_size
-  c.bench.maskgit = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
   return c
 
 

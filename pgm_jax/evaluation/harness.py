@@ -37,8 +37,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+import ml_collections
+from ml_collections.config_dict import placeholder
 
 from pgm_jax import experiment, objectives
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+  """`config.harness`: the options of --mode=harness (a config file adds this section
+  with `pgm_jax.tools.with_tool_configs`)."""
+  c = ml_collections.ConfigDict()
+  c.tasks = ("arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,race,"
+                     "social_iqa,mathqa,piqa,lambada_openai")  # the reference's list
+  c.num_mc_samples = 1024           # MDLM / PGM: noised copies per request (the paper's)
+  c.batch_size = 64                 # copies per forward pass (divides num_mc_samples)
+  c.likelihood = "reference"          # reference (whole sequence noised, mean per token) |
+                                    # conditional (context clean, continuation ELBO summed)
+  c.bucket_size = 32                # requests padded to a multiple (bounded compiles)
+  c.seed = 0
+  c.limit = placeholder(int)               # lm_eval --limit: examples per task (debugging)
+  c.num_fewshot = placeholder(int)
+  c.include_path = placeholder(str)          # folder of extra lm_eval task YAMLs (local data)
+  c.output_path = placeholder(str)           # default WORKDIR/harness.json
+  return c
+
 
 # The reference's downstream tasks (scripts/eval/harness in its text_pretrain branch).
 REFERENCE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq",

@@ -10,3 +10,20 @@ tokenizers.py      python -m pgm_jax.tools.tokenizers: train a SentencePiece mod
 vq.py              python -m pgm_jax.tools.vq: LlamaGen's VQ-8 .pt -> .npz
 eval_assets.py     python -m pgm_jax.tools.eval_assets: GPT-2 judge, FID Inception, FID stats
 """
+
+
+def with_tool_configs(config):
+  """`config` (an experiment config) plus the sections of the tools that run on it, each
+  with its tool's defaults: `config.plan` (tools/plan.py), `config.bench` (tools/bench.py;
+  image configs get the image bench's keys) and `config.harness` (evaluation/harness.py).
+  Every config file ends with it, so `--config.plan.topology=...` and the like work on any
+  config; the experiment's own sections stay in `pgm_jax.core.config_lib`."""
+  # pylint: disable=g-import-not-at-top
+  from pgm_jax import families
+  from pgm_jax.evaluation import harness
+  from pgm_jax.tools import bench, plan
+  # pylint: enable=g-import-not-at-top
+  config.plan = plan.config_defaults()
+  config.bench = bench.config_defaults(images=families.of(config).is_image)
+  config.harness = harness.config_defaults()
+  return config

@@ -22,12 +22,40 @@ import time
 import jax
 import numpy as np
 from absl import logging
+import ml_collections
+from ml_collections.config_dict import placeholder
 
 from pgm_jax import families, samplers
 from pgm_jax.core import checkpointing, fileio
 from pgm_jax.data import tokenizers
 from pgm_jax.samplers import common as sampler_common
 from pgm_jax.models import ModelConfig
+
+
+def config_defaults(images: bool = False) -> ml_collections.ConfigDict:
+  """`config.bench`: the options of --mode=bench (a config file adds this section with
+  `pgm_jax.tools.with_tool_configs`); `images`: the image bench's keys too (PGM vs
+  MaskGIT, `bench_images.py`)."""
+  c = ml_collections.ConfigDict()
+  c.what = "sample"                 # sample: samplers' tokens/s and FLOPs | train: the jitted
+                                    # train step's tokens/s (PGM vs MDLM vs AR) | all: both
+  c.setting = "cpu"
+  c.batch_size = 8
+  c.seq_len = 128
+  c.steps = 32
+  c.repeats = 5                     # timed runs (median reported), after warmup runs
+  c.warmup = 1
+  c.flops_only = False              # True: cost analysis only, nothing is executed
+  c.exact_flops = True              # also count the unpadded FLOPs (padding overhead)
+  c.mdlm = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
+  c.pgm = (dict(name="pgm_2_2", hidden=128, num_heads=2, enc_layers=2, dec_layers=2),)
+  c.pgm_workdir = placeholder(str)         # restore the PGM's EMA weights from here
+  c.mdlm_workdir = placeholder(str)        # restore the MDLM's EMA weights from here
+  if images:
+    c.sampler = "auto"                # the sampler both models run
+    c.latency_batch_size = 1          # latency at batch 1, images/s at bench.batch_size
+    c.maskgit = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
+  return c
 
 
 def _model(kind, dims, tokenizer, config):

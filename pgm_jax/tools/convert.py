@@ -286,11 +286,13 @@ def to_flax_tree(weights: dict[str, np.ndarray], abstract_params, expected: dict
 
 
 def convert_weights(loaded: Loaded, abstract_params, head_dim: int, *,
-                    ema_only: bool = False, raw_only: bool = False):
-  """(params, ema_params, info) as numpy trees shaped like `abstract_params`."""
+                    ema_only: bool = False, raw_only: bool = False,
+                    name_fn=flax_path_to_torch_name):
+  """(params, ema_params, info) as numpy trees shaped like `abstract_params`; `name_fn` is
+  the family's `torch_name` (Flax path -> reference name)."""
   if ema_only and raw_only:
     raise ConvertError("--ema_only and --raw_only are mutually exclusive")
-  expected = expected_torch_params(abstract_params)
+  expected = expected_torch_params(abstract_params, name_fn)
   buffers = check_buffers(loaded.raw, head_dim)
   raw = {k: v for k, v in loaded.raw.items() if k not in buffers}
   match_names(raw, expected, "state_dict")
@@ -375,7 +377,7 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
   time_line = check_time_conditioning(loaded, config)
   params, ema_params, info = convert_weights(
       loaded, setup.abstract_state.params, setup.model_cfg.head_dim, ema_only=ema_only,
-      raw_only=raw_only)
+      raw_only=raw_only, name_fn=setup.family.torch_name)
   if step is None:
     step = loaded.global_step if loaded.global_step is not None else 0
   if step < 0:

@@ -54,9 +54,35 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
+from ml_collections.config_dict import placeholder
 
 from pgm_jax import families
 from pgm_jax.core import fileio, sharding
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+  """`config.plan`: the options of --mode=plan (a config file adds this section with
+  `pgm_jax.tools.with_tool_configs`)."""
+  c = ml_collections.ConfigDict()
+  c.num_devices = placeholder(int)       # mesh size to plan for; None = product of
+                                         # config.mesh.shape (or the local devices if -1).
+                                         # On CPU, more than are here -> virtual devices.
+  c.device_memory_gib = placeholder(float)  # e.g. 32 (TPU v4), 16 (v5e), 80 (H100);
+                                         # with a topology: overrides the compiler's HBM
+  c.topology = placeholder(str)          # compile with the real TPU compiler (libtpu) for a
+                                         # named slice: v4-16, v4-32, v5e-16, v5e-32, v5e-256,
+                                         # v5p-16, v6e-16, ... (plan.TOPOLOGIES) or a raw
+                                         # topology string "v5e:4x4"; sets the device count
+  c.compiler = "auto"                    # auto (tpu if libtpu imports, else cpu-virtual) |
+                                         # tpu | cpu-virtual (XLA:CPU on virtual devices)
+  c.what = "train"                       # train: the train step on the mesh | sample: the
+                                         # samplers at config.bench.* on ONE chip
+  c.max_memory_fraction = 0.9            # fits = peak <= this fraction of device memory
+  c.sample_models = ("pgm", "mdlm")       # what=sample: PGM efficient step, MDLM ddpm_cache
+                                         # (both built from config.model's dimensions)
+  return c
+
 
 _GIB = 1024 ** 3
 NO_LIBTPU_ENV = "PGM_JAX_PLAN_NO_LIBTPU"  # "1": behave as if libtpu were not importable
