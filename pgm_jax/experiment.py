@@ -70,8 +70,8 @@ def validate(config, *, num_devices: int = 1, data_parallel: int = 1,
   remat_policy(m.get("remat", "none"))  # a clear error for an unknown policy name
   if int(m.get("loss_chunk_len", 0) or 0) < 0:
     raise ValueError(f"config.model.loss_chunk_len must be >= 0, got {m.loss_chunk_len}")
-  config_lib.validate(config, num_devices=num_devices, data_parallel=data_parallel,
-                      mesh_shape=mesh_shape)
+  config_lib.check_sections(config, num_devices=num_devices, data_parallel=data_parallel,
+                            mesh_shape=mesh_shape)
   family.validate(config)
   if not 1 <= config.sample.steps <= config.data.seq_len - 1:
     raise ValueError(f"config.sample.steps={config.sample.steps} must be in "

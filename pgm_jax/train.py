@@ -65,7 +65,7 @@ def make_train_step(setup: experiment.Setup):
   """The train step jitted with explicit in/out shardings, donating the state: SDTT's
   `distill.distill_step` when config.distill.enabled.
 
-  Also what `--mode=plan` lowers and compiles ahead of time (pgm_jax/plan.py).
+  Also what `--mode=plan` lowers and compiles ahead of time (pgm_jax/tools/plan.py).
   """
   step_fn = (distill.distill_step if config_lib.distill_enabled(setup.config)
              else steps.train_step)

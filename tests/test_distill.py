@@ -9,7 +9,7 @@ import pytest
 
 from conftest import load_config, restored_state
 from pgm_jax import distill, evaluation, experiment, train
-from pgm_jax.core import checkpointing, config_lib
+from pgm_jax.core import checkpointing
 
 MASK = 4  # the toy vocabulary: tokens 0..3 and MASK
 
@@ -292,7 +292,7 @@ def test_owt_presets_are_the_papers_runs(preset, model):
       3e-4, 2500, 0.0, 0.9999)
   assert (cfg.train.batch_size, cfg.train.num_steps, cfg.model.dropout) == (128, 50_000, 0.0)
   assert distill.student_steps(cfg, 5) == 32    # 5 rounds: the last student takes 32 steps
-  config_lib.validate(cfg, num_devices=16, data_parallel=16)
+  experiment.validate(cfg, num_devices=16, data_parallel=16)
   with pytest.raises(ValueError, match="mutually exclusive"):
     load_config("owt", f"{preset},pgm_6_6")
 

@@ -1,6 +1,8 @@
-"""Shared config defaults, preset parsing and start-up validation.
+"""The experiment's config: its sections' defaults, preset parsing, and the checks of its
+own sections (`check_sections`; `pgm_jax.experiment.validate` is the one entry point).
 
-Config files in `configs/` build on `base_config()` and take a preset string,
+Config files in `configs/` build on `base_config()` (plus the tools' sections,
+`pgm_jax.tools.with_tool_configs`) and take a preset string,
 e.g. `--config=configs/shakespeare.py:mdlm,runlocal`. Every key can be overridden
 on the command line (`--config.opt.lr=1e-4`); configs are locked, so a misspelt
 key is an error naming that key.
@@ -287,8 +289,11 @@ def parse_arg(arg: str | None, **defaults):
   return result
 
 
-def validate(config, *, num_devices: int, data_parallel: int, mesh_shape=None) -> None:
-  """Start-up checks with errors that name the config key.
+def check_sections(config, *, num_devices: int, data_parallel: int,
+                   mesh_shape=None) -> None:
+  """The checks of the experiment's own sections (train, data, eval, opt, sample, ckpt,
+  distill, mesh), errors naming the config key. `pgm_jax.experiment.validate` is the one
+  entry point: it runs these, the model and attention checks, and the family's.
 
   `mesh_shape` ({axis: size} of the resolved mesh) enables the mesh checks: rules
   that name unknown mesh axes, and heads vs the tensor-parallel size.

@@ -124,7 +124,7 @@ def filtered_log_probs(logits, mask_id: int, *, top_p: float = 1.0, temperature:
   """log-softmax after logit[MASK] = -inf, temperature and nucleus (top-p) filtering.
 
   temperature=0 is greedy: all the mass on the most likely token (ties share it), so a
-  Gumbel-max draw returns the argmax. top_p must be in (0, 1] (config_lib.validate_sample).
+  Gumbel-max draw returns the argmax. top_p must be in (0, 1] (core.config_lib.validate_sample).
   """
   logits = logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
   if temperature == 0.0:
