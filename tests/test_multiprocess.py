@@ -344,6 +344,9 @@ def max_rel_diff(a: dict, b: dict) -> float:
              max(float(np.max(np.abs(b[k]))), 1e-30) for k in a if a[k].size)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_sigkill_then_sigterm_to_one_process(runs):
   assert runs["killed_at"] >= CKPT_EVERY
   # B really resumed from the SIGKILLed run's last checkpoint.
@@ -359,6 +362,9 @@ def test_sigkill_then_sigterm_to_one_process(runs):
   assert runs["C_returncodes"] == [0, 0], runs["C_logs"][0][-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_two_processes_match_one_process(runs):
   n, mp, ref = runs["n"], runs["workdir"], os.path.join(runs["base"], "ref")
   ref_rows, mp_rows = read_rows(ref), read_rows(mp)
@@ -399,6 +405,9 @@ def test_two_processes_match_one_process(runs):
     assert json.load(open(path)) == ref_data["hosts"][i]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_restore_from_on_a_multi_device_mesh(runs):
   n, base = runs["n"], runs["base"]
   rows = [r for r in read_rows(os.path.join(base, "restore_from")) if "train/loss" in r]
@@ -407,6 +416,9 @@ def test_restore_from_on_a_multi_device_mesh(runs):
                       flat_state(os.path.join(base, "continued"), n + 1))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_init_params_from_on_a_multi_device_mesh(runs):
   n, base = runs["n"], runs["base"]
   wd = os.path.join(base, "init_params_from")

@@ -102,6 +102,8 @@ def test_model_flops_counts_live_attention_pairs():
 # -- the TPU compiler ----------------------------------------------------------------------
 
 @needs_libtpu
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_topology_devices_and_hbm():
   topo = plan.resolve_topology(TOPOLOGY)
   devices = plan.topology_devices(topo)
@@ -112,6 +114,8 @@ def test_topology_devices_and_hbm():
 
 
 @needs_libtpu
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_train_plan_on_tpu_compiles_the_mosaic_kernels(train_plan):
   result, on_disk = train_plan
   assert on_disk == json.loads(json.dumps(result))
@@ -142,6 +146,8 @@ def test_train_plan_on_tpu_compiles_the_mosaic_kernels(train_plan):
 
 
 @needs_libtpu
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_over_budget_is_fits_false_not_a_crash(oom_plan):
   assert oom_plan["compiler"] == "tpu"
   assert oom_plan["fits"] is False
@@ -153,6 +159,8 @@ def test_over_budget_is_fits_false_not_a_crash(oom_plan):
 
 
 @needs_libtpu
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_sample_plan_on_one_chip(sample_plan):
   assert sample_plan["what"] == "sample" and sample_plan["compiler"] == "tpu"
   assert sample_plan["setting"] == {"batch_size": 4, "seq_len": 32, "steps": 4,
@@ -170,6 +178,8 @@ def test_sample_plan_on_one_chip(sample_plan):
 
 # -- without libtpu -------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cpu_virtual_fallback_from_the_command_line(tmp_path):
   env = dict(os.environ, **{plan.NO_LIBTPU_ENV: "1"}, JAX_PLATFORMS="cpu")
   proc = subprocess.run(

@@ -235,6 +235,9 @@ def test_single_process_has_one_device():
     ("heads", "tensor-parallel size 4"),
     ("rules", "'model'"),
 ])
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_impossible_meshes_are_rejected(multi, name, fragment):
   message = multi["errors"][name]
   assert message is not None, f"{name}: make_setup accepted an impossible mesh"
@@ -242,6 +245,9 @@ def test_impossible_meshes_are_rejected(multi, name, fragment):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_meshes_match_one_device(multi, kind):
   from pgm_jax import train  # pylint: disable=g-import-not-at-top
   ref_wd = multi["ref"][kind]
@@ -265,6 +271,9 @@ def test_meshes_match_one_device(multi, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_restore_across_topologies_is_exact(multi, kind):
   res = multi["kinds"][kind]
   assert res["restore_exact"] and res["restore_shardings_ok"]
@@ -277,6 +286,9 @@ def test_restore_across_topologies_is_exact(multi, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_training_continues_on_another_mesh(multi, kind):
   continued = {int(k): v for k, v in multi["kinds"][kind]["losses"]["continued"].items()}
   # The workdir was copied from the (8,1,1) run, so steps 1-3 are its; 4-5 ran on (2,2,2).
@@ -292,6 +304,9 @@ def test_training_continues_on_another_mesh(multi, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_jitted_step_shards_params(multi, kind):
   res = multi["kinds"][kind]
   assert res["params_match_declared"] and res["step_loss_finite"]
@@ -305,6 +320,9 @@ def test_jitted_step_shards_params(multi, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_eval_and_sampling_under_mesh(multi, kind):
   from pgm_jax import sample as generate  # pylint: disable=g-import-not-at-top
   res = multi["kinds"][kind]
