@@ -56,8 +56,18 @@ def _compile_grad(mesh, kind, batch, q_len, kv_len, heads=2, head_dim=64):
   return compiled.as_text()
 
 
+def test_topology_is_the_four_v5e_chips_the_meshes_use(tpu_devices):
+  """Cheap (no compile): libtpu's v5e:2x2 topology, 4 TPU devices, as the meshes below
+  reshape them ((2, 1, 2), (4, 1, 1), (1, 1, 1))."""
+  assert tpu_devices.shape == (4,)
+  assert all(d.platform == "tpu" for d in tpu_devices)
+  assert tpu_devices[0].device_kind == "TPU v5 lite"
+
+
 @pytest.mark.parametrize("kind,length", [("same_group", 256), ("other_group", 512),
                                          ("packed", 256)])
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_kernels_compile_for_tpu(tpu_devices, kind, length):
   """Forward + backward (3 Mosaic kernels) at the configs' blocks 128/128, bf16,
   head_dim 64, batch over data and heads over tensor."""
@@ -71,6 +81,8 @@ def test_kernels_compile_for_tpu(tpu_devices, kind, length):
     ((4, 1, 1), 3, 8, 24),      # batch 3 does not divide data=4: replicated shard_map
     ((1, 1, 1), 1, 192, 192),   # a 1-device mesh; queries 2 x 96, keys -> 256
 ])
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_padded_shapes_compile_for_tpu(tpu_devices, mesh_shape, batch, q_len, kv_len):
   n = int(np.prod(mesh_shape))
   mesh = Mesh(tpu_devices[:n].reshape(mesh_shape), ("data", "fsdp", "tensor"))
