@@ -438,6 +438,8 @@ def _subprocess(args, **env):
                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_process_level_errors_are_one_line(data, tmp_path):
   """Real processes (`python -m ...`): the exit code and stderr a user sees."""
   runs = [

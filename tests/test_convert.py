@@ -344,6 +344,7 @@ def _assert_close(got, want, what):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("query_mode", ["learn+freqs", "learn+freqs+logsumexp"])
+@pytest.mark.slow
 def test_pgm_logits_match_reference(tmp_path, query_mode):
   cfg = tiny_config(write_vocab(tmp_path / "vocab.txt"), "pgm", query_mode)
   raw = random_weights(pgm_layout(), seed=0)
@@ -564,6 +565,8 @@ def _run(args, **kw):
                         capture_output=True, text=True, timeout=300, **kw)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_error_is_one_line(tmp_path):
   vocab = write_vocab(tmp_path / "vocab.txt")
   layout = pgm_layout(enc=3)          # one encoder block more than the config
@@ -581,6 +584,8 @@ def test_cli_error_is_one_line(tmp_path):
   assert not os.path.exists(tmp_path / "wd" / "checkpoints")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_converts_and_eval_restores(tmp_path):
   """configs/shakespeare.py:tiny (V = 2049, H = 64, 1 + 1 layers) through both CLIs."""
   cfg = load_config("shakespeare", "tiny")

@@ -110,6 +110,7 @@ def test_frechet_distance_matches_an_eigenvalue_reference():
   assert fid.frechet_distance_of_features(a, mu1, s1) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_digits_classifier_is_accurate_on_held_out_digits():
   clf = digits_classifier.train_classifier()
   assert clf.accuracy > 0.95
@@ -119,6 +120,7 @@ def test_digits_classifier_is_accurate_on_held_out_digits():
     digits_classifier.levels_to_inputs(np.full((1, 64), 17))
 
 
+@pytest.mark.slow
 def test_tiny_digits_train_sample_eval_bench(tmp_path):
   """Train a handful of steps (PNG grid at the end), then --mode=sample, eval and bench
   through the same functions main.py calls."""

@@ -166,6 +166,7 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_student_equals_teacher_at_round_start(tmp_path):
   teacher_dir = str(tmp_path / "teacher")
   teacher_ema = make_teacher("pgm", teacher_dir)
@@ -227,6 +228,7 @@ def test_student_equals_teacher_at_round_start(tmp_path):
   assert float(total1) / float(count1) > 1e-3
 
 
+@pytest.mark.slow
 def test_resume_mid_round_is_exact(tmp_path):
   teacher_dir = str(tmp_path / "teacher")
   make_teacher("mdlm", teacher_dir)

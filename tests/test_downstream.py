@@ -57,6 +57,7 @@ def _write_jsonl(path, field, texts):
       f.write(json.dumps({field: t}) + "\n")
 
 
+@pytest.mark.slow
 def test_zero_shot_sets_from_local_files(pgm, tmp_path):
   cfg, setup, _, workdir = pgm
   _write_jsonl(tmp_path / "wikitext2.jsonl", "text", WIKI)
@@ -101,6 +102,7 @@ def _reference_elbo(setup, params, kind, tokens, t, u):
 
 
 @pytest.mark.parametrize("arg", ["tiny", "tiny,mdlm"])
+@pytest.mark.slow
 def test_harness_elbo_is_the_reference_rule(pgm, arg):
   if arg == "tiny":
     _, setup, params, _ = pgm
@@ -176,6 +178,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_runs_a_local_task(pgm, tmp_path, monkeypatch):
   pytest.importorskip("lm_eval")
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

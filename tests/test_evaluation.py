@@ -22,6 +22,7 @@ def test_entropy_of_constant_and_uniform_sequences():
   assert evaluation.mean_entropy([[1, 2], [3, 3]]) == pytest.approx(np.log(2) / 2)
 
 
+@pytest.mark.slow
 def test_ar_kv_cache_sampler_equals_full_forward():
   """Each cached step's draw equals the draw from a full causal forward pass."""
   cfg = ModelConfig("ar", 30, 29, hidden=32, num_heads=2, cond_dim=16, num_layers=2,
@@ -64,6 +65,7 @@ def judge_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_judge_prefers_real_text_over_shuffled_tokens(judge_workdir):
   judge = evaluation.load_judge(judge_workdir)
   cfg = load_config("shakespeare", "tiny")
@@ -82,6 +84,7 @@ def test_judge_prefers_real_text_over_shuffled_tokens(judge_workdir):
   assert judge.score_texts(texts)["gen_ppl"] < judge.score_texts(fake_texts)["gen_ppl"]
 
 
+@pytest.mark.slow
 def test_eval_mode_writes_generation_metrics(judge_workdir, tmp_path):
   cfg = load_config("shakespeare", "tiny")
   cfg.train.num_steps = 2
@@ -141,6 +144,7 @@ def _np_gpt2_logits(state, tokens, n_head):
   return x @ s["transformer.wte.weight"].T
 
 
+@pytest.mark.slow
 def test_gpt2_judge_conversion_matches_numpy_forward(tmp_path):
   from safetensors.numpy import save_file
   from pgm_jax.models import gpt2

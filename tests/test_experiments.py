@@ -194,6 +194,7 @@ def _checkpoint(cfg, workdir):
   manager.close()
 
 
+@pytest.mark.slow
 def test_every_row_runs_or_resolves_at_tiny_scale(data, tmp_path, monkeypatch):
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")

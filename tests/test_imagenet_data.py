@@ -229,6 +229,7 @@ def _tiny_imagenet_config(out, workdir_files):
   return config
 
 
+@pytest.mark.slow
 def test_imagenet_config_trains_samples_and_scores_fid(built, tmp_path):
   from pgm_jax import train  # pylint: disable=g-import-not-at-top
   from pgm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top

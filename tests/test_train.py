@@ -37,6 +37,7 @@ def assert_trees_equal(a, b):
 
 
 @pytest.mark.parametrize("kind", ["pgm", "mdlm"])
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(tmp_path, kind):
   n = 3
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -59,6 +60,7 @@ def test_resume_is_bitwise_identical(tmp_path, kind):
       straight, "checkpoints", str(2 * n), "data", "*.json"))[0]))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   workdir = str(tmp_path / "nan")
   train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), workdir)
@@ -71,6 +73,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert sorted(os.listdir(ckpt_dir)) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
   workdir = str(tmp_path / "shape")
   train.train_and_evaluate(tiny_config(**{"train.num_steps": 1}), workdir)
@@ -118,6 +121,7 @@ def test_unknown_preset():
 
 
 @pytest.mark.parametrize("kind", ["pgm", "mdlm"])
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch(kind):
   """accum=4 over a batch gives the same step as accum=1 (up to float reassociation)."""
   import functools
@@ -148,6 +152,8 @@ def _cli(*args, timeout=300, **popen):
                         **popen)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_train_eval_sample_bench(tmp_path):
   workdir = str(tmp_path / "cli")
   res = _cli("--config=configs/shakespeare.py:tiny", f"--workdir={workdir}",
@@ -194,6 +200,8 @@ def test_cli_train_eval_sample_bench(tmp_path):
   assert "thru x" in res.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "term")
   cmd = [sys.executable, "-m", "pgm_jax.main", "--config=configs/shakespeare.py:tiny",
@@ -216,6 +224,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
   assert step is not None and step >= 3
 
 
+@pytest.mark.slow
 def test_sigterm_on_a_checkpoint_step_saves_once(tmp_path, monkeypatch):
   """SIGTERM handled on a step that is saved anyway: no second save of that step
   (Orbax refuses it: 'Checkpoint for step 2 already exists'), a clean stop."""
@@ -234,6 +243,7 @@ def test_sigterm_on_a_checkpoint_step_saves_once(tmp_path, monkeypatch):
   assert checkpointing.latest_step(checkpointing.checkpoint_dir(workdir)) == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_before_eval_sigterm_in_eval_and_corrupt_resume(tmp_path, monkeypatch, caplog):
   """A checkpoint step saves before its eval (an eval crash keeps checkpoint N); SIGTERM
   during that eval stops cleanly with one save; a corrupt latest step on resume falls
