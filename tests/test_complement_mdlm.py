@@ -57,6 +57,7 @@ def _subs_log_probs(logits, x_t, mask_id):
   return out
 
 
+@pytest.mark.slow
 def test_complement_loss_matches_numpy_reference(mdlm):
   cfg, setup, params = mdlm
   mask_id = setup.mask_id
@@ -109,6 +110,7 @@ def test_complement_presets_and_validation():
     experiment.make_setup(cfg)
 
 
+@pytest.mark.slow
 def test_time_conditioning(mdlm):
   _, _, params = mdlm            # the same parameters: sigma_map exists either way
   tc = load_config("shakespeare", "tiny,mdlm")

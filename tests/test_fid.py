@@ -172,6 +172,7 @@ def _images(seed, n=4, size=32):
   return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_network_matches_torch_fidelity_architecture(nets):
   model, extractor, _ = nets
   images = _images(0, 2)
@@ -273,6 +274,7 @@ def test_inception_score():
     fid.inception_score(logits[:3], splits=10)
 
 
+@pytest.mark.slow
 def test_fid_and_is_against_folder_statistics(nets, tmp_path):
   _, extractor, npz = nets
   images = _images(4, 4)

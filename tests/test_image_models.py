@@ -138,6 +138,7 @@ def _batch(seed=0, batch=2):
   return jnp.asarray(tokens), jnp.asarray(group), jnp.asarray([1, 3][:batch], jnp.int32)
 
 
+@pytest.mark.slow
 def test_group1_predictions_ignore_group1_tokens_and_follow_the_class(pgm):
   model, params = pgm
   apply = _apply(model)
@@ -153,6 +154,7 @@ def test_group1_predictions_ignore_group1_tokens_and_follow_the_class(pgm):
   assert not np.allclose(np.asarray(logits), np.asarray(other_class), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_packed_inference_equals_the_training_layout(pgm):
   """Group-1 logits of the training layout (both registers) == `infer` on the packed
   group-0 tokens with only the group-0 register, queries at the group-1 positions."""
@@ -178,6 +180,7 @@ def test_packed_inference_equals_the_training_layout(pgm):
                                atol=2e-5)
 
 
+@pytest.mark.slow
 def test_sorted_layout_and_pallas_kernels_are_the_same_function(pgm):
   """The training layout with impl=xla (reference), the group-sorted layout (registers
   sorted with the tokens), and the Pallas kernels (interpreted on CPU) on the sorted layout
@@ -230,6 +233,7 @@ def test_arccos_groups_and_label_dropout():
 
 
 @pytest.mark.parametrize("kind", ["pgm_image", "maskgit"])
+@pytest.mark.slow
 def test_image_loss_is_the_plain_cross_entropy(kind, pgm):
   """PGM: mean CE over every code of both groups; MaskGIT: over the masked codes; both with
   logit[MASK] = -1e6, from the model's logits."""

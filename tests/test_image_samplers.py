@@ -105,6 +105,7 @@ def test_guidance_formula_and_schedules():
   np.testing.assert_allclose(S.confidence_noise(5.0, 3), [5.0, 2.5, 0.0])
 
 
+@pytest.mark.slow
 def test_guided_logits_combine_the_doubled_batch(maskgit):
   """The sampler's guided logits == (1 + w) cond - w uncond from two separate passes."""
   model, params = maskgit
@@ -126,6 +127,7 @@ def test_guided_logits_combine_the_doubled_batch(maskgit):
 
 
 @pytest.mark.parametrize("sampler,cfg_w,bucket", [("halton", 2.0, 8), ("confidence", 0.0, 16)])
+@pytest.mark.slow
 def test_efficient_pgm_equals_full_length_token_for_token(pgm, sampler, cfg_w, bucket):
   model, params = pgm
   labels = np.asarray([0, 1, 2])
@@ -140,6 +142,7 @@ def test_efficient_pgm_equals_full_length_token_for_token(pgm, sampler, cfg_w, b
   assert len(np.unique(codes)) > 2  # a random, peaked model: not a constant image
 
 
+@pytest.mark.slow
 def test_maskgit_samples_every_code(maskgit):
   model, params = maskgit
   res = S.image_sample(params, [0, 1], model=model, sampler="confidence", steps=3, seed=0,
@@ -149,6 +152,7 @@ def test_maskgit_samples_every_code(maskgit):
   assert (res.tokens[:, 0] == BOS).all()
 
 
+@pytest.mark.slow
 def test_compilations_are_bounded_and_do_not_grow_with_steps(pgm):
   """Programs traced (lowering only: nothing runs) on a 6x6 grid with 8-token buckets: at
   most 2 L / bucket per run for the efficient PGM, whatever S; one for the full length."""

@@ -59,6 +59,7 @@ def _batch(seed=0):
 
 @pytest.mark.parametrize("kind", ["pgm", "mdlm", "ar"])
 @pytest.mark.parametrize("chunk", [6, 10])  # with and without a padded last chunk
+@pytest.mark.slow
 def test_chunked_target_log_probs_equal_full_logits(kind, chunk):
   tokens, group, valid = _batch()
   cfg = _cfg(kind)
@@ -99,6 +100,7 @@ def _reference(kind):
 @pytest.mark.parametrize("kind,remat", [("pgm", "full"),
                                         ("pgm", "dots_with_no_batch_dims_saveable"),
                                         ("mdlm", "dots_with_no_batch_dims_saveable")])
+@pytest.mark.slow
 def test_remat_and_chunking_keep_loss_and_gradients(kind, remat):
   ref_loss, ref_grads = _reference(kind)
   loss, grads = _loss_and_grads(_cfg(kind, remat=remat, loss_chunk_len=8), kind)
@@ -111,6 +113,7 @@ def test_remat_and_chunking_keep_loss_and_gradients(kind, remat):
     assert np.max(np.abs(a - b)) <= 2e-4 * max(np.max(np.abs(b)), 1e-6)
 
 
+@pytest.mark.slow
 def test_sorted_layout_permutes_targets_not_logits():
   tokens, group, valid = _batch(2)
   cfg = _cfg("pgm", loss_chunk_len=8)

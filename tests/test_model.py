@@ -101,6 +101,7 @@ def _embedding_jacobian_norms(model, params, tokens, group, train=False):
     *[(mode, "random") for mode in QUERY_MODES],
     *[("learn+freqs+mean", s) for s in ("all_group0", "all_group1", "single")],
 ])
+@pytest.mark.slow
 def test_no_information_flows_within_a_group(query_mode, split):
   model = PartitionDiT(_tiny(query_mode=query_mode))
   params = _init(model)
@@ -116,6 +117,7 @@ def test_no_information_flows_within_a_group(query_mode, split):
   assert np.all(norms[~same] > 0.0)
 
 
+@pytest.mark.slow
 def test_no_information_flow_with_dropout():
   model = PartitionDiT(_tiny(dropout=0.3))
   params = _init(model)
@@ -157,6 +159,7 @@ def test_mdlm_dit_sees_everything():
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("query_mode", QUERY_MODES)
+@pytest.mark.slow
 def test_packed_inference_matches_training_layout(query_mode):
   model = PartitionDiT(_tiny(query_mode=query_mode))
   params = _init(model, batch=2)

@@ -108,6 +108,7 @@ def test_sort_by_group_layout():
     ("gpu", "same_group", 64, 32, 16, 32, True),
     ("gpu", "other_group", 128, 16, 16, 64, False),
 ])
+@pytest.mark.slow
 def test_sorted_group_kernels_match_oracle(backend, kind, length, bq, bk, d, padded):
   rng = np.random.default_rng(length + bq + bk)
   g = partitions(length, bq, rng)
@@ -165,6 +166,7 @@ def test_causal_and_full_kernels_match_oracle():
 
 
 @pytest.mark.parametrize("kind", ["other_group", "packed"])
+@pytest.mark.slow
 def test_tpu_interpreter(kind):
   """The Mosaic kernels under the stricter TPU interpreter (scalar prefetch in SMEM,
   VMEM scratch, uninitialised memory = NaN)."""
@@ -297,6 +299,7 @@ def _op(impl, **kw):
 
 
 @pytest.mark.parametrize("lq,lk,bq,bk", [(7, 24, 128, 128), (8, 48, 128, 16), (7, 24, 4, 16)])
+@pytest.mark.slow
 def test_op_pads_sampler_shapes(lq, lk, bq, bk):
   """The op with impl=pallas (TPU lowering, interpreted) at the sampler's decode shapes:
   7 or 8 queries against packed keys (kv_length 0, short, full), blocks that do not
@@ -317,6 +320,7 @@ def test_op_pads_sampler_shapes(lq, lk, bq, bk):
     ("tpu", "other_group", 192, "tpu"),   # TPU interpreter, TPU tiles: keys 192 -> 256
     ("gpu", "other_group", 192, True),    # Triton tiles: 192 -> 256 (queries and keys)
 ])
+@pytest.mark.slow
 def test_sorted_groups_with_padding(backend, kind, length, interpret):
   """Sorted-layout group masks at lengths the blocks do not tile: padded queries and
   keys join group 1 (after the split), so block skipping stays exact; padded keys are
@@ -417,6 +421,7 @@ def loss_and_grads(setup, params, model_cfg, batch, t_B, noise, sorted_layout=No
   return value, grads, logits, group
 
 
+@pytest.mark.slow
 def test_pgm_sorted_layout_and_pallas_match_xla():
   """The PGM train step's loss (as `steps.loss_terms`), its parameter gradients and the
   logits, three ways in one jit: impl="xla" in the original layout (reference), impl="xla"
@@ -451,6 +456,7 @@ def test_pgm_sorted_layout_and_pallas_match_xla():
       assert rel_err(g, r) < 1e-4, (jax.tree_util.keystr(path), rel_err(g, r))
 
 
+@pytest.mark.slow
 def test_whole_train_step_pallas_matches_xla():
   """`steps.train_step` (optimizer, clipping, EMA included) with config.attn.impl=pallas and
   the sorted layout vs impl=xla: same loss (rtol 1e-5) and updated parameters (atol 1e-6:
@@ -525,6 +531,8 @@ print("SHARDED_OK", out_p.sharding.spec)
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_pallas_under_shard_map_on_a_mesh(tmp_path):
   """On an 8-device (2, 2, 2) mesh the kernel runs per shard under jax.shard_map (batch
   over data/fsdp, heads over tensor) and matches the dense oracle, forward and grads;
@@ -541,6 +549,7 @@ def test_pallas_under_shard_map_on_a_mesh(tmp_path):
   assert "SHARDED_OK" in res.stdout
 
 
+@pytest.mark.slow
 def test_efficient_sampler_pallas_matches_xla():
   """The efficient PGM samplers with attn_impl="pallas" (interpreted, blocks 16) give
   the same tokens as with "xla" at a scaled-down paper bucket pattern: L = 48, encoder

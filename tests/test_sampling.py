@@ -56,6 +56,7 @@ def _plan(prompt, steps, seed=0):
 
 @pytest.mark.parametrize("steps", [5, 23])
 @pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.slow
 def test_efficient_uniform_equals_naive(pgm, steps, conditional):
   model, params = pgm
   prompt = _infill_prompt() if conditional else samplers.unconditional_prompt(2, L, BOS)
@@ -69,6 +70,7 @@ def test_efficient_uniform_equals_naive(pgm, steps, conditional):
   assert len(np.unique(eff.tokens[:, 1:])) > 3
 
 
+@pytest.mark.slow
 def test_non_uniform_forced_to_uniform_schedule_equals_uniform(pgm):
   model, params = pgm
   prompt = _infill_prompt()
@@ -81,6 +83,7 @@ def test_non_uniform_forced_to_uniform_schedule_equals_uniform(pgm):
 
 
 @pytest.mark.parametrize("sampler", samplers.PGM_SAMPLERS + samplers.MDLM_SAMPLERS)
+@pytest.mark.slow
 def test_known_tokens_kept_and_no_mask_in_output(pgm, mdlm, sampler):
   prompt = _infill_prompt()
   if sampler in samplers.PGM_SAMPLERS:
@@ -107,6 +110,7 @@ def test_non_uniform_schedule_counts():
   assert list(uni[:, 0][:3]) == [8, 8, 8] and uni[-1, 0] == 7 and len(uni) == 128
 
 
+@pytest.mark.slow
 def test_compilations_are_bounded_and_do_not_grow_with_steps(pgm):
   model, params = pgm
   prompt = samplers.unconditional_prompt(2, L, BOS)
@@ -125,6 +129,7 @@ def test_compilations_are_bounded_and_do_not_grow_with_steps(pgm):
   assert again.compiles == 0
 
 
+@pytest.mark.slow
 def test_mdlm_compiles_once_for_any_steps(mdlm):
   model, params = mdlm
   prompt = samplers.unconditional_prompt(2, L, BOS)
@@ -134,6 +139,7 @@ def test_mdlm_compiles_once_for_any_steps(mdlm):
     assert res.compiles == 1
 
 
+@pytest.mark.slow
 def test_ddpm_cache_equals_ddpm_with_fewer_passes(mdlm):
   model, params = mdlm
   prompt = samplers.unconditional_prompt(2, L, BOS)
@@ -157,6 +163,7 @@ def test_top_p_and_temperature():
   assert cold[0, 0] > 0.5
 
 
+@pytest.mark.slow
 def test_exact_flops_quadratic_fit_matches_direct_lowering(pgm):
   model, params = pgm
   prompt = samplers.unconditional_prompt(2, L, BOS)

@@ -197,6 +197,7 @@ def small():
   return model, state_dict, vq.VQTokenizer(jax.tree.map(jnp.asarray, params), SMALL)
 
 
+@pytest.mark.slow
 def test_matches_torch_forward(small):
   model, _, tok = small
   rng = np.random.default_rng(0)
@@ -224,6 +225,7 @@ def test_matches_torch_forward(small):
   assert err_img < 1e-4 * max(1.0, float(np.abs(ref_img).max())), err_img
 
 
+@pytest.mark.slow
 def test_chunked_code_search_equals_one_block(small):
   _, _, tok = small
   z = jax.random.normal(jax.random.key(1), (1000, 8))
@@ -239,6 +241,7 @@ def test_full_size_parameter_count_matches_llamagen_vq8():
   assert flax_count == torch_count == 70_109_835
 
 
+@pytest.mark.slow
 def test_npz_and_pt_files_load_the_same(small, tmp_path):
   model, state_dict, tok = small
   pt = str(tmp_path / "vq_small.pt")
@@ -255,6 +258,7 @@ def test_npz_and_pt_files_load_the_same(small, tmp_path):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_converter_cli_and_errors(small, tmp_path, capsys):
   _, state_dict, _ = small
   pt = str(tmp_path / "vq.pt")
