@@ -200,3 +200,9 @@ def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antit
 def dummy_tokens(batch_size: int, seq_len: int):
   return jnp.zeros((batch_size, seq_len), jnp.int32)
 
+
+def dit_init_args(batch_size: int, seq_len: int) -> tuple[tuple, dict]:
+  """`model.init` inputs of the DiT (MDLM and AR): tokens, and the sigma that only a
+  time-conditioned MDLM reads."""
+  return (dummy_tokens(batch_size, seq_len),), {"sigma_B": jnp.zeros((batch_size,))}
+

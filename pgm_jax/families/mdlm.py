@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from pgm_jax import objectives
-from pgm_jax.families.base import Family, dummy_tokens
+from pgm_jax.families.base import Family, dit_init_args
 from pgm_jax.models.dit import DiT
 from pgm_jax.samplers import mdlm as mdlm_samplers
 
@@ -24,8 +24,7 @@ class MDLMFamily(Family):
     return DiT(model_cfg)
 
   def init_args(self, batch_size, seq_len):
-    # sigma is read only by a time-conditioned MDLM
-    return (dummy_tokens(batch_size, seq_len),), {"sigma_B": jnp.zeros((batch_size,))}
+    return dit_init_args(batch_size, seq_len)
 
   def loss_terms(self, params, batch, t_B, noise_u_BxL, rngs, *, model, mask_id, train,
                  sampling_eps, objective="auto", attend_to_padding=False):
