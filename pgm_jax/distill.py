@@ -282,8 +282,9 @@ def heldout_loss(student_params, teacher_params, tokens_BxL, valid_BxL, dt, rng,
 # ----------------------------------------------------------------------------
 
 def _step_dir(directory: str, key: str) -> epath.Path:
-  """The latest step folder of a workdir, its checkpoints/ folder, or a step folder."""
-  path = epath.Path(directory)
+  """The latest step folder (absolute) of a workdir, its checkpoints/ folder, or a step
+  folder; relative local paths are made absolute against the working directory."""
+  path = epath.Path(checkpointing.absolute(directory))
   if not path.is_dir():
     raise ValueError(f"{key}: {directory} does not exist")
   if (path / "checkpoints").is_dir():
@@ -314,7 +315,8 @@ def start_from_teacher(setup) -> DistillState:
     raise ValueError(f"{key}: {e}") from None
   finally:
     manager.close()
-  params = checkpointing.restore_params(os.fspath(step_dir), setup.abstract_state.params)
+  params = checkpointing.restore_params(os.fspath(step_dir), setup.abstract_state.params,
+                                        flag=key)
   dt = initial_dt(setup.config)
 
   def build(p):

@@ -139,7 +139,8 @@ def restore_or_init(setup: experiment.Setup, manager, train_iter, rng):
     src_dir = ckpt.init_params_from
     if not epath.Path(src_dir).is_dir():
       raise ValueError(f"config.ckpt.init_params_from: {src_dir} does not exist")
-    params = checkpointing.restore_params(src_dir, setup.abstract_state.params)
+    params = checkpointing.restore_params(src_dir, setup.abstract_state.params,
+                                          flag="config.ckpt.init_params_from")
     logging.info("Initialised params (EMA weights) from %s", src_dir)
     # Jitted with the state's shardings: an eager tx.init would put Optax's `count` on one
     # device, and the train step may not transfer it.

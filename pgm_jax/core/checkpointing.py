@@ -35,14 +35,21 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint does not fit the config (not a corruption: no fallback)."""
 
 
+def absolute(path) -> str:
+  """A local path made absolute against the working directory (Orbax refuses relative
+  ones); URLs (gs://bucket/run) stay as they are: every host must write to the same place."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def checkpoint_dir(workdir: str) -> str:
-  # URLs (gs://bucket/run) stay as they are: every host must write to the same place.
-  base = workdir if "://" in workdir else os.path.abspath(workdir)
-  return os.path.join(base, "checkpoints")
+  return os.path.join(absolute(workdir), "checkpoints")
 
 
 def make_manager(directory: str, ckpt_config=None, *, read_only: bool = False
                  ) -> ocp.CheckpointManager:
+  """The one Orbax manager of a checkpoint folder (relative local paths are fine)."""
+  directory = absolute(directory)
   kwargs = {}
   if ckpt_config is not None:
     kwargs = dict(max_to_keep=ckpt_config.max_to_keep,
@@ -196,14 +203,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter=Non
 
 
 def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
-                   step: Optional[int] = None):
+                   step: Optional[int] = None, flag: str = "config.ckpt.init_params_from"):
   """One parameter tree (`key`: "ema_params" or "params") of a checkpoint's state.
 
-  `directory` is a workdir, its `checkpoints/` folder, or a step folder; the latest
-  step is used unless `step` is given. Optimizer state is not read.
+  `directory` is a workdir, its `checkpoints/` folder, or a step folder (relative local
+  paths are fine); the latest step is used unless `step` is given. Optimizer state is not
+  read. Errors name `flag`, the config key or flag that gave `directory`.
   """
   _drop_closed_loop_callbacks()
-  path = epath.Path(directory)
+  path = epath.Path(absolute(directory))
   if (path / "checkpoints").exists():
     path = path / "checkpoints"
   if (path / "state").exists():
@@ -212,7 +220,7 @@ def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
     manager = make_manager(os.fspath(path), read_only=True)
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise ValueError(f"config.ckpt.init_params_from: no checkpoint found in {directory}")
+      raise ValueError(f"{flag}: no checkpoint found in {directory}")
     step_dir = path / str(step)
   target = {key: abstract_params}
   restore_args = jax.tree.map(
@@ -224,6 +232,7 @@ def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
 
 
 def latest_step(directory: str) -> Optional[int]:
+  directory = absolute(directory)
   if not epath.Path(directory).is_dir():
     return None
   return make_manager(directory, read_only=True).latest_step()
