@@ -3,7 +3,7 @@
   atomic_write_text(path, text)  tmp file in the same folder, fsync, rename over `path`
   atomic_write_bytes(path, data) (the same for bytes):
                                  a crash or a full disk leaves the old file or the new one,
-                                 never a truncated mix
+                                 never a truncated mix; the file's mode follows the umask
   check_writable_dir(path, flag) one-line ValueError naming `flag` when `path` is a file,
                                  cannot be created, or cannot be written; called before any
                                  work starts, so that nothing is computed and then lost
@@ -28,8 +28,25 @@ def atomic_write_text(path: str, text: str) -> None:
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def current_umask() -> int:
+  """The process's umask, read without changing it (Linux: /proc/self/status), else by
+  the os.umask round trip."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` atomically, as `atomic_write_text` (PNG grids, .npz files)."""
+  """Writes `data` to `path` atomically, as `atomic_write_text` (PNG grids, .npz files).
+  The file gets the mode a plain `open(path, "w")` would give it (0o666 less the umask),
+  not the temporary file's private 0o600."""
   path = os.fspath(path)
   if is_url(path):
     epath.Path(path).write_bytes(data)
@@ -37,6 +54,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~current_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

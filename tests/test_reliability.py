@@ -1,6 +1,10 @@
-"""Relative paths in every checkpoint key (config.ckpt.init_params_from, restore_from,
-config.distill.teacher_workdir, --workdir) are made absolute against the working
-directory: Orbax refuses relative ones ("Checkpoint path should be absolute")."""
+"""Reliability cases of issue 21 that need no training run.
+
+* Relative paths in every checkpoint key (config.ckpt.init_params_from, restore_from,
+  config.distill.teacher_workdir, --workdir) are made absolute against the working
+  directory: Orbax refuses relative ones ("Checkpoint path should be absolute").
+* Results files (config.json, eval.json, samples, bench.json, PNG grids) follow the umask.
+"""
 import os
 
 import jax
@@ -42,3 +46,21 @@ def test_a_missing_checkpoint_names_the_key(tmp_path, monkeypatch):
     checkpointing.restore_params("empty", target, flag="config.distill.teacher_workdir")
   with pytest.raises(ValueError, match="config.ckpt.init_params_from: no checkpoint found"):
     checkpointing.restore_params("empty", target)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_results_files_follow_the_umask(tmp_path, umask, mode):
+  """config.json, eval.json, samples, bench.json and PNG grids are written by
+  fileio.atomic_write_*: readable by whoever the umask lets read them, as metrics.jsonl."""
+  from pgm_jax.core import fileio  # pylint: disable=g-import-not-at-top
+  old = os.umask(umask)
+  try:
+    assert fileio.current_umask() == umask
+    fileio.atomic_write_text(str(tmp_path / "eval.json"), "{}")
+    fileio.atomic_write_bytes(str(tmp_path / "samples.png"), b"\x89PNG")
+    with open(tmp_path / "plain.txt", "w") as f:
+      f.write("x")
+  finally:
+    os.umask(old)
+  for name in ("eval.json", "samples.png", "plain.txt"):
+    assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
