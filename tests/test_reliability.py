@@ -64,3 +64,21 @@ def test_results_files_follow_the_umask(tmp_path, umask, mode):
     os.umask(old)
   for name in ("eval.json", "samples.png", "plain.txt"):
     assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+@pytest.mark.parametrize("key,value", [
+    ("sample.cfg_w", float("nan")), ("sample.cfg_w", -1.0), ("sample.cfg_w", 1e30),
+    ("sample.samples_per_class", 0), ("eval.samples_per_class", 0),
+    ("sample.temperature_min", float("inf")), ("sample.r_temp", -0.5)])
+def test_image_sampling_keys_are_checked_at_startup(key, value):
+  """A NaN guidance weight used to exit 0 with a black PNG grid; a zero count failed with
+  "need at least one array to concatenate". Now one line naming the key, before any work."""
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = load_config("digits", "tiny")
+  experiment.validate(config)                                    # the preset itself is fine
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=f"config.{key}=") as e:
+    experiment.validate(config)
+  assert "\n" not in str(e.value)

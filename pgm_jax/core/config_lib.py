@@ -212,7 +212,7 @@ def image_base_config() -> ml_collections.ConfigDict:
 
   c.sample.sampler = "auto"         # auto (= halton) | halton | confidence
   c.sample.steps = 32
-  c.sample.cfg_w = 0.0              # classifier-free guidance w (w_k = w k / (S - 1))
+  c.sample.cfg_w = 0.0              # classifier-free guidance w in [0, 20] (w_k = w k / (S - 1))
   c.sample.temperature = 1.0        # Halton: logits x linspace(temperature_min, temperature,
   c.sample.temperature_min = 1.0    # S)[k], x0.5 on step 0; confidence: logits x temperature
   c.sample.r_temp = 5.0             # confidence: Gumbel noise scale r_temp (1 - k / (S - 1))

@@ -23,6 +23,7 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import jax
@@ -36,6 +37,8 @@ from pgm_jax.models.layers import ModelConfig
 # token independently with probability t (the PGM partition): same group t^2 + (1-t)^2,
 # E = 2/3; other group 2 t (1 - t), E = 1/3.
 ALIVE_FRACTION = {"full": 1.0, "same_group": 2.0 / 3.0, "other_group": 1.0 / 3.0}
+# The largest classifier-free guidance weight config.sample.cfg_w accepts (images).
+MAX_CFG_W = 20.0
 
 
 class Family:
@@ -165,6 +168,23 @@ class ImageFamily(Family):
                        f"{int(m.get('num_classes', 0))}")
     if int(m.get("register", 0)) < 0:
       raise ValueError(f"config.model.register={int(m.get('register', 0))} must be >= 0")
+    self.validate_sampling(config)
+
+  def validate_sampling(self, config) -> None:
+    """The image sampling and evaluation keys (a NaN guidance weight would otherwise sample
+    code 0 everywhere and write a black grid, exit 0)."""
+    s = config.sample
+    if not (math.isfinite(s.cfg_w) and 0.0 <= s.cfg_w <= MAX_CFG_W):
+      raise ValueError(f"config.sample.cfg_w={s.cfg_w} must be finite and in [0, {MAX_CFG_W:g}] "
+                       f"(0 = no classifier-free guidance; the paper's runs use at most a few)")
+    for key in ("temperature_min", "r_temp"):
+      value = s.get(key, 1.0)
+      if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"config.sample.{key}={value} must be finite and >= 0")
+    for section in ("sample", "eval"):
+      count = config[section].get("samples_per_class", 1)
+      if int(count) < 1:
+        raise ValueError(f"config.{section}.samples_per_class={count} must be >= 1")
 
   def model_config_fields(self, config, *, vocab_size: int, mask_id: int) -> dict:
     # Images condition on a class embedding of width H (cond_dim = H, as the reference).
