@@ -155,6 +155,8 @@ def restore_or_init(setup: experiment.Setup, manager, train_iter, rng):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming automatically) and returns final metrics."""
   setup = experiment.make_setup(config)
+  if setup.family.is_image:
+    pipeline.check_label_classes(config.data, config.model.num_classes)
   fileio.check_writable_dir(workdir)  # every process: each writes its checkpoint shards
   t_cfg = config.train
   workdir = experiment.abspath(workdir)

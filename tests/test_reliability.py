@@ -82,3 +82,20 @@ def test_image_sampling_keys_are_checked_at_startup(key, value):
   with pytest.raises(ValueError, match=f"config.{key}=") as e:
     experiment.validate(config)
   assert "\n" not in str(e.value)
+
+
+def test_a_class_table_smaller_than_the_labels_is_refused(tmp_path):
+  """config.model.num_classes below the data's classes used to train into a NaN reported as
+  a learning-rate problem; now training and eval refuse it in one line."""
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from pgm_jax import train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = load_config("digits", "tiny")
+  assert pipeline.num_label_classes(config.data) == 10
+  pipeline.check_label_classes(config.data, 10)
+  assert pipeline.num_label_classes(load_config("shakespeare", "tiny").data) is None
+  config.model.num_classes = 6
+  with pytest.raises(ValueError, match=r"config.model.num_classes=6 is smaller than the 10 "
+                     r"classes of config.data.name='digits' \(labels 0..9\)"):
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()                  # refused before any work

@@ -155,9 +155,16 @@ def _digits_source(data_config, vocab: ImageVocab, split: str) -> grain.MapDatas
   return grain.MapDataset.source(_Indexed(images, labels)).map(GridToExample(vocab.bos_id))
 
 
+def _digits_classes(data_config) -> int:
+  path = data_config.get("digits_path", None) or DIGITS_PATH
+  return int(load_digits(path)[1].max()) + 1
+
+
 # config.data.name -> builder(data_config, vocab, split) -> MapDataset of example dicts with
 # "tokens" int32 [1 + G*G] (BOS first), "labels" int32 and "valid" bool [1 + G*G].
 IMAGE_SOURCES = {"digits": _digits_source}
+# config.data.name -> (data_config -> the number of classes its labels span).
+IMAGE_SOURCE_CLASSES = {"digits": _digits_classes}
 
 
 def build_source(data_config, vocab: ImageVocab, split: str) -> grain.MapDataset:

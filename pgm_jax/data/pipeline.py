@@ -342,6 +342,27 @@ def _imagenet_codes_source(data_config, split: str):
   return grain.MapDataset.source(src).map(imagenet.CodesToExample(seq_len, imagenet.BOS_ID))
 
 
+def num_label_classes(data_config):
+  """How many classes the labels of an image source span (labels are 0..n-1), or None for
+  text data."""
+  name = _get(data_config, "name", "shakespeare")
+  if name == "imagenet_codes":
+    data_dir = _resolve_dir(_get(data_config, "data_dir"), "config.data.data_dir")
+    return int(imagenet.read_meta(data_dir, int(_get(data_config, "seq_len")))["num_classes"])
+  if name in images.IMAGE_SOURCE_CLASSES:
+    return images.IMAGE_SOURCE_CLASSES[name](data_config)
+  return None
+
+
+def check_label_classes(data_config, num_classes: int) -> None:
+  """One line naming config.model.num_classes when the data has more classes than the
+  model's class table (a label >= num_classes would read the null class's row, or none)."""
+  n = num_label_classes(data_config)
+  if n is not None and int(num_classes) < n:
+    raise ValueError(f"config.model.num_classes={num_classes} is smaller than the {n} classes "
+                     f"of config.data.name={_get(data_config, 'name', None)!r} (labels 0..{n - 1})")
+
+
 def build_source(data_config, tokenizer, split: str) -> grain.MapDataset:
   """MapDataset of example dicts for split "train" or "validation" (no sharding/shuffling)."""
   if split not in ("train", "validation"):

@@ -27,7 +27,7 @@ import numpy as np
 
 from pgm_jax import experiment, families
 from pgm_jax.core import fileio
-from pgm_jax.data import images
+from pgm_jax.data import images, pipeline
 from pgm_jax.evaluation import digits_classifier, fid, perplexity
 from pgm_jax import sample as generate
 
@@ -112,6 +112,7 @@ def evaluate_images(config, workdir: str, *, setup=None, params=None, step=None)
   """Image metrics of the latest checkpoint (or `params`) -> WORKDIR/eval.json."""
   _check_metric(config)
   setup = setup or experiment.make_setup(config)
+  pipeline.check_label_classes(config.data, config.model.num_classes)
   if params is None:
     step, params = experiment.restore_eval_params(setup, workdir)
   result = {"step": step}
