@@ -153,13 +153,39 @@ def restore_or_init(setup: experiment.Setup, manager, train_iter, rng):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming automatically) and returns final metrics."""
+  """Trains `config` in `workdir` (resuming automatically) and returns final metrics.
+
+  One writer per workdir: process 0 holds `fileio.WorkdirLock` for the whole run, so a
+  second job on a workdir that a live job holds is refused in one line naming the holder
+  (a local workdir; an object-store URL cannot be locked this way)."""
   setup = experiment.make_setup(config)
   if setup.family.is_image:
     pipeline.check_label_classes(config.data, config.model.num_classes)
   fileio.check_writable_dir(workdir)  # every process: each writes its checkpoint shards
-  t_cfg = config.train
   workdir = experiment.abspath(workdir)
+  lock, refusal = None, None
+  if jax.process_index() == 0 and not fileio.is_url(workdir):
+    try:
+      lock = fileio.WorkdirLock(workdir)
+    except ValueError as e:
+      refusal = e
+  if jax.process_count() > 1:  # every process learns process 0's answer: none waits alone
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    held = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is None)))
+    if not held and refusal is None:
+      refusal = ValueError(f"--workdir={workdir} is in use by another job (process 0 found "
+                           f"{os.path.join(workdir, fileio.LOCK_NAME)} held)")
+  if refusal is not None:
+    raise refusal
+  try:
+    return _train_and_evaluate(config, workdir, setup)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
+  t_cfg = config.train
   is_host0 = jax.process_index() == 0
   train_iter = pipeline.build_train_iterator(
       config.data, setup.tokenizer, seed=config.seed, batch_size=t_cfg.batch_size,

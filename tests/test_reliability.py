@@ -4,6 +4,8 @@
   config.distill.teacher_workdir, --workdir) are made absolute against the working
   directory: Orbax refuses relative ones ("Checkpoint path should be absolute").
 * Results files (config.json, eval.json, samples, bench.json, PNG grids) follow the umask.
+* Image sampling keys and the class table are checked before any work.
+* One writer per workdir (`fileio.WorkdirLock`).
 """
 import os
 
@@ -99,3 +101,40 @@ def test_a_class_table_smaller_than_the_labels_is_refused(tmp_path):
                      r"classes of config.data.name='digits' \(labels 0..9\)"):
     train.train_and_evaluate(config, str(tmp_path / "wd"))
   assert not (tmp_path / "wd").exists()                  # refused before any work
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_one_writer_per_workdir(tmp_path):
+  """A second job on a workdir that a live job holds is refused in one line naming the
+  holder; a killed holder (kill -9) blocks nobody; the lock is released when training ends."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO_ROOT, load_config  # pylint: disable=g-import-not-at-top
+  from pgm_jax import train  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import fileio  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from pgm_jax.core import fileio; "
+       "lock = fileio.WorkdirLock(sys.argv[1]); print('held', flush=True); time.sleep(120)", wd],
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    config = load_config("shakespeare", "tiny")
+    config.train.num_steps = 2
+    with pytest.raises(ValueError, match=rf"--workdir={wd} is in use by another job \(host "
+                       rf"\S+, pid {holder.pid}, since ") as e:
+      train.train_and_evaluate(config, wd)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(os.path.join(wd, "checkpoints"))     # refused before any work
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  with fileio.WorkdirLock(wd):                     # the dead holder's lock blocks nobody
+    pass
+  train.train_and_evaluate(config, wd)
+  with fileio.WorkdirLock(wd):                     # and training released its own
+    pass

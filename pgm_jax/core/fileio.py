@@ -98,3 +98,52 @@ def check_writable_dir(path: str, flag: str = "--workdir", *, create: bool = Tru
     os.remove(probe)
   except OSError as e:
     raise ValueError(f"{flag}={path} is not writable ({e.strerror or e})") from None
+
+
+LOCK_NAME = ".pgm_jax.lock"
+
+
+class WorkdirLock:
+  """One writer per workdir: `WORKDIR/.pgm_jax.lock`, held with `fcntl.flock` by the one
+  process that writes the workdir's shared files (process 0 of a training job).
+
+  The kernel drops the lock when its holder exits, however it exits (kill -9 included), so a
+  crashed job never blocks the next one; the file's content (host, pid, since when) only
+  names the holder in the refusal. Read-only modes (eval, sample) do not take it.
+  """
+
+  def __init__(self, workdir: str, flag: str = "--workdir"):
+    import fcntl  # pylint: disable=g-import-not-at-top  # POSIX
+    import json  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    self.path = os.path.join(workdir, LOCK_NAME)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+      except ValueError:
+        holder = {}
+      os.close(fd)
+      raise ValueError(
+          f"{flag}={workdir} is in use by another job (host {holder.get('host', '?')}, pid "
+          f"{holder.get('pid', '?')}, since {holder.get('since', '?')}; {self.path}): stop it "
+          f"or choose another {flag}") from None
+    info = {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor drops the flock
+      self._fd = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
