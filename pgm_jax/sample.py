@@ -127,7 +127,10 @@ def image_decoder(config):
   if not path:
     raise ValueError("config.data.tokenizer_path: not set; name the VQ-8 weights "
                      "(vq_ds8_c2i.npz, see docs/images.md) to decode codes into images")
-  tokenizer = _vq_tokenizer(os.path.expanduser(path))
+  try:
+    tokenizer = _vq_tokenizer(os.path.expanduser(path))
+  except ValueError as e:
+    raise ValueError(f"config.data.tokenizer_path: {e}") from None
   if tokenizer.codebook_size != config.data.num_codes:
     raise ValueError(f"config.data.tokenizer_path={path}: a VQ with {tokenizer.codebook_size} "
                      f"codes cannot decode config.data.num_codes={config.data.num_codes} codes")

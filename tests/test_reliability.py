@@ -138,3 +138,24 @@ def test_one_writer_per_workdir(tmp_path):
   train.train_and_evaluate(config, wd)
   with fileio.WorkdirLock(wd):                     # and training released its own
     pass
+
+
+def test_malformed_zero_shot_lines_and_vq_files_name_their_file(tmp_path):
+  """A zero-shot .jsonl line that is a bare number, and a VQ .npz of the wrong kind, used to
+  end in "unexpected TypeError/KeyError"; now one line naming the file (and the key)."""
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from pgm_jax import sample  # pylint: disable=g-import-not-at-top
+  from pgm_jax.evaluation import zero_shot  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "set.jsonl"
+  path.write_text('{"text": "fine"}\n5\n')
+  with pytest.raises(ValueError, match=rf"config.eval.datasets: {path}:2 is a JSON int, not "
+                     r"an object with a 'text' field"):
+    zero_shot._read_jsonl([str(path)], "text", "config.eval.datasets")  # pylint: disable=protected-access
+  npz = tmp_path / "not_a_vq.npz"
+  np.savez(npz, codes=np.zeros(3))
+  config = load_config("digits", "tiny")
+  config.data.name = "imagenet_codes"
+  config.data.tokenizer_path = str(npz)
+  with pytest.raises(ValueError, match=rf"config.data.tokenizer_path: VQ weights: {npz} is not "
+                     r"a converted VQ-8 .npz"):
+    sample.image_decoder(config)

@@ -275,9 +275,19 @@ def test_converter_cli_and_errors(small, tmp_path, capsys):
     vq.load_params(pt, SMALL)
   with pytest.raises(ValueError, match="does not exist"):
     vq.load_params(str(tmp_path / "nope.pt"))
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as e:
     vq_tool.main(["--from", pt, "--to", str(tmp_path / "out.npz")])  # full-size config: no fit
-  assert "pgm_jax.tools.vq: error: --from=" in capsys.readouterr().err
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 1 and len(err) == 1 and err[0].startswith("pgm_jax.tools.vq: error: --from: ")
+  assert err[0].count("pgm_jax.tools.vq") == 1                          # said once
+  for bad in ("nope.pt", "wrong_kind.npz"):
+    if bad.endswith(".npz"):
+      np.savez(tmp_path / bad, codes=np.zeros(3))                          # an npz, not a VQ
+    with pytest.raises(SystemExit) as e:
+      vq_tool.main(["--from", str(tmp_path / bad), "--to", str(tmp_path / "out.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert ("does not exist" if bad == "nope.pt" else "is not a converted VQ-8 .npz") in err[0]
 
 
 def test_uint8_round_trip_helpers():

@@ -71,6 +71,9 @@ def _read_jsonl(paths: list[str], field: str, where: str) -> list[str]:
           record = json.loads(line)
         except ValueError as e:
           raise ValueError(f"{where}: {path}:{n} is not JSON ({e})") from None
+        if not isinstance(record, dict):
+          raise ValueError(f"{where}: {path}:{n} is a JSON {type(record).__name__}, not an "
+                           f"object with a {field!r} field")
         if field not in record:
           raise ValueError(f"{where}: {path}:{n} has no field {field!r} "
                            f"(fields: {sorted(record)})")

@@ -453,8 +453,13 @@ def load_params(path: str, cfg: VQConfig | None = None, *, unsafe_pickle: bool =
                      "conversion: python -m pgm_jax.tools.vq --from=vq_ds8_c2i.pt --to=vq.npz)")
   if path.endswith(".npz"):
     with np.load(path) as z:
-      saved = VQConfig(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in json.loads(bytes(z["__config__"]).decode()).items()})
+      try:
+        saved = VQConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in json.loads(bytes(z["__config__"]).decode()).items()})
+      except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"VQ weights: {path} is not a converted VQ-8 .npz (its __config__ "
+                         f"entry is missing or unreadable: {type(e).__name__}); convert "
+                         f"LlamaGen's vq_ds8_c2i.pt with python -m pgm_jax.tools.vq") from None
       cfg = cfg or saved
       params: dict = {}
       for key in z.files:
