@@ -30,6 +30,10 @@ from pgm_jax.core.metric_writers import MetricWriter
 from pgm_jax import sample as sample_lib
 
 
+# A NaN this many steps after a resume is blamed on the restored checkpoint first.
+RESUME_SUSPECT_STEPS = 3
+
+
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf; nothing after the last good checkpoint was saved."""
 
@@ -221,12 +225,25 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
 
   def check_finite(metrics, at_step):
     loss = float(jax.device_get(metrics.loss.total))
-    if not math.isfinite(loss):
-      where = (f"step {last_saved} in {manager.directory}" if last_saved is not None
-               else "none (no checkpoint was written)")
+    if math.isfinite(loss):
+      return
+    where = (f"step {last_saved} in {manager.directory}" if last_saved is not None
+             else "none (no checkpoint was written)")
+    if start_step > 0 and at_step - start_step <= RESUME_SUSPECT_STEPS:
+      # Right after a resume the restored step is as likely a culprit as the learning rate:
+      # damage that no checksum covered (a step saved before checksums existed).
+      earlier = [s for s in manager.all_steps() if s < start_step]
+      previous = (f"the previous kept step is {max(earlier)}: move {manager.directory}/"
+                  f"{start_step} aside to resume from it" if earlier
+                  else "no earlier step is kept")
       raise NonFiniteLossError(
-          f"non-finite training loss ({loss}) at step {at_step}; stopping without saving. "
-          f"Last good checkpoint: {where}. Try a lower config.opt.lr or config.opt.grad_clip.")
+          f"non-finite training loss ({loss}) at step {at_step}, {at_step - start_step} "
+          f"step(s) after resuming; stopping without saving. Last checkpoint: {where}, which "
+          f"may be damaged if the config did not change ({previous}); else try a lower "
+          f"config.opt.lr or config.opt.grad_clip.")
+    raise NonFiniteLossError(
+        f"non-finite training loss ({loss}) at step {at_step}; stopping without saving. "
+        f"Last good checkpoint: {where}. Try a lower config.opt.lr or config.opt.grad_clip.")
 
   def save(at_step, metrics):
     """Saves `at_step` unless it is already saved (Orbax refuses a second save of a step:
@@ -296,7 +313,7 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
                 agree_to_stop(preemption.requested))
         if stop:
           save(step, metrics)
-          manager.wait_until_finished()
+          checkpointing.wait(manager)
           logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
           history["preempted"] = True
           return history
@@ -304,7 +321,7 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
         check_finite(prev_metrics, step)
       if step > 0:
         save(step, None)
-      manager.wait_until_finished()
+      checkpointing.wait(manager)
 
       # After the loop SIGTERM still only sets the flag (exit 0, nothing saved twice); a
       # preempted job skips the end-of-training samples.
@@ -330,7 +347,7 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
         logging.info("Samples written to %s", path)
         history["samples"] = [s["text"] for s in samples]
   finally:
-    manager.wait_until_finished()
+    checkpointing.wait(manager)
     manager.close()
     writer.close()
   history["step"] = step

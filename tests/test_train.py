@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,9 +67,12 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), workdir)
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   before = sorted(os.listdir(ckpt_dir))
-  with pytest.raises(train.NonFiniteLossError, match=r"step 2 in .*checkpoints"):
+  with pytest.raises(train.NonFiniteLossError, match=r"step 2 in .*checkpoints") as e:
     train.train_and_evaluate(tiny_config(**{"train.num_steps": 8, "opt.lr": float("nan")}),
                              workdir)
+  # Within a few steps of a resume, the restored step is named as a suspect too.
+  assert re.search(r"\d step\(s\) after resuming", str(e.value)) and "may be damaged" in str(e.value)
+  assert "no earlier step is kept" in str(e.value)
   assert checkpointing.latest_step(ckpt_dir) == 2
   assert sorted(os.listdir(ckpt_dir)) == before
 

@@ -16,6 +16,8 @@ WORKDIR/corrupt_checkpoints/<step> (Orbax could not save that step again otherwi
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -62,14 +64,89 @@ def make_manager(directory: str, ckpt_config=None, *, read_only: bool = False
                      "data": grain.checkpoint.CheckpointHandler()})
 
 
+CHECKSUMS = "checksums.json"
+
+
+class ChecksumError(ValueError):
+  """A saved step whose files no longer match the checksums written when it was saved."""
+
+
+def _file_digests(step_dir: str) -> dict:
+  """{relative path: sha256 hex} of every file of a step's items (state/, data/): the
+  arrays and their indices; Orbax's own step metadata next to them is left out."""
+  out = {}
+  for folder, _, files in os.walk(step_dir):
+    for name in sorted(files):
+      path = os.path.join(folder, name)
+      rel = os.path.relpath(path, step_dir)
+      if os.sep not in rel:  # _CHECKPOINT_METADATA, commit_success.txt, checksums.json
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+          digest.update(block)
+      out[rel] = digest.hexdigest()
+  return out
+
+
+def write_checksums(manager: ocp.CheckpointManager) -> None:
+  """Writes STEP/checksums.json (sha256 of every file) for each finished step that has
+  none. Process 0, local folders (an object store keeps its own checksums). Orbax's OCDBT
+  chunks carry none, so without these a flipped or zeroed block restores as valid."""
+  directory = os.fspath(manager.directory)
+  if jax.process_index() != 0 or "://" in directory:
+    return
+  for step in manager.all_steps():
+    step_dir = os.path.join(directory, str(step))
+    path = os.path.join(step_dir, CHECKSUMS)
+    if os.path.isdir(step_dir) and not os.path.exists(path):
+      body = json.dumps({"algorithm": "sha256", "files": _file_digests(step_dir)}, indent=0)
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+
+
+def verify_checksums(step_dir) -> bool:
+  """Raises ChecksumError naming the files of `step_dir` that differ from its checksums.json
+  (or are missing); False when the step has no checksums (saved before they existed, or
+  stopped between the save and the checksum), True when every file matches."""
+  step_dir = os.fspath(step_dir)
+  path = os.path.join(step_dir, CHECKSUMS)
+  if "://" in step_dir or not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      want = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ChecksumError(f"{path} is unreadable ({type(e).__name__})") from None
+  got = _file_digests(step_dir)
+  bad = sorted(rel for rel in want if got.get(rel) != want[rel])
+  if bad:
+    raise ChecksumError(f"{len(bad)} file(s) of {step_dir} differ from the checksums written "
+                        f"when it was saved (damaged on disk or in a copy): {bad[:3]}")
+  return True
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the in-flight save, then checksums every finished step."""
+  manager.wait_until_finished()
+  write_checksums(manager)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *,
          wait: bool = False) -> None:
+  """Saves `step` (async unless `wait`); the steps finished before it get their checksums
+  (a new save starts only once the previous one is committed)."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
   if wait:
     manager.wait_until_finished()
+  write_checksums(manager)
 
 
 def _path_str(path) -> str:
@@ -107,8 +184,10 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state,
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
-  """Restores (state, data_iter) at `step` onto the shardings of `abstract_state`."""
+  """Restores (state, data_iter) at `step` onto the shardings of `abstract_state`, after
+  checking the step's files against its checksums (ChecksumError if they differ)."""
   _drop_closed_loop_callbacks()
+  verify_checksums(manager.directory / str(step))
   check_compatible(manager, step, abstract_state)
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   has_data = (manager.directory / str(step) / "data").exists()
@@ -222,6 +301,10 @@ def restore_params(directory: str, abstract_params, *, key: str = "ema_params",
     if step is None:
       raise ValueError(f"{flag}: no checkpoint found in {directory}")
     step_dir = path / str(step)
+  try:
+    verify_checksums(step_dir)
+  except ChecksumError as e:
+    raise ValueError(f"{flag}: {e}") from None
   target = {key: abstract_params}
   restore_args = jax.tree.map(
       lambda s: ocp.ArrayRestoreArgs(sharding=getattr(s, "sharding", None)), target)
