@@ -122,3 +122,29 @@ def test_notebook_cells_compile_and_read_the_knobs_set_above():
   text = "\n".join(sources)
   for knob in ("WORKDIR", "JUDGE", "STEPS", "SAMPLES", "CONFIG"):
     assert f"PGM_NOTEBOOK_{knob}" in text, knob
+
+
+def test_notebook_finds_the_quick_start_workdir_and_says_before_training(
+    tmp_path, monkeypatch, capsys):
+  """Run headless from notebooks/, it looks for the quick start's REPO/workdirs/pgm (not
+  notebooks/workdirs), prints which workdir it uses, and says so before it would train."""
+  for key in ("PGM_NOTEBOOK_WORKDIR", "PGM_NOTEBOOK_JUDGE"):
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.chdir(os.path.join(REPO_ROOT, "notebooks"))
+  cells = list(_code_cells(os.path.join(REPO_ROOT, "notebooks", "pgm_jax_colab.ipynb")))
+  namespace = {"__name__": "__notebook__"}
+  for source in cells[:2]:                                          # install check, settings
+    exec(compile(source, "pgm_jax_colab.ipynb", "exec"), namespace)  # pylint: disable=exec-used
+  if not os.path.isdir("/content"):
+    assert namespace["WORKDIR"] == os.path.join(REPO_ROOT, "workdirs", "pgm")
+  assert f"WORKDIR = {namespace['WORKDIR']}" in capsys.readouterr().out
+  calls = []
+  from pgm_jax import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(main, "run", lambda argv: calls.append(
+      ("train", argv, capsys.readouterr().out)))
+  namespace["WORKDIR"] = str(tmp_path / "empty")                   # no checkpoint there
+  exec(compile(cells[2], "pgm_jax_colab.ipynb", "exec"), namespace)  # pylint: disable=exec-used
+  assert len(calls) == 1
+  _, argv, said_before = calls[0]
+  assert f"--workdir={tmp_path / 'empty'}" in argv
+  assert f"No checkpoint in {tmp_path / 'empty'}: training the embedded default" in said_before
