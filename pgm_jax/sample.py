@@ -25,9 +25,27 @@ from pgm_jax.samplers.common import make_prompt, parse_prompt, split_prompt
 from pgm_jax.samplers.image import image_sample
 
 
+class SamplingStopped(RuntimeError):
+  """`should_stop()` turned true (a SIGTERM) while sampling: nothing is returned."""
+
+
+def _stoppable(progress, should_stop):
+  """`progress`, also raising SamplingStopped at a step where `should_stop()` holds."""
+  if should_stop is None:
+    return progress
+
+  def wrapped(k, total):
+    if should_stop():
+      raise SamplingStopped(f"stopped at sampling step {k}/{total}")
+    if progress is not None:
+      progress(k, total)
+
+  return wrapped
+
+
 def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_steps: int, seed: int,
                      sampler: str | None = None, prompts: tuple[str, ...] = (),
-                     progress=None) -> list[dict]:
+                     progress=None, should_stop=None) -> list[dict]:
   """Samples as dicts {text, tokens, sampler, steps, seed, prompt}, in batches of
   config.sample.batch_size (each batch seeded with seed + batch index)."""
   cfg = setup.config
@@ -35,7 +53,10 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
   length = cfg.data.seq_len
   out = []
   batch_size = max(1, min(cfg.sample.batch_size, num_samples))
+  step_progress = _stoppable(progress, should_stop)
   for first in range(0, num_samples, batch_size):
+    if should_stop is not None and should_stop():
+      raise SamplingStopped(f"stopped after {first} of {num_samples} samples")
     n = min(batch_size, num_samples - first)
     batch_prompts = [prompts[(first + i) % len(prompts)] for i in range(n)] if prompts else []
     prompt = make_prompt(batch_prompts, n, setup.tokenizer, length)
@@ -43,7 +64,7 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
     result = setup.family.sample_text(
         params, prompt, model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
         mask_id=setup.mask_id, top_p=cfg.sample.top_p, temperature=cfg.sample.temperature,
-        bucket_size=cfg.sample.bucket_size, progress=progress)
+        bucket_size=cfg.sample.bucket_size, progress=step_progress)
     for i, row in enumerate(result.tokens):
       out.append({"text": setup.tokenizer.decode(row.tolist()), "tokens": row.tolist(),
                   "sampler": sampler, "steps": num_steps, "seed": batch_seed,
@@ -79,7 +100,7 @@ def read_prompts(config) -> tuple[str, ...]:
 
 def generate_images(setup: experiment.Setup, params, labels, *, num_steps: int, seed: int,
                     sampler: str | None = None, cfg_w: float | None = None,
-                    progress=None) -> np.ndarray:
+                    progress=None, should_stop=None) -> np.ndarray:
   """Class-conditional token grids int32 [len(labels), 1 + G*G] ([BOS] + codes), in batches
   of config.sample.batch_size (batch i seeded with seed + i)."""
   cfg = setup.config
@@ -88,12 +109,15 @@ def generate_images(setup: experiment.Setup, params, labels, *, num_steps: int, 
   labels = np.asarray(labels, np.int32)
   batch_size = max(1, min(cfg.sample.batch_size, len(labels)))
   out = []
+  step_progress = _stoppable(progress, should_stop)
   for first in range(0, len(labels), batch_size):
+    if should_stop is not None and should_stop():
+      raise SamplingStopped(f"stopped after {first} of {len(labels)} images")
     result = image_sample(
         params, labels[first:first + batch_size], model=setup.model, sampler=sampler,
         steps=num_steps, seed=seed + first // batch_size, grid=cfg.data.grid, cfg_w=cfg_w,
         temperature=cfg.sample.temperature, temperature_min=cfg.sample.temperature_min,
-        r_temp=cfg.sample.r_temp, bucket_size=cfg.sample.bucket_size, progress=progress)
+        r_temp=cfg.sample.r_temp, bucket_size=cfg.sample.bucket_size, progress=step_progress)
     out.append(result.tokens)
   return np.concatenate(out)
 
@@ -173,7 +197,7 @@ def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: st
 
 
 def sample_images(config, workdir: str, *, setup=None, params=None, step=None,
-                  prefix: str = "samples") -> dict:
+                  prefix: str = "samples", should_stop=None) -> dict:
   """Image configs: config.sample.samples_per_class samples of each of `grid_classes`, with
   config.sample.{sampler, steps, cfg_w} -> WORKDIR/PREFIX.{png,npz}. Without `params`, the
   latest checkpoint's."""
@@ -188,7 +212,7 @@ def sample_images(config, workdir: str, *, setup=None, params=None, step=None,
   sampler = families.resolve_sampler(config)
   started = time.time()
   tokens = generate_images(setup, params, labels, num_steps=config.sample.steps,
-                           seed=config.sample.seed, sampler=sampler)
+                           seed=config.sample.seed, sampler=sampler, should_stop=should_stop)
   seconds = time.time() - started
   info = {"sampler": sampler, "steps": config.sample.steps, "cfg_w": config.sample.cfg_w,
           "classes": classes, "samples_per_class": cols, "checkpoint_step": step,

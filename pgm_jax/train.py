@@ -8,6 +8,7 @@ Evaluation (`--mode=eval`) is `pgm_jax.evaluation.evaluate`, sampling (`--mode=s
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
@@ -102,6 +103,34 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def _evaluated_steps(workdir: str) -> set:
+  """The steps that metrics.jsonl holds a validation row for."""
+  steps = set()
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # a line cut by a crash
+        if isinstance(row, dict) and "val/ppl" in row and "step" in row:
+          steps.add(int(row["step"]))
+  except OSError:
+    pass
+  return steps
+
+
+def _eval_missed_at_resume(workdir: str, start_step: int, t_cfg) -> bool:
+  """Whether the resumed step is an eval step whose eval never ran (decided by process 0,
+  whose metrics.jsonl it is, and shared: the eval is collective)."""
+  due = start_step > 0 and (start_step % t_cfg.eval_every == 0 or start_step == t_cfg.num_steps)
+  missed = due and start_step not in _evaluated_steps(workdir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    missed = bool(multihost_utils.broadcast_one_to_all(np.int32(missed)))
+  return missed
 
 
 # Progress/ETA by hand, not clu.periodic_actions.ReportProgress/Profile: clu.periodic_actions
@@ -256,9 +285,21 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
     checkpointing.save(manager, at_step, state, train_iter)
     last_saved = at_step
 
+  def run_eval(at_step):
+    val = perplexity.run_validation(setup, experiment.eval_params(state), eval_fn)
+    writer.write_scalars(at_step, {"val/nll": val["val_nll"], "val/ppl": val["val_ppl"]})
+    logging.info("step %d | val_ppl %.3f (%d tokens)", at_step, val["val_ppl"],
+                 val["val_tokens"])
+    history.update({f"val/{k[4:]}": v for k, v in val.items()})
+
   agree_to_stop = _StopAgreement(setup.mesh) if jax.process_count() > 1 else None
   try:
     with _Preemption() as preemption:
+      if _eval_missed_at_resume(workdir, start_step, t_cfg):
+        # A stop (SIGTERM) on an eval step saved the step and skipped its eval: run it now,
+        # or a run stopped on its last step would never report its final val PPL.
+        logging.info("Step %d was saved without its evaluation: evaluating it now.", start_step)
+        run_eval(start_step)
       while step < t_cfg.num_steps:
         local = next(train_iter)
         batch = sharding.global_batch(local, setup.batch_sharding)
@@ -300,11 +341,7 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
         # several processes must all run the eval or none (it is collective).
         stopping = agree_to_stop is None and preemption.requested
         if (step % t_cfg.eval_every == 0 or step == t_cfg.num_steps) and not stopping:
-          val = perplexity.run_validation(setup, experiment.eval_params(state), eval_fn)
-          writer.write_scalars(step, {"val/nll": val["val_nll"], "val/ppl": val["val_ppl"]})
-          logging.info("step %d | val_ppl %.3f (%d tokens)", step, val["val_ppl"],
-                       val["val_tokens"])
-          history.update({f"val/{k[4:]}": v for k, v in val.items()})
+          run_eval(step)
 
         # SIGTERM may reach only some hosts: agree on it before anyone saves and stops, or
         # the others hang (one step late, without blocking: see _StopAgreement). save()
@@ -326,16 +363,27 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
       # After the loop SIGTERM still only sets the flag (exit 0, nothing saved twice); a
       # preempted job skips the end-of-training samples.
       final = config.train.num_final_samples > 0 and not preemption.requested
-      if final and setup.family.is_image:
-        # A PNG grid (one row per class) and the codes: samples_step<N>.{png,npz}.
-        history["samples"] = sample_lib.sample_images(config, workdir, setup=setup,
-                                           params=experiment.eval_params(state), step=step,
-                                           prefix=f"samples_step{step}")
-      elif final:
-        # Every process runs the sampler (params are global arrays); only process 0 writes.
-        samples = sample_lib.generate_samples(setup, experiment.eval_params(state),
-                                   num_samples=config.train.num_final_samples,
-                                   num_steps=config.sample.steps, seed=config.sample.seed)
+      # One process stops its final samples at a SIGTERM (between sampler steps and batches;
+      # the checkpoint is already saved). Several processes sample collectively: they finish.
+      should_stop = (lambda: preemption.requested) if jax.process_count() == 1 else None
+      try:
+        if final and setup.family.is_image:
+          # A PNG grid (one row per class) and the codes: samples_step<N>.{png,npz}.
+          history["samples"] = sample_lib.sample_images(
+              config, workdir, setup=setup, params=experiment.eval_params(state), step=step,
+              prefix=f"samples_step{step}", should_stop=should_stop)
+          final = False
+        elif final:
+          # Every process runs the sampler (params are global arrays); only process 0 writes.
+          samples = sample_lib.generate_samples(
+              setup, experiment.eval_params(state), num_samples=config.train.num_final_samples,
+              num_steps=config.sample.steps, seed=config.sample.seed, should_stop=should_stop)
+      except sample_lib.SamplingStopped as e:
+        logging.warning("SIGTERM during the final samples: %s; none written (the checkpoint of "
+                        "step %d is saved).", e, step)
+        history["preempted"] = True
+        final = False
+      if final:
         path = os.path.join(workdir, f"samples_step{step}.txt")
         if is_host0:
           experiment.write_text(path, "".join(

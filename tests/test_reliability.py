@@ -201,3 +201,25 @@ def test_checksums_catch_silent_damage_and_the_previous_step_is_used(tmp_path, c
   assert os.path.isdir(tmp_path / "corrupt_checkpoints" / "2")          # quarantined, kept
   assert sorted(os.listdir(directory)) == ["1"]
 
+
+
+def test_a_stop_request_ends_sampling_between_steps():
+  """The final samples of a run stop at a SIGTERM (train passes `should_stop`): checked
+  before each batch and at every step of the PGM sampler."""
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from pgm_jax import experiment, sample  # pylint: disable=g-import-not-at-top
+  config = load_config("shakespeare", "tiny")
+  setup = experiment.make_setup(config)
+  params = experiment.init_state(setup, jax.random.key(0)).ema_params
+  kw = dict(num_samples=2, num_steps=4, seed=0)
+  assert len(sample.generate_samples(setup, params, should_stop=lambda: False, **kw)) == 2
+  with pytest.raises(sample.SamplingStopped, match="after 0 of 2 samples"):
+    sample.generate_samples(setup, params, should_stop=lambda: True, **kw)
+  asked = []
+
+  def stop_after_the_first_step():
+    asked.append(1)
+    return len(asked) > 2   # the batch check, step 1, then stop at step 2
+
+  with pytest.raises(sample.SamplingStopped, match="stopped at sampling step 2/"):
+    sample.generate_samples(setup, params, should_stop=stop_after_the_first_step, **kw)

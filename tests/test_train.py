@@ -272,14 +272,21 @@ def test_checkpoint_before_eval_sigterm_in_eval_and_corrupt_resume(tmp_path, mon
     saves.append(step)
     real_save(manager, step, *args, **kwargs)
 
+  evals = []
+
   def sigterm_then_eval(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)
+    evals.append(1)
+    if len(evals) == 2:  # the first is step 2's eval, which the crash skipped: run on resume
+      os.kill(os.getpid(), signal.SIGTERM)
     return real_validation(*args, **kwargs)
 
   monkeypatch.setattr(checkpointing, "save", counting_save)
   monkeypatch.setattr(perplexity, "run_validation", sigterm_then_eval)
   history = train.train_and_evaluate(cfg(6), workdir)
   assert history.get("preempted") and saves == [4]      # step 4 saved once, then stopped
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    val_steps = [r["step"] for r in map(json.loads, f) if "val/ppl" in r]
+  assert val_steps == [2, 4]          # the eval a stop (here a crash) skipped ran on resume
 
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   for path in glob.glob(os.path.join(ckpt_dir, "4", "state", "**", "d", "*"), recursive=True):
