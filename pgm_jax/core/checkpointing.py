@@ -71,6 +71,14 @@ class ChecksumError(ValueError):
   """A saved step whose files no longer match the checksums written when it was saved."""
 
 
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def _file_digests(step_dir: str) -> dict:
   """{relative path: sha256 hex} of every file of a step's items (state/, data/): the
   arrays and their indices; Orbax's own step metadata next to them is left out."""
@@ -79,13 +87,8 @@ def _file_digests(step_dir: str) -> dict:
     for name in sorted(files):
       path = os.path.join(folder, name)
       rel = os.path.relpath(path, step_dir)
-      if os.sep not in rel:  # _CHECKPOINT_METADATA, commit_success.txt, checksums.json
-        continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-          digest.update(block)
-      out[rel] = digest.hexdigest()
+      if os.sep in rel:  # not _CHECKPOINT_METADATA, commit_success.txt, checksums.json
+        out[rel] = _sha256(path)
   return out
 
 
@@ -122,8 +125,10 @@ def verify_checksums(step_dir) -> bool:
       want = json.load(f)["files"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ChecksumError(f"{path} is unreadable ({type(e).__name__})") from None
-  got = _file_digests(step_dir)
-  bad = sorted(rel for rel in want if got.get(rel) != want[rel])
+  # Exactly the files the checksums list: each must still be there, with the same bytes.
+  bad = sorted(rel for rel, digest in want.items()
+               if not os.path.isfile(os.path.join(step_dir, rel))
+               or _sha256(os.path.join(step_dir, rel)) != digest)
   if bad:
     raise ChecksumError(f"{len(bad)} file(s) of {step_dir} differ from the checksums written "
                         f"when it was saved (damaged on disk or in a copy): {bad[:3]}")
