@@ -11,6 +11,7 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   model_config_fields(config, vocab_size, mask_id) -> dict   ModelConfig fields it sets
   build_model(model_cfg)                 the Flax module
   init_args(batch_size, seq_len)         (args, kwargs) of `model.init` (shapes only matter)
+  init_params(model, rng)                unboxed parameters (bench, plan)
   train_times(rng, batch, config)        -> (t_B, batch): the per-example time of a train step
   eval_times(rng, batch_size, config, data_parallel) -> t_B
   loss_terms(params, batch, t_B, noise_u_BxL, rngs, ...) -> objectives.LossTerms
@@ -20,6 +21,7 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   attention_layers(model_cfg, seq_len)   (mask kind, alive fraction) per attention layer (plan)
   sampler_program(...)                   one sampler program to compile in plan mode
   torch_name(flax_path)                  the reference state-dict name of a parameter (convert)
+  step_flops(model_cfg, ...)             analytic FLOPs of one image sampling step (image bench)
 """
 from __future__ import annotations
 
