@@ -6,12 +6,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pgm_jax import objectives
-from pgm_jax.families.base import Family, dit_init_args
-from pgm_jax.models.dit import DiT
+from pgm_jax.families.base import DiTFamily
 from pgm_jax.samplers import ar as ar_samplers
 
 
-class ARFamily(Family):
+class ARFamily(DiTFamily):
   name = "ar"
   samplers = ar_samplers.AR_SAMPLERS
   default_sampler = "ar"
@@ -21,12 +20,6 @@ class ARFamily(Family):
   def model_config_fields(self, config, *, vocab_size, mask_id):
     return dict(super().model_config_fields(config, vocab_size=vocab_size, mask_id=mask_id),
                 causal=True)
-
-  def build_model(self, model_cfg):
-    return DiT(model_cfg)
-
-  def init_args(self, batch_size, seq_len):
-    return dit_init_args(batch_size, seq_len)
 
   def loss_terms(self, params, batch, t_B, noise_u_BxL, rngs, *, model, mask_id, train,
                  sampling_eps, objective="auto", attend_to_padding=False):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from pgm_jax import objectives
 from pgm_jax.io.torch_names import flax_path_to_torch_name
+from pgm_jax.models.dit import DiT
 from pgm_jax.models.layers import ModelConfig
 
 # Expected fraction of (query, key) pairs a mask lets through when t ~ U[0, 1] masks each
@@ -223,8 +224,14 @@ def dummy_tokens(batch_size: int, seq_len: int):
   return jnp.zeros((batch_size, seq_len), jnp.int32)
 
 
-def dit_init_args(batch_size: int, seq_len: int) -> tuple[tuple, dict]:
-  """`model.init` inputs of the DiT (MDLM and AR): tokens, and the sigma that only a
-  time-conditioned MDLM reads."""
-  return (dummy_tokens(batch_size, seq_len),), {"sigma_B": jnp.zeros((batch_size,))}
+class DiTFamily(Family):
+  """Families whose network is the DiT over the full sequence (MDLM, and AR with causal
+  attention): the same module and the same `model.init` inputs (tokens, and the sigma that
+  only a time-conditioned MDLM reads)."""
+
+  def build_model(self, model_cfg: ModelConfig):
+    return DiT(model_cfg)
+
+  def init_args(self, batch_size: int, seq_len: int) -> tuple[tuple, dict]:
+    return (dummy_tokens(batch_size, seq_len),), {"sigma_B": jnp.zeros((batch_size,))}
 

@@ -7,24 +7,17 @@ import jax
 import jax.numpy as jnp
 
 from pgm_jax import objectives
-from pgm_jax.families.base import Family, dit_init_args
-from pgm_jax.models.dit import DiT
+from pgm_jax.families.base import DiTFamily
 from pgm_jax.samplers import mdlm as mdlm_samplers
 
 
-class MDLMFamily(Family):
+class MDLMFamily(DiTFamily):
   name = "mdlm"
   samplers = mdlm_samplers.MDLM_SAMPLERS
   default_sampler = "ddpm_cache"
   train_objectives = ("auto", "complement-mdlm")
   distillable = True
   time_conditioning = True
-
-  def build_model(self, model_cfg):
-    return DiT(model_cfg)
-
-  def init_args(self, batch_size, seq_len):
-    return dit_init_args(batch_size, seq_len)
 
   def loss_terms(self, params, batch, t_B, noise_u_BxL, rngs, *, model, mask_id, train,
                  sampling_eps, objective="auto", attend_to_padding=False):
