@@ -66,6 +66,14 @@ class _StopAgreement:
     return previous is not None and bool(jax.device_get(previous))
 
 
+def _any_process(flag: bool) -> bool:
+  """`flag` on any process (a blocking all-gather; `flag` itself with one process)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.max(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def make_train_step(setup: experiment.Setup):
   """The train step jitted with explicit in/out shardings, donating the state: SDTT's
   `distill.distill_step` when config.distill.enabled.
@@ -361,11 +369,21 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
       checkpointing.wait(manager)
 
       # After the loop SIGTERM still only sets the flag (exit 0, nothing saved twice); a
-      # preempted job skips the end-of-training samples.
-      final = config.train.num_final_samples > 0 and not preemption.requested
-      # One process stops its final samples at a SIGTERM (between sampler steps and batches;
-      # the checkpoint is already saved). Several processes sample collectively: they finish.
-      should_stop = (lambda: preemption.requested) if jax.process_count() == 1 else None
+      # preempted job skips the end-of-training samples. Several processes sample
+      # collectively and the signal may reach only some: all must decide alike.
+      final = config.train.num_final_samples > 0 and not _any_process(preemption.requested)
+      # A SIGTERM stops the final samples between sampler steps and batches (the checkpoint
+      # is already saved); several processes agree on it at each check (every process makes
+      # the same checks, so they stop at the same one).
+      if agree_to_stop is None:
+        should_stop = lambda: preemption.requested
+      else:
+        agree_to_stop_sampling = _StopAgreement(setup.mesh)
+        should_stop = lambda: agree_to_stop_sampling(preemption.requested)
+      if final:
+        logging.info("Final samples: %d, %d sampler steps each (SIGTERM stops them; the "
+                     "checkpoint of step %d is saved)", config.train.num_final_samples,
+                     config.sample.steps, step)
       try:
         if final and setup.family.is_image:
           # A PNG grid (one row per class) and the codes: samples_step<N>.{png,npz}.

@@ -443,6 +443,129 @@ def test_explicit_coordinator_needs_process_count_and_id():
                            "PGM_JAX_PROCESS_ID": "2"})
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
+def test_sigterm_to_one_process_stops_the_final_samples_of_both(tmp_path):
+  """The final samples are collective: a SIGTERM that reaches one process during them stops
+  both at the same sampler step (they agree at each step), exit 0, no samples written, the
+  checkpoint kept. Before, the signalled process went on to the end (should_stop was off
+  with several processes)."""
+  if not _gloo_available():
+    pytest.skip("this jaxlib has no gloo CPU collectives")
+  base, workdir = str(tmp_path), str(tmp_path / "wd")
+  # 2 steps, then 400 samples one at a time: minutes of sampling unless the stop works.
+  ov = overrides(2, train__num_final_samples=400, sample__batch_size=1)
+  job = _Job(base, "final", workdir, ov, str(tmp_path / "jax_cache"))
+  _until(lambda: "Final samples: 400" in job.log(1), job, what="the final samples")
+  time.sleep(3)                                            # some sampler steps in
+  job.procs[1].send_signal(signal.SIGTERM)
+  assert job.wait(timeout=120) == [0, 0], [job.log(i)[-3000:] for i in range(NUM_PROCESSES)]
+  where = [[l.split("SIGTERM during the final samples: ")[1].split(";")[0]
+            for l in job.log(i).splitlines() if "SIGTERM during the final samples: " in l]
+           for i in range(NUM_PROCESSES)]
+  assert where[0] == where[1] and len(where[0]) == 1, where    # both at the same check
+  assert where[0][0].startswith("stopped "), where
+  assert not glob.glob(os.path.join(workdir, "samples_step*"))
+  assert saved_steps(workdir) == [2]
+
+
+def _restore_child(directory: str, bad_steps: str) -> None:
+  """One process of the restore agreement test: saves steps 2 and 4 of a small replicated
+  tree; process 1 then fails to restore `bad_steps` (comma-separated, or "all"), as a
+  host whose local copy is damaged would, and restore_latest runs on both processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from pgm_jax import main  # pylint: disable=g-import-not-at-top
+  from pgm_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
+  main.init_distributed(os.environ)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  manager = checkpointing.make_manager(directory)
+  for step in (2, 4):
+    value = np.full((4,), float(step), np.float32)
+    tree = {"w": jax.make_array_from_callback((4,), replicated, lambda index: value[index])}
+    checkpointing.save(manager, step, tree, wait=True)
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=replicated)}
+  kind, _, which = bad_steps.partition(":")
+  bad = lambda step: which == "all" or str(step) in which.split(",")
+  if jax.process_index() == 1 and kind == "read":      # fails before Orbax's restore barrier
+    real_restore = checkpointing.restore
+
+    def restore(mgr, step, *args, **kwargs):
+      if bad(step):
+        raise OSError(f"step {step} is damaged on this host")
+      return real_restore(mgr, step, *args, **kwargs)
+
+    checkpointing.restore = restore
+  if jax.process_index() == 1 and kind == "checksum":  # this host's copy differs
+    real_verify = checkpointing.verify_checksums
+
+    def verify_checksums(step_dir):
+      if bad(os.path.basename(os.fspath(step_dir))):
+        raise checkpointing.ChecksumError(f"{step_dir} differs on this host")
+      return real_verify(step_dir)
+
+    checkpointing.verify_checksums = verify_checksums
+  try:
+    step, state, _ = checkpointing.restore_latest(manager, abstract, move_bad=True)
+    print(f"RESULT restored {step} {float(np.asarray(state['w'].addressable_data(0))[0])}",
+          flush=True)
+  except ValueError as e:
+    print(f"RESULT error {e}", flush=True)
+  manager.close()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
+@pytest.mark.parametrize("bad_steps", ["read:4", "read:all", "checksum:4", "checksum:all"])
+def test_processes_agree_on_the_restored_step_or_all_fail(tmp_path, bad_steps):
+  """Process 1 alone cannot restore step 4 (a read error before Orbax's restore barrier, or
+  checksums that differ on its host): both restore step 2 and quarantine 4. Or process 1
+  restores no kept step: every process stops with an error. No process waits for the
+  others forever (the second case hung before)."""
+  if not _gloo_available():
+    pytest.skip("this jaxlib has no gloo CPU collectives")
+  port, directory = free_port(), str(tmp_path / "checkpoints")
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "restore", directory, bad_steps],
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      preexec_fn=_die_with_parent,
+      env=_env(PGM_JAX_COORDINATOR=f"127.0.0.1:{port}", PGM_JAX_NUM_PROCESSES="2",
+               PGM_JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=120)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("a process hung in restore_latest:\n" + "\n".join(
+          q.communicate()[0][-3000:] for q in procs))
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  results = [[l[len("RESULT "):] for l in out.splitlines() if l.startswith("RESULT ")]
+             for out in outputs]
+  assert all(len(r) == 1 for r in results), outputs
+  (first,), (second,) = results
+  if bad_steps.endswith(":4"):
+    assert first == second == "restored 2 2.0", outputs
+    assert sorted(os.listdir(tmp_path / "corrupt_checkpoints")) == ["4"]
+    assert sorted(os.listdir(directory)) == ["2"]
+  else:
+    for result in (first, second):                       # the same decision everywhere
+      assert result.startswith(f"error --workdir: no checkpoint in {directory} restores "
+                               "(step 4: "), outputs
+    assert "step 2: does not restore on another process" in first or "step 2: damaged as " \
+        "another process reads it" in first, first
+    assert "differs on this host" in second or "is damaged on this host" in second, second
+    assert sorted(os.listdir(directory)) == ["2", "4"]         # nothing moved or deleted
+
+
 if __name__ == "__main__":
   sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
-  _reference(sys.argv[1], int(sys.argv[2]))
+  if sys.argv[1] == "restore":
+    _restore_child(sys.argv[2], sys.argv[3])
+  else:
+    _reference(sys.argv[1], int(sys.argv[2]))

@@ -223,3 +223,106 @@ def test_a_stop_request_ends_sampling_between_steps():
 
   with pytest.raises(sample.SamplingStopped, match="stopped at sampling step 2/"):
     sample.generate_samples(setup, params, should_stop=stop_after_the_first_step, **kw)
+
+
+def test_an_out_of_space_save_is_one_line_naming_the_step_and_the_last_good_one(tmp_path):
+  """Orbax reports a full disk as a tensorstore ValueError ("RESOURCE_EXHAUSTED ... No space
+  left on device [os_error_code='28']"), from the save that failed or one save later (async),
+  and every writer thread and pending asyncio task logs its own traceback of it."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  tree = {"w": jnp.arange(6.0)}
+  manager = checkpointing.make_manager(str(tmp_path / "ckpt"))
+  try:
+    checkpointing.save(manager, 3, tree, wait=True)
+    full = ValueError("RESOURCE_EXHAUSTED: Error writing \"w/0\" in OCDBT database: Failed "
+                      "writing: No space left on device [os_error_code='28']")
+    assert checkpointing.is_disk_full(full)
+    assert checkpointing.is_disk_full(OSError(28, "No space left on device"))
+    assert not checkpointing.is_disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory"))
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = full
+    assert checkpointing.is_disk_full(wrapped)
+
+    def raise_full(*args, **kwargs):
+      raise full
+
+    real_save = manager.save
+    manager.save = raise_full
+    with pytest.raises(checkpointing.DiskFullError) as e:
+      checkpointing.save(manager, 6, tree)
+    message = str(e.value)
+    assert message.startswith(f"no space left on the device while saving checkpoint step 6 "
+                              f"to {tmp_path / 'ckpt'} (")
+    assert "last complete checkpoint: step 3" in message and "\n" not in message
+    assert e.value.errno == 28 and isinstance(e.value, OSError)   # cli.guarded: one line
+    manager.save = real_save
+    other = ValueError("a bug, not a full disk")
+
+    def raise_other(*args, **kwargs):
+      raise other
+
+    manager.save = raise_other
+    with pytest.raises(ValueError, match="a bug, not a full disk"):
+      checkpointing.save(manager, 6, tree)               # anything else goes through as is
+  finally:
+    manager.save = real_save
+    manager.close()
+
+  # The tracebacks Orbax's threads and asyncio log for it are dropped; other errors are kept.
+  records = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      records.append(record.getMessage())
+
+  handler = Keep()
+  logging.getLogger().addHandler(handler)
+  try:
+    for logger_name in ("absl", "asyncio"):
+      for error in (full, ValueError("something else")):
+        try:
+          raise error
+        except ValueError:
+          if logger_name == "absl":
+            absl_logging.exception("writer thread failed: %s", error)
+          else:
+            logging.getLogger("asyncio").error("Task exception was never retrieved",
+                                               exc_info=True)
+  finally:
+    logging.getLogger().removeHandler(handler)
+  assert records == ["writer thread failed: something else", "Task exception was never retrieved"]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_full_disk_ends_training_in_one_line(tmp_path):
+  """A real full disk (a 1 MiB tmpfs; needs root, skipped otherwise): one error line that
+  names the step and the folder, exit 1, no traceback (there were 126 before)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if (os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+      capture_output=True).returncode != 0):
+    pytest.skip("needs root to mount a small tmpfs")
+  try:
+    wd = disk / "wd"
+    run = subprocess.run(
+        [sys.executable, "-m", "pgm_jax.main", "--config=configs/shakespeare.py:tiny",
+         f"--workdir={wd}", "--config.train.num_steps=4", "--config.ckpt.every_steps=2",
+         "--config.train.num_final_samples=0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu"))
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+  ours = [l for l in run.stderr.splitlines() if l.startswith("pgm_jax:")]
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr, run.stderr[-3000:]
+  assert len(ours) == 1 and ours[0].startswith(
+      f"pgm_jax: error: no space left on the device while saving checkpoint step 2 to "
+      f"{wd}/checkpoints ("), ours
+  assert "last complete checkpoint: none" in ours[0]

@@ -16,9 +16,12 @@ WORKDIR/corrupt_checkpoints/<step> (Orbax could not save that step again otherwi
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging as logging_std
 import os
+import shutil
 import sys
 import time
 from typing import Optional
@@ -135,9 +138,93 @@ def verify_checksums(step_dir) -> bool:
   return True
 
 
+class DiskFullError(OSError):
+  """A save that ran out of space (or quota): one line that names the folder, what is free
+  and the last complete step, instead of Orbax's tracebacks from every writer thread."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.errno = errno.ENOSPC
+
+
+_DISK_FULL_TEXT = ("No space left on device", "os_error_code='28'", "Disk quota exceeded",
+                   "os_error_code='122'")
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """An out-of-space error, raised directly or wrapped by tensorstore/Orbax (a ValueError
+  "RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']")."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(text in str(error) for text in _DISK_FULL_TEXT):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _DropDiskFullTracebacks(logging_std.Filter):
+  """Drops log records that carry an out-of-space exception: every Orbax writer thread
+  and every pending asyncio task logs its own traceback of the same full disk (over a
+  hundred), before and after the one line `wait`/`save` raise for it."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and is_disk_full(exc))
+
+
+_DISK_FULL_FILTER = _DropDiskFullTracebacks()
+
+
+def _quiet_disk_full_logs() -> None:
+  _drop_closed_loop_callbacks()
+  for name in ("absl", "asyncio"):  # Orbax logs through absl; "Task exception was never..."
+    logger = logging_std.getLogger(name)
+    if _DISK_FULL_FILTER not in logger.filters:
+      logger.addFilter(_DISK_FULL_FILTER)
+
+
+def _free_mib(directory: str) -> str:
+  try:
+    usage = shutil.disk_usage(directory)
+  except OSError:
+    return "unknown"
+  return f"{usage.free / 2**20:.0f} MiB"
+
+
+_IN_FLIGHT: dict = {}  # id(manager) -> the step of its last save (async saves fail later)
+
+
+def _saving(manager: ocp.CheckpointManager, step, fn):
+  """Runs a save or a wait; an out-of-space failure becomes one DiskFullError line. A
+  failure can surface one save late (an async save fails in the background; the next
+  save or wait reports it): the message names the step that was being written."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except  # re-raised unless out of space
+    if not is_disk_full(e):
+      raise
+    directory = os.fspath(manager.directory)
+    manager.reload()
+    committed = manager.all_steps()
+    failed = _IN_FLIGHT.pop(id(manager), None)
+    if failed is None or failed in committed:  # the previous save went through: this one
+      failed = step
+    done = [s for s in committed if s != failed]
+    last = f"step {max(done)}" if done else "none"
+    what = f"checkpoint step {failed}" if failed is not None else "a checkpoint"
+    raise DiskFullError(
+        f"no space left on the device while saving {what} to {directory} "
+        f"({_free_mib(directory)} free; last complete checkpoint: {last}). Free space or "
+        f"lower config.ckpt.max_to_keep, then rerun the same command to resume") from None
+
+
 def wait(manager: ocp.CheckpointManager) -> None:
   """Waits for the in-flight save, then checksums every finished step."""
-  manager.wait_until_finished()
+  _saving(manager, None, manager.wait_until_finished)
+  _IN_FLIGHT.pop(id(manager), None)
   write_checksums(manager)
 
 
@@ -145,12 +232,16 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *,
          wait: bool = False) -> None:
   """Saves `step` (async unless `wait`); the steps finished before it get their checksums
   (a new save starts only once the previous one is committed)."""
+  _quiet_disk_full_logs()
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
+  _saving(manager, step, lambda: manager.save(step, args=ocp.args.Composite(**items),
+                                              force=True))
+  _IN_FLIGHT[id(manager)] = step
   if wait:
-    manager.wait_until_finished()
+    _saving(manager, step, manager.wait_until_finished)
+    _IN_FLIGHT.pop(id(manager), None)
   write_checksums(manager)
 
 
@@ -188,11 +279,14 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state,
           f"config.data.tokenizer_path)")
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None, *,
+            verify: bool = True):
   """Restores (state, data_iter) at `step` onto the shardings of `abstract_state`, after
-  checking the step's files against its checksums (ChecksumError if they differ)."""
+  checking the step's files against its checksums (ChecksumError if they differ; `verify`
+  False when the caller has just checked them)."""
   _drop_closed_loop_callbacks()
-  verify_checksums(manager.directory / str(step))
+  if verify:
+    verify_checksums(manager.directory / str(step))
   check_compatible(manager, step, abstract_state)
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   has_data = (manager.directory / str(step) / "data").exists()
@@ -202,30 +296,73 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   return restored["state"], (restored["data"] if "data" in items else None)
 
 
-def _agree_on_step(step: int) -> int:
-  """The smallest of every process's `step` (all processes must restore the same step)."""
+def _any_process(flags) -> np.ndarray:
+  """Element-wise OR of a bool vector over every process (a collective; as is with one)."""
+  flags = np.asarray(flags, np.int32)
   if jax.process_count() == 1:
-    return step
+    return flags.astype(bool)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return int(np.min(multihost_utils.process_allgather(np.asarray(step, np.int64))))
+  return np.max(multihost_utils.process_allgather(flags), axis=0).astype(bool)
+
+
+class _RestoreFailed(Exception):
+  """A step that does not restore on this process or on another one."""
+
+
+def _is_barrier_mismatch(error: BaseException) -> bool:
+  return isinstance(error, AssertionError) and "sync_global_devices name mismatch" in str(error)
+
+
+def _restore_on_every_process(manager, step, abstract_state, data_iter):
+  """restore() where all processes learn whether every process restored `step`.
+
+  Orbax ends a restore with a barrier (a device collective). A process whose read fails
+  never reaches it, and the others would wait there forever: the failed process joins it
+  with a barrier of another name, which fails it on every process (a name mismatch is an
+  error everywhere), so everyone leaves. Then one collective tells all who failed."""
+  result, error = None, None
+  try:
+    result = restore(manager, step, abstract_state, data_iter, verify=False)
+  except CheckpointMismatchError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # a damaged step: decided below
+    error = e
+    if jax.process_count() > 1 and not _is_barrier_mismatch(e):
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        multihost_utils.sync_global_devices(f"pgm_jax: step {step} failed to restore")
+      except AssertionError:
+        pass
+  if _any_process([error is not None])[0]:
+    here = error is not None and not _is_barrier_mismatch(error)
+    raise _RestoreFailed(f"{type(error).__name__}: {cli.one_line(error)}" if here
+                         else "does not restore on another process")
+  return result
+
+
+def _is_closed_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
 def _drop_closed_loop_callbacks() -> None:
-  """After a failed Orbax restore, tensorstore callbacks still pending for it hit the
-  closed event loop and report "RuntimeError: Event loop is closed" through
-  sys.unraisablehook (hundreds of tracebacks, harmless). Drop those, keep the rest."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_pgm_jax", False):
+  """After a failed Orbax save or restore, tensorstore callbacks still pending for it hit
+  the closed event loop and report "RuntimeError: Event loop is closed" through
+  sys.unraisablehook or sys.excepthook (hundreds of tracebacks, harmless). Drop those,
+  keep the rest."""
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+  if getattr(previous_unraisable, "_pgm_jax", False):
     return
 
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-      return
-    previous(unraisable)
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop(unraisable.exc_value):
+      previous_unraisable(unraisable)
 
-  hook._pgm_jax = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
+  def except_hook(exc_type, exc, tb):
+    if not _is_closed_loop(exc):
+      previous_except(exc_type, exc, tb)
+
+  unraisable_hook._pgm_jax = True  # pylint: disable=protected-access
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int) -> str:
@@ -253,27 +390,34 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter=Non
   warning naming it, and the previous kept step is tried. With `move_bad` (training, which
   will save those steps again) the bad steps are moved to corrupt_checkpoints/, not deleted.
   If no step restores: a one-line ValueError naming `key` and the newest step's error.
+
+  With several processes every decision is collective, so all restore the same step or all
+  fail: each process checks every step's checksums (a host may read a damaged copy) and a
+  step is tried only if it verifies on all; a step whose restore fails on any process is
+  given up by all (`_restore_on_every_process`).
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
-  failed = []
+  damaged_here = {}
   for step in steps:
     try:
-      state, data = restore(manager, step, abstract_state, data_iter)
-    except CheckpointMismatchError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  # corrupt: try the previous step
-      failed.append((step, cli.one_line(e)))
-      logging.warning("Checkpoint %s/%d does not restore (%s: %s)%s", manager.directory, step,
-                      type(e).__name__, cli.one_line(e)[:300],
-                      "; trying the previous kept step" if step != steps[-1] else "")
+      verify_checksums(manager.directory / str(step))
+    except ChecksumError as e:
+      damaged_here[step] = f"ChecksumError: {cli.one_line(e)}"
+  damaged = _any_process([s in damaged_here for s in steps])
+  failed = []
+  for step, is_damaged in zip(steps, damaged):
+    try:
+      if is_damaged:
+        raise _RestoreFailed(damaged_here.get(step, "damaged as another process reads it"))
+      state, data = _restore_on_every_process(manager, step, abstract_state, data_iter)
+    except _RestoreFailed as e:
+      failed.append((step, str(e)))
+      logging.warning("Checkpoint %s/%d does not restore (%s)%s", manager.directory, step,
+                      str(e)[:300], "; trying the previous kept step" if step != steps[-1]
+                      else "")
       continue
-    agreed = _agree_on_step(step)
-    if agreed != step:  # another process could not read this step
-      failed.extend((s, "not restorable on another process") for s in steps if agreed < s <= step)
-      state, data = restore(manager, agreed, abstract_state, data_iter)
-      step = agreed
     for bad, _ in failed:
       where = quarantine(manager, bad) if move_bad else None
       logging.warning(
