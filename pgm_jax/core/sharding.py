@@ -74,6 +74,13 @@ def put_replicated(x, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(replicated(mesh), np.asarray(x))
 
 
+def put_sharded(x, named: NamedSharding) -> jax.Array:
+  """A host value that is the same on every process -> a global array laid out as `named`
+  (each process puts the slices its devices hold)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, named, lambda index: x[index])
+
+
 def host_value(x) -> np.ndarray:
   """A jax.Array as a numpy array on every process: a value that spans processes and is
   not replicated is all-gathered first (every process must call this together then)."""

@@ -21,7 +21,8 @@ r"""FID and Inception Score of generated images, against reference statistics.
 Nothing is downloaded: the Inception weights come from a local file (docs/images.md).
 Feature extraction is data-parallel over the local devices; with several processes each
 passes its own images and the features are gathered (every process must pass the same
-number).
+number), or every process passes the same images and each extracts its share of every
+batch (`split_across_processes`: the FID of `--mode=eval`, equal to one process's).
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import time
 from typing import Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
@@ -176,32 +176,57 @@ def _batches(images, batch_size: int) -> Iterable[np.ndarray]:
         yield batch[i:i + batch_size]
 
 
+def _local_features(batch: np.ndarray, extractor, devices, data) -> tuple:
+  """Features of one batch on this process's devices (padded to a multiple of them)."""
+  n = batch.shape[0]
+  if n % len(devices):
+    pad = len(devices) - n % len(devices)
+    batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
+  pool, logit = extractor(jax.device_put(batch, data))
+  return np.asarray(pool, np.float64)[:n], np.asarray(logit, np.float64)[:n]
+
+
 def extract_features(images, extractor: inception.InceptionExtractor,
-                     batch_size: int = 200) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 200, *, split_across_processes: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
   """(pool [N, 2048], logits_unbiased [N, 1008]) as float64 numpy, all processes' images.
 
   `images`: uint8 or float [-1, 1] array [N, H, W, 3], or an iterable of such batches.
   Batches are padded to a multiple of the local device count and split over the devices.
+  With several processes, either each process passes its own images and the features are
+  gathered at the end (process 0's first), or, `split_across_processes`, every process
+  passes the same images and takes its contiguous share of every batch; each batch's
+  features are gathered in order, so the result equals one process's, row for row.
   """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   devices = jax.local_devices()
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  step = -(-int(batch_size) // len(devices)) * len(devices)
+  processes, rank = jax.process_count(), jax.process_index()
+  split = split_across_processes and processes > 1
+  per_batch = processes * len(devices) if split else len(devices)
+  step = -(-int(batch_size) // per_batch) * per_batch
   pools, logits = [], []
   for batch in _batches(images, step):
-    n = batch.shape[0]
     batch = np.asarray(batch)
-    if n % len(devices):
-      pad = len(devices) - n % len(devices)
-      batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
-    pool, logit = extractor(jax.device_put(batch, data))
-    pools.append(np.asarray(pool, np.float64)[:n])
-    logits.append(np.asarray(logit, np.float64)[:n])
+    n = batch.shape[0]
+    if not split:
+      pool, logit = _local_features(batch, extractor, devices, data)
+    else:  # my share, padded to the largest share; the gather restores the batch's order
+      share = -(-n // processes)
+      mine = batch[rank * share:(rank + 1) * share]
+      if mine.shape[0] < share:
+        filler = batch[-1:] if mine.shape[0] == 0 else mine[-1:]
+        mine = np.concatenate([mine, np.repeat(filler, share - mine.shape[0], axis=0)])
+      pool, logit = _local_features(mine, extractor, devices, data)
+      pool = np.asarray(multihost_utils.process_allgather(pool, tiled=True))[:n]
+      logit = np.asarray(multihost_utils.process_allgather(logit, tiled=True))[:n]
+    pools.append(pool)
+    logits.append(logit)
   if not pools:
     raise ValueError("images: no images")
   pool, logit = np.concatenate(pools), np.concatenate(logits)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if processes > 1 and not split:
     counts = multihost_utils.process_allgather(np.asarray([pool.shape[0]]))
     if len(set(np.asarray(counts).ravel().tolist())) != 1:
       raise ValueError(f"images: every process must pass the same number of images, got "
@@ -255,7 +280,8 @@ def _resolve_ref_stats(ref_stats, weights_path: str, batch_size: int, extractor)
 
 def fid_and_is(images_uint8, ref_stats, weights_path: str, *, batch_size: int = 200,
                splits: int = 10, overflow: str = "clip",
-               extractor: inception.InceptionExtractor | None = None) -> dict:
+               extractor: inception.InceptionExtractor | None = None,
+               split_across_processes: bool = False) -> dict:
   """FID against `ref_stats` and IS of generated images.
 
   images_uint8: uint8 [N, H, W, 3] (or float in [-1, 1]), or an iterable of such batches.
@@ -268,7 +294,8 @@ def fid_and_is(images_uint8, ref_stats, weights_path: str, *, batch_size: int = 
   extractor = extractor or inception.InceptionExtractor.from_file(weights_path, overflow=overflow)
   ref = _resolve_ref_stats(ref_stats, weights_path, batch_size, extractor)
   started = time.perf_counter()
-  pool, logits = extract_features(images_uint8, extractor, batch_size)
+  pool, logits = extract_features(images_uint8, extractor, batch_size,
+                                  split_across_processes=split_across_processes)
   seconds = time.perf_counter() - started
   scores = inception_score_splits(logits, splits)
   return {"fid": frechet_distance_of_features(pool, ref["mu"], ref["sigma"]),

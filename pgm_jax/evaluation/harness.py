@@ -41,6 +41,8 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from pgm_jax import experiment, objectives
+from pgm_jax.core import sharding
+from pgm_jax.samplers.common import device_put_fn
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -146,11 +148,16 @@ class Scorer:
       scored[:len(prefix)] = False                    # the context stays clean
     ts, us = self.draws(key, len(tokens))
     total = 0.0
-    rows = np.broadcast_to(tokens, (self.batch_size, len(tokens)))
+    # Data-parallel: the Monte Carlo rows are sharded over the mesh's batch axes.
+    put = device_put_fn(self.params, self.batch_size)
+    rows = put(np.broadcast_to(tokens, (self.batch_size, len(tokens))))
+    valid_dev, scored_dev = put(valid), put(scored)
+    ts, us = np.asarray(ts), np.asarray(us)
     for first in range(0, self.num_mc_samples, self.batch_size):
       chunk = slice(first, first + self.batch_size)
-      nll_B = self._elbo(self.params, rows, valid, scored, ts[chunk], us[chunk])
-      total += float(jnp.sum(nll_B))
+      nll_B = self._elbo(self.params, rows, valid_dev, scored_dev, put(ts[chunk]),
+                         put(us[chunk]))
+      total += float(np.sum(sharding.host_value(nll_B)))
     per_sample = total / self.num_mc_samples
     if self.likelihood == "reference":
       per_sample /= len(prefix) + len(target)          # mean over the sequence's positions
@@ -161,15 +168,18 @@ class Scorer:
     n_p, n_t = len(prefix), len(target)
     query = np.zeros_like(valid)                       # the positions to predict
     query[n_p:n_p + n_t - 1] = True                    # continuation, its EOS excluded
-    preds = np.asarray(self._greedy(self.params, tokens[None], valid[None], query[None]))[0]
+    put = device_put_fn(self.params, 1)
+    preds = sharding.host_value(self._greedy(self.params, put(tokens[None]), put(valid[None]),
+                                             put(query[None])))[0]
     return bool(np.all(preds[query] == tokens[query]))
 
   def _ar_score(self, prefix, target) -> tuple[float, bool]:
     tokens, valid = self._padded(prefix + target)
     scored = np.zeros_like(valid)
     scored[len(prefix):len(prefix) + len(target)] = True
-    logp, greedy = self._ar(self.params, tokens[None], valid[None])
-    logp, greedy = np.asarray(logp)[0], np.asarray(greedy)[0]
+    put = device_put_fn(self.params, 1)
+    logp, greedy = self._ar(self.params, put(tokens[None]), put(valid[None]))
+    logp, greedy = sharding.host_value(logp)[0], sharding.host_value(greedy)[0]
     # position i predicts token i + 1
     hit = scored[1:]
     return float(logp[hit].sum()), bool(np.all(greedy[hit] == tokens[1:][hit]))

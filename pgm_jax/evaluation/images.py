@@ -13,7 +13,9 @@ config.eval.metric:
   "fid" (ImageNet): `fid` and `inception_score` (10 splits) of the samples decoded by the
       VQ-8 decoder (config.data.tokenizer_path), against config.eval.fid_ref_stats, with the
       Inception weights of config.eval.fid_weights (pgm_jax.evaluation.fid). Samples are
-      decoded and scored batch by batch; images/s times the sampler alone. One process.
+      decoded and scored batch by batch; images/s times the sampler alone. With several
+      processes the sampler is data-parallel and each process runs Inception on its share
+      of every batch (`fid.extract_features(split_across_processes=True)`).
 Also: the validation loss (val_nll = mean cross-entropy per code, as in training).
 """
 from __future__ import annotations
@@ -61,8 +63,6 @@ def _check_metric(config):
       if not config.eval.get(key):
         raise ValueError(f"config.eval.{key}: not set (config.eval.metric='fid'; the files "
                          "are listed in docs/images.md)")
-    if jax.process_count() > 1:
-      raise ValueError("config.eval.metric='fid' runs on one process")
 
 
 def sample_metrics(setup: experiment.Setup, params, *, sampler: str, steps: int,
@@ -93,9 +93,12 @@ def sample_metrics(setup: experiment.Setup, params, *, sampler: str, steps: int,
   result = {"model": config.model.kind, "sampler": sampler, "steps": steps,
             "cfg_w": float(cfg_w), "num_samples": int(len(labels))}
   if config.eval.metric == "fid":
+    # Every process samples (data-parallel) and holds every batch; each runs Inception on
+    # its share of each batch and the features are gathered in order.
     scores = fid.fid_and_is((generate.decode_images(config, t) for t in batches()),
                             os.path.expanduser(config.eval.fid_ref_stats),
-                            os.path.expanduser(config.eval.fid_weights))
+                            os.path.expanduser(config.eval.fid_weights),
+                            split_across_processes=True)
     result.update(scores)
   else:
     tokens = np.concatenate(list(batches()))

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from pgm_jax import experiment, families, objectives
+from pgm_jax.core import sharding
 
 
 def unigram_entropy(token_ids) -> float:
@@ -43,29 +44,43 @@ def mean_entropy(samples) -> float:
 
 
 class _Judge:
-  """Scores token rows (each starting with the judge's BOS) with a causal LM."""
+  """Scores token rows (each starting with the judge's BOS) with a causal LM.
+
+  Data-parallel: the judge's parameters live on `mesh` (every device, every process) and
+  each batch of rows is sharded over its batch axes (`data`, `fsdp`), so each device scores
+  its share; the batch is padded with empty rows to a multiple of the data-parallel size.
+  The sums come back replicated, the same on every process (every process passes the same
+  rows and must call together)."""
   tokenizer = None
   seq_len = 0
   params = None
   step = None
+  mesh = None
 
   def _nll(self, params, tokens, valid):
     raise NotImplementedError
+
+  def _put_rows(self, x):
+    if self.mesh is None or (self.mesh.size == 1 and jax.process_count() == 1):
+      return jnp.asarray(x)
+    return sharding.put_sharded(x, sharding.batch_sharding(self.mesh))
 
   def _score_rows(self, rows, batch_size: int):
     """rows: lists of token ids starting with BOS. Returns (nll_sum, predicted tokens)."""
     total, count = 0.0, 0.0
     pad = self.tokenizer.pad_id
+    data_parallel = 1 if self.mesh is None else sharding.data_parallel_size(self.mesh)
+    padded = -(-batch_size // data_parallel) * data_parallel
     for first in range(0, len(rows), batch_size):
       chunk = rows[first:first + batch_size]
-      tokens = np.full((batch_size, self.seq_len), pad, np.int32)
-      valid = np.zeros((batch_size, self.seq_len), bool)
+      tokens = np.full((padded, self.seq_len), pad, np.int32)
+      valid = np.zeros((padded, self.seq_len), bool)
       for i, row in enumerate(chunk):
         row = row[:self.seq_len]
         tokens[i, :len(row)] = row
         valid[i, :len(row)] = True
-      s, c = jax.device_get(self._nll(self.params, jnp.asarray(tokens), jnp.asarray(valid)))
-      total, count = total + float(s), count + float(c)
+      s, c = self._nll(self.params, self._put_rows(tokens), self._put_rows(valid))
+      total, count = total + float(sharding.host_value(s)), count + float(sharding.host_value(c))
     return total, count
 
   def score_texts(self, texts, batch_size: int = 16) -> dict:
@@ -106,12 +121,24 @@ class ARJudge(_Judge):
                         ).exact_likelihood:
       raise ValueError(f"config.eval.judge_workdir: {workdir} holds a {kind!r} model; the "
                        f"judge must be a left-to-right model with an exact likelihood ('ar')")
-    self.setup = experiment.make_setup(config)
-    self.step, self.params = experiment.restore_eval_params(self.setup, workdir,
-                                                            key="config.eval.judge_workdir")
-    self.tokenizer = self.setup.tokenizer
-    self.seq_len = config.data.seq_len
-    model, mask_id = self.setup.model, self.setup.mask_id
+    setup = experiment.make_setup(config)
+    step, params = experiment.restore_eval_params(setup, workdir,
+                                                  key="config.eval.judge_workdir")
+    self._init(setup, params, step)
+
+  @classmethod
+  def from_setup(cls, setup: experiment.Setup, params, step=None) -> "ARJudge":
+    """A judge from an AR model already in memory (its params on `setup.mesh`)."""
+    judge = cls.__new__(cls)
+    judge._init(setup, params, step)
+    return judge
+
+  def _init(self, setup, params, step):
+    self.setup, self.params, self.step = setup, params, step
+    self.tokenizer = setup.tokenizer
+    self.seq_len = setup.config.data.seq_len
+    self.mesh = setup.mesh
+    model, mask_id = setup.model, setup.mask_id
 
     @jax.jit
     def nll(params, tokens, valid):
@@ -137,6 +164,10 @@ class GPT2Judge(_Judge):
                                                jnp.zeros((1, 8), jnp.int32))["params"])
     self.params = ocp.StandardCheckpointer().restore(
         os.path.join(os.path.abspath(directory), "params"), target)
+    # Replicated over every device of every process (data-parallel scoring).
+    self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    self.params = jax.tree.map(
+        lambda x: sharding.put_replicated(np.asarray(x), self.mesh), self.params)
     self.tokenizer = GPT2Tokenizer()
     self.seq_len = cfg.n_positions
     self.step = meta.get("source")

@@ -56,7 +56,7 @@ def ar_sample(params, prompt: Prompt, *, model, sampler: str = "ar", steps: int 
     raise ValueError(f"config.sample.sampler must be one of {AR_SAMPLERS} for the AR "
                      f"baseline, got {sampler!r}")
   batch, length = prompt.known.shape
-  put = device_put_fn(params)
+  put = device_put_fn(params, batch)
   x0 = put(np.where(prompt.known, prompt.tokens, 0).astype(np.int32))
   before = TRACE_COUNTS["ar"]
   start = time.perf_counter()

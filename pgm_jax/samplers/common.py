@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from pgm_jax.core import sharding
 
@@ -175,14 +176,43 @@ def params_mesh(params):
   return shard.mesh if isinstance(shard, jax.sharding.NamedSharding) else None
 
 
-def device_put_fn(params) -> Callable:
-  """How the samplers put host values (numpy arrays, keys) on devices: `jnp.asarray` on one
-  process; with several, global arrays replicated over the params' mesh (every process
-  computes the same host values), so no program mixes host-local and global inputs."""
+def device_put_fn(params, batch: Optional[int] = None) -> Callable:
+  """How the samplers put host values (numpy arrays, keys) on devices.
+
+  One device: `jnp.asarray`. On a mesh (several devices or processes) sampling is
+  data-parallel: an array whose leading dimension is the `batch` is sharded over the mesh's
+  batch axes (`data`, `fsdp`) when their size divides it, so each device samples its own
+  rows; everything else (keys, per-step scalars) and a batch they do not divide is
+  replicated. Every process computes the same host values and takes its devices' rows, so
+  no program mixes host-local and global inputs. Draws are keyed per sequence and
+  position, so the samples do not depend on the split."""
   mesh = params_mesh(params)
-  if jax.process_count() == 1 or mesh is None:
+  if mesh is None or (mesh.size == 1 and jax.process_count() == 1):
     return jnp.asarray
-  return lambda x: sharding.put_replicated(x, mesh)
+  rows = None
+  if batch and batch % sharding.data_parallel_size(mesh) == 0:
+    rows = sharding.batch_sharding(mesh)
+  elif batch and sharding.data_parallel_size(mesh) > 1:
+    _warn_replicated(batch, sharding.data_parallel_size(mesh))
+
+  def put(x):
+    if rows is not None and np.ndim(x) >= 1 and np.shape(x)[0] == batch and not (
+        isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+      return sharding.put_sharded(x, rows)
+    return sharding.put_replicated(x, mesh)
+
+  return put
+
+
+_WARNED_BATCHES = set()
+
+
+def _warn_replicated(batch: int, data_parallel: int) -> None:
+  if (batch, data_parallel) not in _WARNED_BATCHES:
+    _WARNED_BATCHES.add((batch, data_parallel))
+    logging.warning("sampling batch of %d is not a multiple of the %d data-parallel devices "
+                    "(config.sample.batch_size): every device samples the whole batch",
+                    batch, data_parallel)
 
 
 def params_mesh_context(params):

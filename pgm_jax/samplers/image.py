@@ -43,7 +43,7 @@ from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask
 from pgm_jax.samplers.common import (TRACE_COUNTS, SampleResult, device_put_fn,
                                      keyed_gumbel, keyed_gumbel_argmax, lowered_flops,
-                                     params_mesh, params_mesh_context)
+                                     params_mesh_context)
 
 IMAGE_SAMPLERS = ("halton", "confidence")
 EXECUTIONS = ("efficient", "full")
@@ -296,16 +296,6 @@ def _initial_state(order: np.ndarray, mask_id: int, bos_id: int, put) -> ImageSt
                     rem_len=put(np.full((batch,), n, np.int32)))
 
 
-def _put_fn(params):
-  """Host values -> device arrays replicated over the params' mesh (when there is one), so
-  that the first step sees the same input shardings as the later ones (which take the
-  previous step's outputs) and is not compiled twice."""
-  mesh = params_mesh(params)
-  if jax.process_count() > 1 or mesh is None:
-    return device_put_fn(params)
-  return lambda x: jax.device_put(x, sharding.replicated(mesh))
-
-
 def executions(model) -> tuple[str, ...]:
   """What `model` can run: "efficient" (packed known tokens + queries, `infer`) and/or
   "full" (the whole canvas every step, `canvas_logits`)."""
@@ -347,7 +337,7 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
                     temperature_min=temperature_min, r_temp=r_temp, order=order)
   mask_id, bos_id = cfg.mask_id, cfg.mask_id + 1
   bucket = bucket_size or max(8, length // 16)
-  put = _put_fn(params)
+  put = device_put_fn(params, batch)
   st = _initial_state(plan.order, mask_id, bos_id, put)
   labels_dev, key = put(labels), put(jax.random.key(seed))
   static = dict(model=model, execution=execution, sampler=sampler,

@@ -112,7 +112,7 @@ def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed
     raise ValueError(f"config.sample.sampler must be one of {MDLM_SAMPLERS} for MDLM, "
                      f"got {sampler!r}")
   batch = prompt.known.shape[0]
-  put = device_put_fn(params)
+  put = device_put_fn(params, batch)
   x0 = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
   traces_before = TRACE_COUNTS["mdlm"]
   cache = sampler == "ddpm_cache" and not getattr(model.config, "time_conditioning", False)

@@ -237,7 +237,7 @@ def _pgm_efficient_run(params, prompt, order, counts, key, *, model, mask_id, to
                        temperature, bucket, uniform, measure_flops, exact_flops, execute,
                        progress):
   batch, length = prompt.known.shape
-  put = device_put_fn(params)
+  put = device_put_fn(params, batch)
   st = _initial_state(prompt, order, mask_id, put)
   key = put(key)
   clean_len = prompt.known.sum(1).astype(np.int64)
@@ -303,7 +303,7 @@ _pgm_naive_step_jit = jax.jit(_pgm_naive_step,
 def _pgm_naive_run(params, prompt, order, counts, key, *, model, mask_id, top_p, temperature,
                    measure_flops, progress):
   batch, length = prompt.known.shape
-  put = device_put_fn(params)
+  put = device_put_fn(params, batch)
   canvas = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
   ranks = np.full((batch, length), length, np.int32)
   n_unknown = (~prompt.known).sum(1)
