@@ -19,7 +19,8 @@ the differentiated function):
      The target of a masked token is the teacher's log p(x0) at the step that revealed
      it; a token still masked at the end takes the last step's prediction.
   3. The student runs once on x_t. Loss "kl-bwd" = KL(student || teacher) at the masked
-     positions, float32, averaged over those tokens ("kl-fwd" = KL(teacher || student)).
+     positions, float32, averaged over those tokens of the whole global batch, whatever
+     config.train.grad_accum_steps ("kl-fwd" = KL(teacher || student)).
 Both networks run in the naive layout: a PGM gets groups [x == MASK] (the clean tokens
 form group 0, which is all a masked position can see), an MDLM reads x with its MASKs.
 
@@ -215,37 +216,40 @@ def distill_step(state: DistillState, batch, rng, *, model, tx, config, mask_id:
   attend_all = bool(config.data.get("attend_to_padding", False))
   model_valid = lambda v: None if attend_all else v
 
+  # The mean is over the masked valid tokens of the global batch: each microbatch
+  # contributes its sum over that global count, and the gradients add up.
+  count = ((x_t == mask_id) & valid.astype(bool)).sum().astype(jnp.float32)
+  denom = jnp.maximum(count, 1.0)
+
   def micro_loss(params, x_mb, valid_mb, t_mb, target_mb, r):
     student = logp(params, x_mb, model_valid(valid_mb), train=True, rngs={"dropout": r},
                    t_B=t_mb)
     weight = (x_mb == mask_id) & valid_mb.astype(bool)
-    total, count = divergence(student, target_mb, weight, d.loss)
-    return total / jnp.maximum(count, 1.0), count
+    total, _ = divergence(student, target_mb, weight, d.loss)
+    return total / denom
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(micro_loss)
   split = lambda x: steps.keep_batch_sharded(
       x.reshape((accum, batch_size // accum) + x.shape[1:]))
   inputs = (jnp.arange(accum), split(x_t), split(valid), split(t_B))
 
   def body(carry, inputs):
-    grads_acc, loss_acc, count_acc = carry
+    grads_acc, loss_acc = carry
     i, x_mb, valid_mb, t_mb = inputs
     teacher_fn = lambda x, t: logp(state.teacher_params, x, model_valid(valid_mb),
                                    train=False, t_B=t)
     target, _ = teacher_targets(teacher_fn, x_mb, t_mb, state.distill_dt,
                                 jax.random.fold_in(teacher_rng, i), num_steps=d.teacher_steps,
                                 mask_id=mask_id, eps=d.sampling_eps)
-    (loss, count), grads = grad_fn(state.params, x_mb, valid_mb, t_mb,
-                                   jax.lax.stop_gradient(target),
-                                   jax.random.fold_in(dropout_rng, i))
-    return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss, count_acc + count), None
+    loss, grads = grad_fn(state.params, x_mb, valid_mb, t_mb, jax.lax.stop_gradient(target),
+                          jax.random.fold_in(dropout_rng, i))
+    return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (grads, loss, count), _ = jax.lax.scan(body, init, inputs)
-  grads = jax.tree.map(lambda g: g / accum, grads)
+  init = (zeros, jnp.zeros((), jnp.float32))
+  (grads, loss), _ = jax.lax.scan(body, init, inputs)
   metrics = DistillMetrics.single_from_model_output(
-      loss=loss / accum, grad_norm=optax.tree.norm(grads), masked_tokens=count,
+      loss=loss, grad_norm=optax.tree.norm(grads), masked_tokens=count,
       learning_rate=steps.learning_rate_schedule(config.opt)(state.step),
       distill_round=state.distill_round.astype(jnp.float32), distill_dt=state.distill_dt)
   return steps.apply_gradients(state, grads, tx=tx, opt_config=config.opt), metrics

@@ -146,8 +146,13 @@ def ema_decay(decay: float, num_updates):
 def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int):
   """One optimizer step over the global batch (with gradient accumulation).
 
-  t is drawn once for the whole global batch (stratified over it, as the reference
-  does over its global batch) and each microbatch takes its slice.
+  t and the noise are drawn once for the whole global batch (t stratified over it, as the
+  reference does over its global batch) and each microbatch takes its slice. The loss is
+  the global-batch mean: sum of loss_sum over every microbatch / the global batch's
+  num_tokens (`Family.loss_token_count`, counted before the microbatches run, since it
+  does not depend on the parameters). Each microbatch's gradient is that of its loss_sum
+  over the global count and the gradients add up, so any grad_accum_steps gives the
+  update of grad_accum_steps=1, however the tokens (padding) fall across microbatches.
   """
   t_cfg = config.train
   step_rng = jax.random.fold_in(rng, state.step)
@@ -155,13 +160,16 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
   batch_size, seq_len = batch["tokens"].shape
   accum = t_cfg.grad_accum_steps
   # t stratified over the batch (text), or r ~ U(0, 1) per image and label dropout.
-  t_B, batch = families.of(config).train_times(t_rng, batch, config)
+  family = families.of(config)
+  t_B, batch = family.train_times(t_rng, batch, config)
   noise_u_BxL = jax.random.uniform(noise_rng, (batch_size, seq_len))
+  # The denominator of the global-batch mean, shared by every microbatch.
+  denom = jnp.maximum(family.loss_token_count(batch, t_B, noise_u_BxL,
+                                              sampling_eps=t_cfg.sampling_eps), 1.0)
 
   def micro_loss(params, micro, t_mb, u_mb, r):
     terms = loss_terms(params, micro, t_mb, u_mb, r, model=model, mask_id=mask_id, train=True,
                        sampling_eps=t_cfg.sampling_eps, **objective_options(config))
-    denom = jnp.maximum(terms.num_tokens, 1.0)
     return terms.loss_sum / denom, terms.nll_sum / denom
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -178,9 +186,8 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, mask_id: int
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  # Sums of the microbatches' shares of the global mean: the global mean and its gradient.
   (grads, loss, nll), _ = jax.lax.scan(body, init, inputs)
-  grads = jax.tree.map(lambda g: g / accum, grads)
-  loss, nll = loss / accum, nll / accum
 
   metrics = TrainMetrics.single_from_model_output(
       loss=loss, nll=nll, grad_norm=optax.tree.norm(grads),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pgm_jax import objectives
-from pgm_jax.families.base import DiTFamily
+from pgm_jax.families.base import DiTFamily, valid_mask
 from pgm_jax.samplers import ar as ar_samplers
 
 
@@ -30,6 +30,11 @@ class ARFamily(DiTFamily):
                        train=train, rngs=rngs, targets_BxL=objectives.next_token_targets(tokens),
                        mask_logit=self.mask_logit)
     return objectives.ar_loss_terms_from_log_probs(logp[:, :-1], valid)
+
+  def loss_token_count(self, batch, t_B, noise_u_BxL, *, sampling_eps):
+    """The valid targets: positions 1..L-1 (BOS is never predicted)."""
+    del t_B, noise_u_BxL, sampling_eps
+    return valid_mask(batch)[:, 1:].astype(jnp.float32).sum()
 
   def sample_text(self, params, prompt, *, model, sampler, steps, seed, mask_id, top_p,
                   temperature, bucket_size=0, progress=None):

@@ -15,6 +15,8 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   train_times(rng, batch, config)        -> (t_B, batch): the per-example time of a train step
   eval_times(rng, batch_size, config, data_parallel) -> t_B
   loss_terms(params, batch, t_B, noise_u_BxL, rngs, ...) -> objectives.LossTerms
+  loss_token_count(batch, t_B, noise_u_BxL, ...) -> its num_tokens, without the model
+                                         (the global-batch denominator of a train step)
   sample_text(params, prompt, ...)       -> samplers.SampleResult       (text families)
   predict_hidden(params, tokens, hidden, valid, ...)  logits / log p of hidden positions
                                          (masked text families: harness, distillation)
@@ -124,6 +126,14 @@ class Family:
     exact."""
     raise NotImplementedError(f"{self.name}: loss_terms")
 
+  def loss_token_count(self, batch: dict, t_B, noise_u_BxL, *, sampling_eps: float) -> jax.Array:
+    """float32 number of tokens the loss counts (`loss_terms(...).num_tokens`) on the same
+    inputs, without the model: the denominator of the global-batch mean that
+    `steps.train_step` computes once, before the gradient-accumulation microbatches.
+    Default: the valid tokens (the text MDLM and PGM losses, both groups for a PGM)."""
+    del t_B, noise_u_BxL, sampling_eps
+    return valid_mask(batch).astype(jnp.float32).sum()
+
   # -- sampling ---------------------------------------------------------------------------
   def sample_text(self, params, prompt, *, model, sampler: str, steps: int, seed: int,
                   mask_id: int, top_p: float, temperature: float, bucket_size: int = 0,
@@ -210,6 +220,11 @@ class ImageFamily(Family):
     del config, data_parallel  # r ~ U(0, 1); labels kept (conditional)
     return jax.random.uniform(rng, (batch_size,))
 
+  def loss_token_count(self, batch: dict, t_B, noise_u_BxL, *, sampling_eps: float) -> jax.Array:
+    """Every valid code (position 0 is BOS, never scored); MaskGIT counts its masked ones."""
+    del t_B, noise_u_BxL, sampling_eps
+    return valid_mask(batch)[:, 1:].astype(jnp.float32).sum()
+
 
 def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antithetic: bool):
   """t for a batch made of `groups` equal slices, each stratified on its own."""
@@ -218,6 +233,12 @@ def stratified_times(rng, batch: int, *, groups: int, sampling_eps: float, antit
   ts = jax.vmap(lambda r: objectives.sample_times(r, per, sampling_eps=sampling_eps,
                                                   antithetic=antithetic))(rngs)
   return ts.reshape(batch)
+
+
+def valid_mask(batch: dict) -> jax.Array:
+  """bool [B, L]: batch["valid"], or every position when the batch has none."""
+  tokens = batch["tokens"]
+  return (batch["valid"] if "valid" in batch else jnp.ones(tokens.shape, bool)).astype(bool)
 
 
 def dummy_tokens(batch_size: int, seq_len: int):

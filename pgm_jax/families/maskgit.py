@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pgm_jax import objectives
-from pgm_jax.families.base import ImageFamily, dummy_tokens
+from pgm_jax.families.base import ImageFamily, dummy_tokens, valid_mask
 from pgm_jax.models.maskgit import MaskGIT, swiglu_hidden
 
 
@@ -36,6 +36,12 @@ class MaskGITFamily(ImageFamily):
     logp = model.apply({"params": params}, jnp.where(masked, mask_id, codes), batch["labels"],
                        train=train, rngs=rngs, targets_BxN=codes, mask_logit=self.mask_logit)
     return objectives.image_loss_terms_from_log_probs(logp, masked & valid[:, 1:].astype(bool))
+
+  def loss_token_count(self, batch, t_B, noise_u_BxL, *, sampling_eps):
+    """The masked valid codes (`loss_terms`' count)."""
+    del sampling_eps
+    masked = noise_u_BxL[:, 1:] < objectives.arccos_rate(t_B)[:, None]
+    return (masked & valid_mask(batch)[:, 1:]).astype(jnp.float32).sum()
 
   def step_flops(self, model_cfg, *, revealed: int, count: int, num_codes: int,
                  sampler: str) -> float:
