@@ -53,8 +53,6 @@ def get_config(arg=None):
   c.model.enc_layers = 6
   c.model.dec_layers = 6
 
-  c.attn.sorted_layout = True       # group-sorted PGM training (kernels skip masked blocks)
-
   c.data.name = "lm1b"
   c.data.tokenizer = "bert_wordpiece"
   c.data.tokenizer_path = config_lib.placeholder(str)

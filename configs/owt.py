@@ -90,8 +90,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
 
   # Memory levers (docs/scaling.md has the TPU compiler's plan for every preset):
-  c.attn.sorted_layout = True       # group-sorted PGM training: the kernels skip the
-                                    # masked half of every attention (same function)
+  # (The group-sorted PGM layout follows the attention: config.attn.sorted_layout="auto".)
   c.model.loss_chunk_len = 128      # never materialise float32 [B, L, V] logits
   # No rematerialisation where the plan shows it fits without (mdlm, pgm_6_6); the wider
   # or deeper PGMs save only the weight matmuls' outputs and recompute the rest.

@@ -60,9 +60,13 @@ def validate(config, *, num_devices: int = 1, data_parallel: int = 1,
                      f"config.model.num_heads={m.num_heads}")
   if (m.hidden // m.num_heads) % 2:
     raise ValueError("config.model.hidden / config.model.num_heads must be even (RoPE)")
-  from pgm_jax.ops.attention import IMPLS  # pylint: disable=g-import-not-at-top
+  from pgm_jax.ops.attention import IMPLS, SORTED_LAYOUTS  # pylint: disable=g-import-not-at-top
   if config.attn.impl not in IMPLS:
     raise ValueError(f"config.attn.impl must be one of {IMPLS}, got {config.attn.impl!r}")
+  layout = config.attn.get("sorted_layout", "auto")
+  if not (isinstance(layout, bool) or layout == "auto"):
+    raise ValueError(f"config.attn.sorted_layout must be one of {SORTED_LAYOUTS}, "
+                     f"got {layout!r}")
   from pgm_jax.models.pgm import QUERY_MODES  # pylint: disable=g-import-not-at-top
   if m.query_mode not in QUERY_MODES:
     raise ValueError(f"config.model.query_mode must be one of {QUERY_MODES}, "

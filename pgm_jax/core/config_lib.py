@@ -128,8 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
                                     # interpreted on CPU)
   c.attn.block_q = 128              # Pallas query block (an upper bound: lengths are padded
   c.attn.block_kv = 128             # to the kernel tiling); Pallas key/value block
-  c.attn.sorted_layout = False      # PGM training: sort tokens by group so that the kernels
-                                    # skip the masked half of every attention (same function)
+  # PGM training: sort tokens by group so that the kernels skip the masked half of every
+  # attention (same function). "auto": sorted iff the attention resolves to the Pallas
+  # kernels (impl pallas, or auto on TPU/GPU, at trace time); True / False force it.
+  c.attn.sorted_layout = ml_collections.FieldReference("auto", field_type=object)
 
   # --- mesh: device mesh and logical axis rules. ----------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ from pgm_jax.core.sharding import logical_rules
 from pgm_jax.families import ar, maskgit, mdlm, pgm, pgm_image
 from pgm_jax.families.base import Family, ImageFamily
 from pgm_jax.models.layers import ModelConfig
+from pgm_jax.ops.attention import resolve_sorted_layout
 
 REGISTRY: dict[str, Family] = {
     "pgm": pgm.FAMILY,
@@ -72,10 +73,22 @@ def model_config_from(config, *, vocab_size: int, mask_id: int) -> ModelConfig:
   return ModelConfig(**fields)
 
 
+def sorted_layout(config, attn_impl: str | None = None) -> bool:
+  """Whether training passes of `config` run in the group-sorted layout: a family with a
+  partition to sort (`Family.group_sorted`, the PGMs) and config.attn.sorted_layout True,
+  or "auto" (the default) with the attention resolving to the Pallas kernels.
+  `attn_impl`: the resolved attention (default: config.attn.impl resolved now, i.e. for
+  the current `compile_target` or the local backend)."""
+  if not of(config).group_sorted:
+    return False
+  return resolve_sorted_layout(config.attn.get("sorted_layout", "auto"),
+                               config.attn.impl if attn_impl is None else attn_impl)
+
+
 def build_model(model_cfg: ModelConfig):
   """The Flax module of a ModelConfig (its `kind` names the family)."""
   return get(model_cfg.kind).build_model(model_cfg)
 
 
 __all__ = ["Family", "ImageFamily", "KINDS", "REGISTRY", "build_model", "check_sampler", "get",
-           "model_config_from", "of", "resolve_sampler"]
+           "model_config_from", "of", "resolve_sampler", "sorted_layout"]

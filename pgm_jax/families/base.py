@@ -57,6 +57,8 @@ class Family:
   time_conditioning: bool = False      # config.model.time_conditioning may be True
   exact_likelihood: bool = False       # log p(x) is exact (left to right), not an ELBO
   mask_logit: float = objectives.NEG_INF_MDLM  # logit[MASK] in its loss
+  group_sorted: bool = False           # trains on a partition that config.attn.sorted_layout
+                                       # can sort by group (the PGMs)
 
   @property
   def is_image(self) -> bool:

@@ -21,6 +21,7 @@ class PGMFamily(Family):
   samplers = pgm_samplers.PGM_SAMPLERS
   default_sampler = "efficient-uniform"
   distillable = True
+  group_sorted = True
   mask_logit = -jnp.inf  # MASK is never an input of a PGM, nor a prediction
 
   def build_model(self, model_cfg):

@@ -13,6 +13,7 @@ from pgm_jax.models.pgm_image import ImagePartitionDiT
 
 class ImagePGMFamily(ImageFamily):
   name = "pgm_image"
+  group_sorted = True
 
   def validate(self, config) -> None:
     super().validate(config)

@@ -46,7 +46,8 @@ class ModelConfig:
   attn_impl: str = "xla"        # config.attn.impl
   block_q: int = 128            # config.attn.block_q (Pallas kernel)
   block_kv: int = 128           # config.attn.block_kv
-  sorted_layout: bool = False   # config.attn.sorted_layout: PGM training in group-sorted order
+  sorted_layout: bool | str = "auto"  # config.attn.sorted_layout: PGM training in group-sorted
+                                # order ("auto": iff attn_impl resolves to the kernels)
   remat: str = "none"           # config.model.remat: jax.checkpoint policy of every block
   loss_chunk_len: int = 0       # config.model.loss_chunk_len: positions per output chunk
   time_conditioning: bool = False  # config.model.time_conditioning: the DiT reads sigma(t)

@@ -30,6 +30,7 @@ from pgm_jax.models.layers import (AffineLayerNorm, DiTBlock, FinalLayer, Linear
                                    attention_out_and_mlp, logical, maybe_remat, merge_heads,
                                    modulate, sinusoidal_embedding, split_heads)
 from pgm_jax.ops import AttentionMask
+from pgm_jax.ops.attention import resolve_sorted_layout
 from pgm_jax.ops.partition_layout import partition_view
 
 QUERY_MODES = ("learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp")
@@ -202,7 +203,8 @@ class PartitionDiT(nn.Module):
         ORIGINAL positions and the logits are returned in the original order. Same
         function (to float tolerance; with dropout active the dropout masks land on
         permuted positions, an equally distributed draw). None: the config's
-        `sorted_layout` attribute if it has one, else False.
+        `sorted_layout` attribute if it has one ("auto": sorted iff the attention resolves
+        to the Pallas kernels, `resolve_sorted_layout`), else False.
       targets_BxL: if given, return float32 log p(targets) [B, L] (logit[MASK] =
         mask_logit, float32 log-softmax) instead of the logits; the [B, L, V] logits are
         then never materialised (see `FinalLayer`), and in the sorted layout the targets
@@ -211,7 +213,8 @@ class PartitionDiT(nn.Module):
       float32 logits [B, L, V], or log-probabilities [B, L] (targets_BxL given).
     """
     if sorted_layout is None:
-      sorted_layout = bool(getattr(self.config, "sorted_layout", False))
+      sorted_layout = resolve_sorted_layout(getattr(self.config, "sorted_layout", False),
+                                            getattr(self.config, "attn_impl", "xla"))
     view = partition_view(group_BxL, valid_BxL, sorted_layout=sorted_layout)
     enc_BxLxH = self.encode(view.gather(tokens_BxL), view.positions, view.same, train=train)
     out = self.decode(enc_BxLxH, view.positions, view.positions, view.other, train=train,

@@ -34,6 +34,7 @@ from pgm_jax.ops.logits import NEG_INF_MDLM
 from pgm_jax.models.layers import ClassEmbedding, FinalLayer, ModelConfig, VocabEmbedding, logical
 from pgm_jax.models.pgm import Decoder, Encoder
 from pgm_jax.ops import AttentionMask
+from pgm_jax.ops.attention import resolve_sorted_layout
 from pgm_jax.ops.partition_layout import partition_view
 
 
@@ -89,7 +90,7 @@ class ImagePartitionDiT(nn.Module):
       labels_B: class ids; num_classes is the null class.
       valid_BxL: optional key validity.
       sorted_layout: group-sorted layout (registers sorted with the tokens); None: the
-        config's.
+        config's ("auto": iff the attention resolves to the kernels).
       targets_BxL: if given, return float32 log p(targets) [B, L] after logit[MASK] =
         mask_logit instead of the logits (see `FinalLayer`).
     Returns:
@@ -97,7 +98,7 @@ class ImagePartitionDiT(nn.Module):
     """
     cfg = self.config
     if sorted_layout is None:
-      sorted_layout = bool(cfg.sorted_layout)
+      sorted_layout = resolve_sorted_layout(cfg.sorted_layout, cfg.attn_impl)
     batch, length = tokens_BxL.shape
     r = cfg.register
     x_BxTxH = self.vocab_embed(tokens_BxL)

@@ -62,6 +62,22 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
+SORTED_LAYOUTS = ("auto", True, False)
+
+
+def resolve_sorted_layout(sorted_layout, impl: str) -> bool:
+  """config.attn.sorted_layout: "auto" -> whether `impl` resolves to the Pallas kernels
+  (`resolve_impl`, at trace time: the `compile_target` if set, else the local backend),
+  which the group-sorted layout lets skip the masked half of every PGM attention; the
+  dense XLA path keeps the unsorted layout. True / False force it."""
+  if not isinstance(sorted_layout, str):
+    return bool(sorted_layout)
+  if sorted_layout != "auto":
+    raise ValueError(f"config.attn.sorted_layout must be one of {SORTED_LAYOUTS}, "
+                     f"got {sorted_layout!r}")
+  return resolve_impl(impl) == "pallas"
+
+
 _LOGGED_FALLBACKS: set = set()
 
 
@@ -169,5 +185,5 @@ def _shard_over_mesh(kernel, q, k, v, mask: AttentionMask):
                        **axis_names)(q, k, v, *mask_leaves)
 
 
-__all__ = ["AttentionMask", "partition_attention", "resolve_impl", "compile_target",
-           "target_platform", "MASK_KINDS", "IMPLS", "PLATFORMS"]
+__all__ = ["AttentionMask", "partition_attention", "resolve_impl", "resolve_sorted_layout",
+           "compile_target", "target_platform", "MASK_KINDS", "IMPLS", "PLATFORMS"]

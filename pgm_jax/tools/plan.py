@@ -413,7 +413,7 @@ def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
       "dtype": config.model.dtype,
       "attn_impl_config": config.attn.impl,
       # The memory levers as compiled (docs/scaling.md).
-      "sorted_layout": bool(config.attn.sorted_layout),
+      "sorted_layout": families.sorted_layout(config, attn_impl=prog["attn_impl"]),
       "remat": config.model.get("remat", "none"),
       "loss_chunk_len": int(config.model.get("loss_chunk_len", 0) or 0),
       "grad_accum_steps": int(config.train.grad_accum_steps),
