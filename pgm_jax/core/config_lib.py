@@ -136,7 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --- mesh: device mesh and logical axis rules. ----------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ("data", "fsdp", "tensor")
-  c.mesh.shape = (-1, 1, 1)         # one -1 = all remaining devices
+  c.mesh.shape = (-1, 1, 1)         # one -1 = all remaining devices; the whole mesh
+  c.mesh.dcn_shape = (1, 1, 1)      # multi-slice: slices per axis (over DCN), one -1 allowed;
+                                    # each slice's (ICI) mesh is shape / dcn_shape per axis.
+                                    # All ones = one slice (docs/scaling.md, "Mesh")
   c.mesh.logical_axis_rules = (
       ("batch", ("data", "fsdp")),     # activations' batch dimension
       ("length", None),                # activations' sequence dimension
@@ -291,6 +294,30 @@ def parse_arg(arg: str | None, **defaults):
   return result
 
 
+def mesh_dcn_shape(mesh_config) -> tuple[int, ...] | None:
+  """config.mesh.dcn_shape checked without devices (one-line errors naming the key): None
+  when it means one slice (None, absent or all ones), else one int per config.mesh.axes,
+  each positive or -1 (at most one: the remaining slices)."""
+  dcn = mesh_config.get("dcn_shape")
+  if dcn is None:
+    return None
+  try:
+    dcn = tuple(int(s) for s in dcn)
+  except (TypeError, ValueError):
+    raise ValueError(f"config.mesh.dcn_shape={dcn!r}: expected integer sizes such as (2, 1, 1) "
+                     "(on the command line: --config.mesh.dcn_shape=2,1,1)") from None
+  if all(s == 1 for s in dcn):
+    return None
+  axes = tuple(mesh_config.axes)
+  if len(dcn) != len(axes):
+    raise ValueError(f"config.mesh.dcn_shape={dcn} and config.mesh.axes={axes} differ in length")
+  if dcn.count(-1) > 1:
+    raise ValueError(f"config.mesh.dcn_shape={dcn}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in dcn):
+    raise ValueError(f"config.mesh.dcn_shape={dcn}: sizes must be positive or -1")
+  return dcn
+
+
 def check_sections(config, *, num_devices: int, data_parallel: int,
                    mesh_shape=None) -> None:
   """The checks of the experiment's own sections (train, data, eval, opt, sample, ckpt,
@@ -301,6 +328,7 @@ def check_sections(config, *, num_devices: int, data_parallel: int,
   that name unknown mesh axes, and heads vs the tensor-parallel size.
   """
   t, d, m = config.train, config.data, config.model
+  mesh_dcn_shape(config.mesh)
   if mesh_shape is not None:
     mesh_shape = dict(mesh_shape)
     if len(set(config.mesh.axes)) != len(tuple(config.mesh.axes)):

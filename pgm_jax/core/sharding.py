@@ -38,12 +38,163 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The device mesh of config.mesh over `devices` (default: all, `jax.devices()`)."""
+  return build_mesh(mesh_config, devices)[0]
+
+
+# How build_mesh ordered the devices (plan.json's mesh_method).
+TOPOLOGY_AWARE = "topology-aware"
+TOPOLOGY_AWARE_SPLIT = "topology-aware (physical axes split)"
+HYBRID = "hybrid (per-slice topology-aware, slices over DCN)"
+RESHAPE = "reshape"
+RESHAPE_FALLBACK = "reshape (fallback)"
+
+
+def build_mesh(mesh_config, devices=None) -> tuple[Mesh, dict]:
+  """make_mesh's mesh and how it was built: {"method": one of the constants above,
+  "dcn_shape": slices per axis (None: one slice), "ici_shape": one slice's mesh}.
+
+  TPU: `mesh_utils.create_device_mesh`, so that neighbours along each mesh axis (the last
+  one first) are ICI neighbours; with `allow_split_physical_axes` when the shape needs it.
+  Several slices (config.mesh.dcn_shape): `mesh_utils.create_hybrid_device_mesh`, the
+  slices along the DCN axes and each slice topology-aware. CPU and GPU: the devices in
+  order (GPU: sorted by id), as create_device_mesh orders them. Where mesh_utils cannot
+  build the shape, the plain reshape of the device list (logged once).
+  """
+  devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_config.shape, len(devices))
   axes = tuple(mesh_config.axes)
   if len(axes) != len(shape):
     raise ValueError(f"config.mesh.axes={axes} and config.mesh.shape={shape} differ in length")
-  return Mesh(np.asarray(devices).reshape(shape), axes)
+  dcn, ici = resolve_dcn_shape(mesh_config, shape, devices)
+  if dcn is None:
+    grid, method = _ici_grid(shape, devices)
+  else:
+    grid, method = _hybrid_grid(ici, dcn, devices)
+  info = {"method": method, "dcn_shape": None if dcn is None else list(dcn),
+          "ici_shape": list(ici)}
+  return Mesh(grid, axes), info
+
+
+def slice_count(devices) -> int | None:
+  """How many slices (distinct `slice_index`) the devices span; None when they carry none
+  (CPU, single-slice TPU devices of a compile-only topology)."""
+  indices = {getattr(d, "slice_index", None) for d in devices}
+  if None in indices:
+    return None
+  return len(indices)
+
+
+def resolve_dcn_shape(mesh_config, shape, devices) -> tuple[tuple | None, tuple]:
+  """(dcn_shape, ici_shape) of the resolved mesh `shape` over `devices`; dcn_shape None
+  for one slice (ici_shape = shape). One-line errors naming config.mesh.dcn_shape."""
+  from pgm_jax.core import config_lib  # pylint: disable=g-import-not-at-top
+  dcn = config_lib.mesh_dcn_shape(mesh_config)
+  slices = slice_count(devices)
+  if dcn is None:
+    if slices and slices > 1 and devices[0].platform == "tpu":
+      raise ValueError(f"config.mesh.dcn_shape={_shape_str(mesh_config.get('dcn_shape'))} "
+                       f"means one slice, but the {len(devices)} devices span {slices} TPU "
+                       f"slices: set it, e.g. --config.mesh.dcn_shape={slices},1,1")
+    return None, tuple(shape)
+  have = slices or 1
+  where = (f"the {len(devices)} devices span {slices} slices (slice_index)" if slices
+           else f"the {len(devices)} devices have no slice_index (one slice)")
+  dcn = list(dcn)
+  if -1 in dcn:
+    known = math.prod(s for s in dcn if s != -1)
+    if have % known:
+      raise ValueError(f"config.mesh.dcn_shape={tuple(dcn)} does not divide the slices: {where}")
+    dcn[dcn.index(-1)] = have // known
+  dcn = tuple(dcn)
+  if math.prod(dcn) != have:
+    raise ValueError(f"config.mesh.dcn_shape={dcn} needs {math.prod(dcn)} slices, but {where}")
+  if any(m % d for m, d in zip(shape, dcn)):
+    raise ValueError(f"config.mesh.dcn_shape={dcn} does not divide the mesh shape {tuple(shape)} "
+                     "(config.mesh.shape) on every axis")
+  ici = tuple(m // d for m, d in zip(shape, dcn))
+  if all(d == 1 for d in dcn):
+    return None, ici
+  return dcn, ici
+
+
+def _shape_str(shape) -> str:
+  return "None" if shape is None else str(tuple(shape))
+
+
+_MESH_LOGGED = set()
+
+
+def _log_once(key, msg, *args) -> None:
+  if key not in _MESH_LOGGED:
+    _MESH_LOGGED.add(key)
+    logging.warning(msg, *args)
+
+
+def _ici_grid(shape, devices) -> tuple[np.ndarray, str]:
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  if devices[0].platform != "tpu":
+    # create_device_mesh keeps the order here (GPU: sorted by id); its reason to exist
+    # is the TPU torus.
+    try:
+      return mesh_utils.create_device_mesh(shape, devices), RESHAPE
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      _log_once(("ici", tuple(shape), str(e)), "mesh: create_device_mesh(%s) failed (%s): "
+                "the devices in order instead", shape, e)
+      return np.asarray(devices).reshape(shape), RESHAPE_FALLBACK
+  errors = []
+  for split, method in ((False, TOPOLOGY_AWARE), (True, TOPOLOGY_AWARE_SPLIT)):
+    try:
+      return (mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split),
+              method)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  _log_once(("ici", tuple(shape), len(devices)), "mesh: create_device_mesh(%s) cannot lay the "
+            "mesh on the %d TPU devices' physical topology (%s): plain reshape of the device "
+            "list instead (collectives may cross non-neighbouring chips)", shape, len(devices),
+            errors[-1][:200])
+  return np.asarray(devices).reshape(shape), RESHAPE_FALLBACK
+
+
+def _hybrid_grid(ici, dcn, devices) -> tuple[np.ndarray, str]:
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  per_slice = {}
+  for d in devices:
+    per_slice.setdefault(d.slice_index, []).append(d)
+  sizes = sorted({len(v) for v in per_slice.values()})
+  if sizes != [math.prod(ici)]:
+    raise ValueError(f"config.mesh.dcn_shape={tuple(dcn)}: each slice needs {math.prod(ici)} "
+                     f"devices (mesh {tuple(m * d for m, d in zip(ici, dcn))} / dcn_shape), "
+                     f"but the slices hold {sizes}")
+  for split in (False, True):
+    try:
+      return (mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                   allow_split_physical_axes=split), HYBRID)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      error = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+  _log_once(("dcn", tuple(ici), tuple(dcn)), "mesh: create_hybrid_device_mesh(%s, %s) failed "
+            "(%s): each slice's devices reshaped in order instead", ici, dcn, error)
+  # As create_hybrid_device_mesh assembles it: slices sorted by slice_index, in blocks.
+  grids = [np.asarray(per_slice[k]).reshape(ici) for k in sorted(per_slice)]
+  blocks = np.empty(dcn, dtype=object)
+  for i, idx in enumerate(np.ndindex(*dcn)):
+    blocks[idx] = grids[i]
+  return np.block(blocks.tolist()), RESHAPE_FALLBACK
+
+
+def mesh_devices(mesh: Mesh, limit: int = 16) -> list[dict]:
+  """The first `limit` devices in mesh order (row-major over config.mesh.axes): id, and
+  the physical coords and slice_index where the devices have them (plan.json)."""
+  out = []
+  for d in list(mesh.devices.flat)[:limit]:
+    entry = {"id": int(d.id)}
+    coords = getattr(d, "coords", None)
+    if coords is not None:
+      entry["coords"] = [int(c) for c in coords]
+    if getattr(d, "slice_index", None) is not None:
+      entry["slice"] = int(d.slice_index)
+    out.append(entry)
+  return out
 
 
 def logical_rules(mesh_config):

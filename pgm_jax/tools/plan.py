@@ -384,6 +384,8 @@ def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
   compiler = compiler or ("cpu-virtual" if jax.default_backend() == "cpu"
                           else jax.default_backend())
   setup = experiment.make_setup(config, devices)
+  # How make_setup's mesh ordered the devices (the same call, repeated for its report).
+  _, mesh_info = sharding.build_mesh(config.mesh, devices)
   step_fn = train.make_train_step(setup)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(setup.mesh))
@@ -406,6 +408,10 @@ def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
       "device_kind": setup.mesh.devices.flat[0].device_kind,
       "num_devices": setup.mesh.size,
       "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
+      "mesh_method": mesh_info["method"],
+      "dcn_shape": mesh_info["dcn_shape"],
+      "ici_shape": mesh_info["ici_shape"],
+      "mesh_device_order": sharding.mesh_devices(setup.mesh),
       "batch_size": int(config.train.batch_size),
       "microbatch_size": int(micro),
       "per_device_microbatch": micro // setup.data_parallel,
@@ -629,6 +635,19 @@ def _memory_rows(entry: dict, suffix: str = " / device") -> list:
   return [(f"{label}{suffix}", _gb(mem[key])) for key, label in _MEM_ROWS if key in mem]
 
 
+def _mesh_order_row(result: dict) -> str:
+  """plan.json's mesh_method, dcn_shape and the first devices in mesh order."""
+  text = result.get("mesh_method", "-")
+  if result.get("dcn_shape"):
+    text += f", dcn_shape {tuple(result['dcn_shape'])} x ici {tuple(result['ici_shape'])}"
+  order = result.get("mesh_device_order") or []
+  if order:
+    shown = [str(d["id"]) + (str(tuple(d["coords"])).replace(" ", "") if "coords" in d else "")
+             for d in order[:8]]
+    text += "; devices " + " ".join(shown) + (" ..." if result["num_devices"] > 8 else "")
+  return text
+
+
 def format_table(result: dict) -> str:
   where = (f"{result['topology']} ({result.get('topology_string')}, {result.get('chips')} chips)"
            if result.get("topology") else "-")
@@ -653,6 +672,7 @@ def format_table(result: dict) -> str:
                   f"{result.get('attn_impl_config')}, {result.get('mosaic_custom_calls', 0)} "
                   f"Mosaic calls)"),
         ("mesh", f"{result['mesh']}  ({result['num_devices']} devices)"),
+        ("mesh order", _mesh_order_row(result)),
         ("batch", f"{result['batch_size']} x L={result['seq_len']} (microbatch "
                   f"{result['microbatch_size']}, {result['per_device_microbatch']} per device)"),
         ("state / device", _gb(result["state_bytes_per_device"]) + "  (params, Adam, EMA)"),
