@@ -335,6 +335,196 @@ def test_eval_and_sampling_under_mesh(multi, kind):
   assert [s["tokens"] for s in samples] == res["samples"]
 
 
+# ------------------------------------------------------------------ mesh construction
+# (docs/scaling.md, "Mesh"): config.mesh.shape over the devices, topology-aware on TPU,
+# config.mesh.dcn_shape for several slices. Nothing here compiles.
+MESH_SCRIPT = r"""
+import json, sys
+import jax
+from pgm_jax.core import config_lib, sharding
+assert jax.device_count() == 8, jax.devices()
+out = {}
+cfg = config_lib.base_config()
+for shape, dcn in (((8, 1, 1), (1, 1, 1)), ((2, 2, 2), (1, 1, 1)), ((2, 4, 1), (1, 1, 1)),
+                   ((-1, 2, 1), (1, 1, 1)), ((-1, 1, 1), (-1, 1, 1)), ((-1, 1, 1), (2, 1, 1))):
+  cfg.mesh.shape, cfg.mesh.dcn_shape = shape, dcn
+  key = f"{shape} {dcn}"
+  try:
+    mesh, info = sharding.build_mesh(cfg.mesh)
+    out[key] = {"shape": list(mesh.devices.shape), "ids": [d.id for d in mesh.devices.flat],
+                "info": info}
+  except ValueError as e:
+    out[key] = {"error": str(e)}
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def cpu_meshes():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+  env.pop("PGM_JAX_DISTRIBUTED", None)
+  proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, cwd=REPO_ROOT,
+                        capture_output=True, text=True, check=False, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.subprocess
+def test_cpu_meshes_hold_every_device_once(cpu_meshes):
+  for key, shape in (("(8, 1, 1) (1, 1, 1)", [8, 1, 1]), ("(2, 2, 2) (1, 1, 1)", [2, 2, 2]),
+                     ("(2, 4, 1) (1, 1, 1)", [2, 4, 1]), ("(-1, 2, 1) (1, 1, 1)", [4, 2, 1]),
+                     ("(-1, 1, 1) (-1, 1, 1)", [8, 1, 1])):
+    got = cpu_meshes[key]
+    assert got["shape"] == shape, (key, got)
+    assert sorted(got["ids"]) == list(range(8)), (key, got)   # every device, once
+    # CPU: create_device_mesh keeps the device order (no torus to follow).
+    assert got["info"] == {"method": "reshape", "dcn_shape": None, "ici_shape": shape}, got
+  # CPU devices carry no slice_index: one slice, so dcn_shape (2, 1, 1) is impossible.
+  error = cpu_meshes["(-1, 1, 1) (2, 1, 1)"]["error"]
+  assert "config.mesh.dcn_shape=(2, 1, 1)" in error and "no slice_index" in error, error
+  assert "\n" not in error
+
+
+@pytest.mark.parametrize("dcn,fragment", [
+    ((-1, -1, 1), "at most one axis may be -1"),
+    ((0, 1, 1), "sizes must be positive or -1"),
+    ((2, 1), "differ in length"),
+    ((2, 1, 1, 1), "differ in length"),
+])
+def test_dcn_shape_checks_without_devices(dcn, fragment):
+  """The static checks run in config_lib's validation (experiment.validate), one line each."""
+  from pgm_jax.core import config_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("pgm")
+  cfg.mesh.dcn_shape = dcn
+  with pytest.raises(ValueError) as e:
+    config_lib.check_sections(cfg, num_devices=1, data_parallel=1)
+  assert str(e.value).startswith("config.mesh.dcn_shape=") and fragment in str(e.value)
+  assert "\n" not in str(e.value)
+  cfg.mesh.dcn_shape = (1, 1, 1)
+  config_lib.check_sections(cfg, num_devices=1, data_parallel=1)   # the default: one slice
+
+
+class FakeTpu:
+  """Stands in for a TPU device of a multi-slice job: what mesh_utils reads."""
+  platform = "tpu"
+  device_kind = "fake TPU"
+  core_on_chip = 0
+
+  def __init__(self, i, slice_index, per_slice=4):
+    self.id, self.slice_index, self.process_index = i, slice_index, slice_index
+    j = i % per_slice
+    self.coords = (j % 2, j // 2, 0)
+
+  def __repr__(self):
+    return f"FakeTpu({self.id}, slice {self.slice_index})"
+
+
+@pytest.mark.parametrize("shape,dcn,fragment", [
+    ((8, 1, 1), (1, 1, 1), "span 2 TPU slices"),                   # dcn_shape unset
+    ((8, 1, 1), (4, 1, 1), "needs 4 slices, but the 8 devices span 2 slices"),
+    ((8, 1, 1), (1, 2, 1), "does not divide the mesh shape (8, 1, 1)"),
+    ((8, 1, 1), (-1, 2, 1), "dcn_shape=(1, 2, 1) does not divide"),  # -1 resolved: 2 / 2
+    ((-1, 1, 1), (3, -1, 1), "does not divide the slices"),
+])
+def test_dcn_shape_errors_against_the_devices(shape, dcn, fragment):
+  from pgm_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("pgm")
+  cfg.mesh.shape, cfg.mesh.dcn_shape = shape, dcn
+  devices = [FakeTpu(i, i // 4) for i in range(8)]
+  with pytest.raises(ValueError) as e:
+    sharding.make_mesh(cfg.mesh, devices)
+  assert str(e.value).startswith("config.mesh.dcn_shape=") and fragment in str(e.value), e.value
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("shape,dcn,axis", [((8, 1, 1), (2, 1, 1), 0), ((-1, 1, 1), (-1, 1, 1), 0),
+                                            ((2, 2, 2), (1, 1, 2), 2), ((2, 4, 1), (1, 2, 1), 1)])
+def test_multislice_mesh_from_fake_devices(shape, dcn, axis):
+  """create_hybrid_device_mesh: the slices split the DCN axis in blocks; every device once."""
+  from pgm_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("pgm")
+  cfg.mesh.shape, cfg.mesh.dcn_shape = shape, dcn
+  devices = [FakeTpu(i, i // 4) for i in range(8)][::-1]   # order must not matter
+  mesh, info = sharding.build_mesh(cfg.mesh, devices)
+  assert info["method"] == sharding.HYBRID and info["dcn_shape"][axis] == 2, info
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+  grid = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  half = mesh.devices.shape[axis] // 2
+  assert (np.take(grid, range(half), axis=axis) == 0).all(), grid
+  assert (np.take(grid, range(half, 2 * half), axis=axis) == 1).all(), grid
+
+
+def _tpu_devices(topology, **options):
+  pytest.importorskip("libtpu", reason="libtpu is not importable (pip install -e '.[tpu]')")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from pgm_jax.tools import plan  # pylint: disable=g-import-not-at-top
+  if not options:
+    return list(plan.topology_devices(plan.resolve_topology(topology)))
+  env = dict(TPU_ACCELERATOR_TYPE="v5litepod-4", TPU_WORKER_HOSTNAMES="localhost",
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update({k: v for k, v in env.items() if saved[k] is None})
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                             **options).devices)
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+
+
+def _neighbours(a, b) -> bool:
+  return sum(abs(x - y) for x, y in zip(a.coords, b.coords)) == 1
+
+
+def test_tpu_mesh_follows_the_physical_topology():
+  """v5e:4x4 (4 hosts of 2x2 chips): jax.devices() lists them host by host, so a plain
+  reshape to (4, 1, 4) makes each tensor row a 2x2 block; the topology-aware mesh makes it
+  a physical row of 4 chips, and (16, 1, 1) a ring through ICI neighbours."""
+  from pgm_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  devices = _tpu_devices("v5e-16")
+  cfg = tiny_config("pgm")
+  cfg.mesh.shape = (4, 1, 4)
+  mesh, info = sharding.build_mesh(cfg.mesh, devices)
+  assert info == {"method": sharding.TOPOLOGY_AWARE, "dcn_shape": None, "ici_shape": [4, 1, 4]}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+  rows = mesh.devices.reshape(4, 4)
+  plain = np.asarray(devices).reshape(4, 4)
+  assert all(_neighbours(r[i], r[i + 1]) for r in rows for i in range(3))
+  assert not all(_neighbours(r[i], r[i + 1]) for r in plain for i in range(3))
+  cfg.mesh.shape = (-1, 1, 1)
+  ring = list(sharding.make_mesh(cfg.mesh, devices).devices.flat)
+  assert all(_neighbours(a, b) for a, b in zip(ring, ring[1:]))
+  assert not all(_neighbours(a, b) for a, b in zip(devices, devices[1:]))
+  # A shape only a split of the physical axes can lay out; one it cannot: plain reshape.
+  cfg.mesh.shape = (8, 1, 2)
+  assert sharding.build_mesh(cfg.mesh, devices)[1]["method"] == sharding.TOPOLOGY_AWARE_SPLIT
+  cfg.mesh.shape = (-1, 1, 1)
+  mesh, info = sharding.build_mesh(cfg.mesh, devices[:6])
+  assert info["method"] == sharding.RESHAPE_FALLBACK
+  assert list(mesh.devices.flat) == devices[:6]
+
+
+def test_tpu_multislice_mesh():
+  """Two compile-only v5e:2x2 slices (get_topology_desc(num_slices=2): devices with
+  slice_index): dcn_shape puts the slices on the data axis, each slice topology-aware."""
+  from pgm_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  devices = _tpu_devices("v5e:2x2", num_slices=2)
+  assert sharding.slice_count(devices) == 2
+  cfg = tiny_config("pgm")
+  cfg.mesh.shape, cfg.mesh.dcn_shape = (4, 1, 2), (2, 1, 1)
+  mesh, info = sharding.build_mesh(cfg.mesh, devices)
+  assert info == {"method": sharding.HYBRID, "dcn_shape": [2, 1, 1], "ici_shape": [2, 1, 2]}
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slices[:2] == 0).all() and (slices[2:] == 1).all(), slices
+  grid = mesh.devices.reshape(4, 2)
+  assert all(_neighbours(a, b) for a, b in grid)             # tensor pairs: ICI neighbours
+  cfg.mesh.dcn_shape = (1, 1, 1)
+  with pytest.raises(ValueError, match=r"config\.mesh\.dcn_shape=\(1, 1, 1\) means one slice"):
+    sharding.make_mesh(cfg.mesh, devices)
+
+
 if __name__ == "__main__":
   sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
   _child(sys.argv[1], sys.argv[2])
