@@ -71,6 +71,21 @@ def test_topology_table():
     plan.resolve_topology("v9-3")
 
 
+def test_table_reports_how_the_mesh_was_built():
+  base = {"what": "train", "compiler": "tpu", "topology": "v5e-16", "topology_string": "v5e:4x4",
+          "chips": 16, "device_kind": "TPU v5 lite", "model": "pgm", "num_params": 1e6,
+          "dtype": "bfloat16", "attn_impl": "pallas", "mesh": {"data": 8, "fsdp": 1, "tensor": 2},
+          "num_devices": 16, "batch_size": 16, "seq_len": 32, "microbatch_size": 16,
+          "per_device_microbatch": 2, "state_bytes_per_device": 0, "flops_per_device": 1.0,
+          "mesh_method": "hybrid (per-slice topology-aware, slices over DCN)",
+          "dcn_shape": [2, 1, 1], "ici_shape": [4, 1, 2],
+          "mesh_device_order": [{"id": i, "coords": [i % 2, i // 2, 0], "slice": 0}
+                                for i in range(8)]}
+  row = [r for r in plan.format_table(base).splitlines() if r.startswith("mesh order")][0]
+  assert "hybrid" in row and "dcn_shape (2, 1, 1) x ici (4, 1, 2)" in row, row
+  assert "devices 0(0,0,0) 1(1,0,0) 2(0,1,0)" in row and row.endswith("..."), row
+
+
 def test_parse_resource_exhausted():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (120.93G) exceeds available HBM (15.75G).")
@@ -123,6 +138,12 @@ def test_train_plan_on_tpu_compiles_the_mosaic_kernels(train_plan):
   assert result["topology"] == TOPOLOGY and result["topology_string"] == "v5e:2x2"
   assert result["device_kind"] == "TPU v5 lite"
   assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  # v5e:2x2 laid out by create_device_mesh: the data axis is a ring of ICI neighbours.
+  assert result["mesh_method"] == "topology-aware" and result["dcn_shape"] is None
+  order = result["mesh_device_order"]
+  assert sorted(d["id"] for d in order) == [0, 1, 2, 3]
+  assert all(sum(abs(x - y) for x, y in zip(a["coords"], b["coords"])) == 1
+             for a, b in zip(order, order[1:]))
   assert result["attn_impl_config"] == "auto" and result["attn_impl"] == "pallas"
   assert result["mosaic_custom_calls"] > 0   # tpu_custom_call in the compiled HLO
   mem = result["memory_per_device"]
@@ -143,6 +164,8 @@ def test_train_plan_on_tpu_compiles_the_mosaic_kernels(train_plan):
   assert "resource_exhausted" not in result
   table = plan.format_table(result)
   assert "fits" in table and "tpu" in table
+  row = [r for r in table.splitlines() if r.startswith("mesh order")]
+  assert row and "topology-aware; devices " in row[0], table
 
 
 @needs_libtpu
@@ -194,5 +217,7 @@ def test_cpu_virtual_fallback_from_the_command_line(tmp_path):
   assert result["compiler"] == "cpu-virtual"
   assert result["topology"] == TOPOLOGY and result["num_devices"] == 4
   assert result["attn_impl"] == "xla"           # dense on CPU
+  assert result["mesh_method"] == "reshape"     # CPU devices: their own order
+  assert [d["id"] for d in result["mesh_device_order"]] == [0, 1, 2, 3]
   assert result["device_memory_gib"] == V5E_HBM_GIB and result["device_memory_source"] == "table"
   assert result["fits"] is True
