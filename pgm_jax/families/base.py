@@ -24,6 +24,7 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   sampler_program(...)                   one sampler program to compile in plan mode
   torch_name(flax_path)                  the reference state-dict name of a parameter (convert)
   step_flops(model_cfg, ...)             analytic FLOPs of one image sampling step (image bench)
+  train_flops(model_cfg, params, B, L)   analytic FLOPs of one optimizer step (plan, train MFU)
 """
 from __future__ import annotations
 
@@ -166,6 +167,46 @@ class Family:
   def torch_name(self, path: tuple[str, ...]) -> tuple[str, bool]:
     """The reference's PyTorch state-dict name of a Flax parameter path (convert)."""
     return flax_path_to_torch_name(path)
+
+  def train_flops(self, model_cfg: ModelConfig, params, batch_size: int, seq_len: int) -> dict:
+    r"""Analytic training FLOPs of one optimizer step (whole batch, forward + backward):
+    `--mode=plan`'s "model FLOPs" and the numerator of the training loop's MFU.
+
+      FLOPs = 6 * N_mm * B * L  +  12 * H * B * L^2 * sum_layers f_layer
+
+    N_mm = `matmul_params` (per-token matmul weights, output projection included,
+    embeddings / adaLN / time embedding excluded); 6 = 2 (multiply-add) x 3 (forward +
+    backward). Attention: per live (query, key) pair and layer, QK^T and PV cost
+    2 * 2 * H forward (H = num_heads * head_dim), x3 with the backward. f_layer is the
+    expected alive fraction of the L^2 pairs (`attention_layers`): 1 for MDLM (full),
+    (L+1)/2L for AR (causal); PGM, where every token is in the masked group with
+    probability t ~ U[0, 1]: encoder layers (same group) E[t^2 + (1-t)^2] = 2/3, GroupSwap
+    and decoder layers (other group) E[2 t (1-t)] = 1/3. Only live pairs count (what
+    block-skipping kernels can approach); padding is ignored. `params` may be abstract
+    (shapes only). L is config.data.seq_len (images: [BOS] + the codes; registers are not
+    counted).
+    """
+    n_mm = matmul_params(params)
+    tokens = batch_size * seq_len
+    layers = self.attention_layers(model_cfg, seq_len)
+    dense = 6.0 * n_mm * tokens
+    attn = 12.0 * model_cfg.hidden * batch_size * seq_len ** 2 * sum(f for _, f in layers)
+    return {"matmul_params": n_mm, "dense_flops": dense, "attention_flops": attn,
+            "total": dense + attn,
+            "attention_alive_fraction": {k: f for k, f in dict(layers).items()}}
+
+
+def matmul_params(params) -> int:
+  """Parameters of the per-token matmuls: every `kernel` except the adaLN modulations and
+  the time embedding (`sigma_map`), which act once per sequence; embedding tables (a
+  gather) and biases / norms (no matmul) are excluded; the output projection counts."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    if names[-1] != "kernel" or any("adaLN" in n or "sigma_map" in n for n in names):
+      continue
+    total += math.prod(leaf.shape)
+  return int(total)
 
 
 class ImageFamily(Family):

@@ -34,7 +34,7 @@ run (`samplers.mdlm._mdlm_run`, one program).
 FLOPs. "compiled" FLOPs are XLA's cost analysis of the per-device program (times
 grad_accum_steps: a loop body is counted once). Pallas/Mosaic custom calls are NOT
 costed, so with attn_impl="pallas" they miss the attention. "model" FLOPs are analytic,
-per optimizer step, for the whole slice (docstring of `model_flops`).
+per optimizer step, for the whole slice (docstring of `families.base.Family.train_flops`).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from pgm_jax import families
+from pgm_jax.families import base as families_base
 from pgm_jax.core import fileio, sharding
 
 
@@ -252,42 +253,15 @@ def device_memory_bytes(topo: Topology) -> tuple[int, str]:
 
 # -- analytic FLOPs -----------------------------------------------------------------------
 
-def matmul_params(params) -> int:
-  """Parameters of the per-token matmuls: every `kernel` except the adaLN modulations and
-  the time embedding (`sigma_map`), which act once per sequence; embedding tables (a
-  gather) and biases / norms (no matmul) are excluded; the output projection counts."""
-  total = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-    if names[-1] != "kernel" or any("adaLN" in n or "sigma_map" in n for n in names):
-      continue
-    total += math.prod(leaf.shape)
-  return int(total)
+# The count lives with the families (`Family.train_flops`), below the training loop, which
+# reports MFU from it; plan keeps these names.
+matmul_params = families_base.matmul_params
 
 
 def model_flops(model_cfg, params, batch_size: int, seq_len: int) -> dict:
-  r"""Analytic training FLOPs of one optimizer step (whole batch, forward + backward).
-
-    FLOPs = 6 * N_mm * B * L  +  12 * H * B * L^2 * sum_layers f_layer
-
-  N_mm = `matmul_params` (per-token matmul weights, output projection included,
-  embeddings / adaLN / time embedding excluded); 6 = 2 (multiply-add) x 3 (forward +
-  backward). Attention: per live (query, key) pair and layer, QK^T and PV cost
-  2 * 2 * H forward (H = num_heads * head_dim), x3 with the backward. f_layer is the
-  expected alive fraction of the L^2 pairs: 1 for MDLM (full), (L+1)/2L for AR (causal);
-  PGM, where every token is in the masked group with probability t ~ U[0, 1]:
-  encoder layers (same group) E[t^2 + (1-t)^2] = 2/3, GroupSwap and decoder layers
-  (other group) E[2 t (1-t)] = 1/3. Only live pairs count (what block-skipping kernels
-  can approach); padding is ignored.
-  """
-  n_mm = matmul_params(params)
-  tokens = batch_size * seq_len
-  layers = families.get(model_cfg.kind).attention_layers(model_cfg, seq_len)
-  dense = 6.0 * n_mm * tokens
-  attn = 12.0 * model_cfg.hidden * batch_size * seq_len ** 2 * sum(f for _, f in layers)
-  return {"matmul_params": n_mm, "dense_flops": dense, "attention_flops": attn,
-          "total": dense + attn,
-          "attention_alive_fraction": {k: f for k, f in dict(layers).items()}}
+  """Analytic training FLOPs of one optimizer step: `Family.train_flops` of the model's
+  family (its docstring has the formula)."""
+  return families.get(model_cfg.kind).train_flops(model_cfg, params, batch_size, seq_len)
 
 
 # -- compiling ----------------------------------------------------------------------------
