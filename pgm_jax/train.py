@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 
 from pgm_jax import distill, steps
-from pgm_jax.core import checkpointing, config_lib, fileio, sharding
+from pgm_jax.core import checkpointing, config_lib, fileio, sharding, throughput
 from pgm_jax.data import pipeline
 from pgm_jax.evaluation import perplexity
 from pgm_jax import experiment
@@ -111,6 +111,50 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _StepProfiler:
+  """config.train.profile_steps = (start, stop): a jax.profiler trace of steps start..stop
+  (inclusive; step N is the one after which the state has N updates, as in the log), written
+  to `logdir` (WORKDIR/tensorboard) as plugins/profile/<run>/<host>.xplane.pb, where
+  TensorBoard's profile plugin finds it. Only process 0 traces (every process runs the same
+  SPMD program; one trace per slice keeps the run folder to one host). A run that resumes
+  inside the window traces from its first step; `close` (always called) ends a trace that
+  training, an error or a SIGTERM stop cut short."""
+
+  def __init__(self, window, logdir: str, enabled: bool):
+    self._window = window if enabled else None
+    self._logdir = logdir
+    self.active = False
+
+  def before(self, next_step: int) -> None:
+    """Called before dispatching step `next_step`."""
+    if self._window is None or self.active:
+      return
+    start, stop = self._window
+    if start <= next_step <= stop:
+      logging.info("Profiling steps %d..%d into %s", next_step, stop, self._logdir)
+      jax.profiler.start_trace(self._logdir)
+      self.active = True
+
+  def after(self, step: int, metrics) -> None:
+    """Called after dispatching step `step` (its `metrics` not yet ready)."""
+    if self.active and step >= self._window[1]:
+      jax.block_until_ready(metrics)  # the trace holds the last step's device work
+      self.close()
+      self._window = None
+
+  def close(self) -> None:
+    if not self.active:
+      return
+    self.active = False
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # pylint: disable=broad-except
+      # Never hide the error that is ending training (close runs in a finally).
+      logging.warning("jax.profiler.stop_trace failed: %s", e)
+      return
+    logging.info("Profile written under %s (TensorBoard: the Profile tab)", self._logdir)
 
 
 def _evaluated_steps(workdir: str) -> set:
@@ -253,6 +297,19 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
   step_fn = make_train_step(setup)
   eval_fn = perplexity.make_eval_fn(setup)
 
+  # MFU: the analytic FLOPs of one optimizer step (the count --mode=plan reports) over the
+  # chips' dense bf16 peak; no peak known (CPU, an unlisted chip) -> no train/mfu.
+  tokens_per_step = t_cfg.batch_size * config.data.seq_len
+  flops_per_step = setup.family.train_flops(setup.model_cfg, setup.abstract_state.params,
+                                            int(t_cfg.batch_size),
+                                            int(config.data.seq_len))["total"]
+  device_kind = setup.mesh.devices.flat[0].device_kind
+  peak = throughput.peak_flops_per_chip(device_kind, t_cfg.get("peak_flops_per_chip"))
+  logging.info("model FLOPs/step %.4g (analytic); peak %s FLOP/s per chip (%s)",
+               flops_per_step, "unknown" if peak is None else f"{peak:.4g}", device_kind)
+  profiler = _StepProfiler(config_lib.profile_window(t_cfg),
+                           os.path.join(workdir, "tensorboard"), enabled=is_host0)
+
   last_saved = manager.latest_step()
   history: dict[str, Any] = {}
   accumulated = None
@@ -311,9 +368,11 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
       while step < t_cfg.num_steps:
         local = next(train_iter)
         batch = sharding.global_batch(local, setup.batch_sharding)
+        profiler.before(step + 1)
         with jax.transfer_guard("disallow"):
           state, metrics = step_fn(state, batch, train_rng)
         step += 1
+        profiler.after(step, metrics)
         if step == start_step + 1:
           # Exclude compilation from the throughput and ETA.
           jax.block_until_ready(metrics)
@@ -331,10 +390,16 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
           rate = (step - timer_step) / max(now - timer_start, 1e-9)
           timer_start, timer_step = now, step
           scalars["train/steps_per_s"] = rate
-          scalars["train/tokens_per_s"] = rate * t_cfg.batch_size * config.data.seq_len
+          scalars["train/tokens_per_s"] = rate * tokens_per_step
+          scalars["train/tokens_per_s_per_chip"] = rate * tokens_per_step / setup.mesh.size
+          mfu = ""
+          if peak is not None:
+            scalars["train/mfu"] = throughput.mfu(flops_per_step, rate, peak, setup.mesh.size)
+            mfu = f" | MFU {100 * scalars['train/mfu']:.1f}%"
           writer.write_scalars(step, scalars)
-          logging.info("step %d/%d | loss %.4f | %.2f steps/s | ETA %s", step, t_cfg.num_steps,
-                       scalars["train/loss"], rate,
+          logging.info("step %d/%d | loss %.4f | %.2f steps/s | %.0f tokens/s/chip%s | ETA %s",
+                       step, t_cfg.num_steps, scalars["train/loss"], rate,
+                       scalars["train/tokens_per_s_per_chip"], mfu,
                        _format_eta((t_cfg.num_steps - step) / max(rate, 1e-9)))
           history.update(scalars)
           if not math.isfinite(scalars["train/loss"]):
@@ -362,6 +427,7 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
           logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
           history["preempted"] = True
           return history
+      profiler.close()  # training ended inside the window: the samples are not traced
       if prev_metrics is not None:
         check_finite(prev_metrics, step)
       if step > 0:
@@ -413,6 +479,7 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
         logging.info("Samples written to %s", path)
         history["samples"] = [s["text"] for s in samples]
   finally:
+    profiler.close()
     checkpointing.wait(manager)
     manager.close()
     writer.close()

@@ -14,6 +14,8 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from pgm_jax.core import throughput
+
 placeholder = config_dict.placeholder
 
 
@@ -79,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.eval_every = 20_000
   c.train.num_final_samples = 4     # decoded at the end of training (0 = none)
+  c.train.profile_steps = ()        # (start, stop): trace steps start..stop (inclusive, the
+                                    # step numbers of the log) with jax.profiler into
+                                    # WORKDIR/tensorboard (process 0 only); () = off
+  c.train.peak_flops_per_chip = placeholder(float)  # bf16 peak for train/mfu; None = the
+                                    # table of pgm_jax/core/throughput.py (no mfu if unknown)
 
   # --- eval: validation perplexity. -----------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -382,9 +389,26 @@ def check_sections(config, *, num_devices: int, data_parallel: int,
     raise ValueError(f"config.eval.gen_num_samples must be positive, got {e.gen_num_samples}")
   if t.num_final_samples < 0:
     raise ValueError(f"config.train.num_final_samples must be >= 0, got {t.num_final_samples}")
+  profile_window(t)
+  throughput.check_peak_override(t.get("peak_flops_per_chip"))
   if distill_enabled(config):
     _validate_distill(config)
   del num_devices
+
+
+def profile_window(t) -> tuple[int, int] | None:
+  """config.train.profile_steps as (start, stop), None when off (() or None); a one-line
+  error for anything else."""
+  value = t.get("profile_steps", ())
+  if value is None or (isinstance(value, (tuple, list)) and len(value) == 0):
+    return None
+  ok = (isinstance(value, (tuple, list)) and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 1 <= value[0] <= value[1])
+  if not ok:
+    raise ValueError(f"config.train.profile_steps={value!r} must be () (off) or (start, stop): "
+                     f"the step numbers to trace, 1 <= start <= stop, e.g. (100, 105)")
+  return int(value[0]), int(value[1])
 
 
 def validate_opt(o) -> None:
