@@ -86,3 +86,34 @@ def test_tiny_run_profiles_and_reports_throughput(tmp_path):
   for r in rows:
     assert r["train/mfu"] == pytest.approx(
         flops * r["train/steps_per_s"] / (1e9 * setup.mesh.size), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_device_check_smoke_runs_every_section(tmp_path):
+  """scripts/device_check.sh --smoke on CPU (interpret mode, tiny sizes): every section
+  runs and the summary names the device kind."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "device_check"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [REPO_ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+  res = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "device_check.sh"), str(out),
+                        "--smoke"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  summary = json.loads((out / "device_check.json").read_text())
+  assert summary["device"]["device_kind"] == jax_device_kind()
+  assert {k: v["status"] for k, v in summary["sections"].items()} == {
+      k: "ok" for k in ("kernel", "train_step", "block_sweep", "sampler", "mfu")}
+  assert all(r["pass"] for r in summary["sections"]["kernel"]["masks"].values())
+  assert set(summary["sections"]["train_step"]["variants"]) == {"xla", "pallas", "pallas_sorted"}
+  assert summary["sections"]["mfu"]["variants"]["xla"]["mfu"] is None  # CPU: no peak
+  assert (out / "sampler_bench" / "bench.json").is_file()
+  assert "# Device check: cpu" in (out / "device_check.md").read_text()
+
+
+def jax_device_kind():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.devices()[0].device_kind
