@@ -75,10 +75,10 @@ def _assert_same_step(outs, metric_names):
 @pytest.mark.parametrize("kind", ["pgm", "mdlm"])
 @pytest.mark.slow
 def test_padded_accumulation_is_the_global_batch_mean(kind):
-  """grad_accum_steps 1, 2, 4 on a padded batch: the same updated parameters (Adam's first
+  """grad_accum_steps 1 and 4 on a padded batch (2 rows per microbatch: 64, 4, 40 and 17 tokens): the same updated parameters (Adam's first
   step is ~ lr * sign(grad), so the grads' direction per element must match), grad norm,
   loss and NLL."""
-  outs = _run(steps.train_step, kind, (1, 2, 4))
+  outs = _run(steps.train_step, kind, (1, 4))
   _assert_same_step(outs, ("loss", "nll", "grad_norm"))
   # The step moved the parameters (the comparison is not between two unchanged trees).
   setup = experiment.make_setup(_config(kind, 1))
