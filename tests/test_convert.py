@@ -706,3 +706,168 @@ class _ConfigLike:
 class _NodeLike:
   def __init__(self, val):
     self._val = val
+
+
+# ----------------------------------------------------------------------------
+# The authors' image checkpoints (branch image_pretrain: trainer/abstract_trainer.py
+# `save_network` writes {'iter', 'global_epoch', 'model_state_dict', 'optimizer_state_dict'}
+# with torch.save). Names and registration order from models/encoder_decoder.py
+# (`PartitionDIT`) and models/transformer.py (`Transformer`), written out here.
+# ----------------------------------------------------------------------------
+
+def image_pgm_layout(v, h, heads, enc, dec, classes, register):
+  """PartitionDIT: vocab_embed, cls_embed (LabelEmbedder: embedding_table), rotary_emb
+  (buffer), encoder, decoder, output_layer (cond_dim = H), reg_tokens (nn.Embedding)."""
+  names = [("vocab_embed.embedding", (v, h)),
+           ("cls_embed.embedding_table.weight", (classes + 1, h)),
+           ("rotary_emb.inv_freq", (h // heads // 2,))]
+  names += [(n, s) for n, s in pgm_layout(v=v, h=h, c=h, heads=heads, enc=enc, dec=dec)
+            if n.startswith(("encoder.", "decoder.", "output_layer."))]
+  return names + [("reg_tokens.weight", (register, h))]
+
+
+def maskgit_layout(v, h, layers, positions, classes, register, ffn):
+  """Transformer: cls_emb, tok_emb, pos_emb (nn.Embedding), transformer.layers (adaLN
+  mlp = Sequential(SiLU, Linear) -> mlp.1, ln1, attn.w{q,k,v,o}, ln2, ff.w{1,2,3}),
+  last_norm (AdaNorm), head (Linear, weight tied to tok_emb), reg_tokens."""
+  names = [("cls_emb.weight", (classes + 1, h)), ("tok_emb.weight", (v, h)),
+           ("pos_emb.weight", (positions, h))]
+  for i in range(layers):
+    p = f"transformer.layers.{i}."
+    names += [(p + "mlp.1.weight", (6 * h, h)), (p + "mlp.1.bias", (6 * h,)),
+              (p + "ln1.weight", (h,))]
+    names += [(p + f"attn.{w}.weight", (h, h)) for w in ("wq", "wk", "wv", "wo")]
+    names += [(p + "ln2.weight", (h,)), (p + "ff.w1.weight", (ffn, h)),
+              (p + "ff.w2.weight", (h, ffn)), (p + "ff.w3.weight", (ffn, h))]
+  return names + [("last_norm.norm_final.weight", (h,)), ("last_norm.norm_final.bias", (h,)),
+                  ("last_norm.mlp.1.weight", (2 * h, h)), ("last_norm.mlp.1.bias", (2 * h,)),
+                  ("head.weight", (v, h)), ("head.bias", (v,)),
+                  ("reg_tokens.weight", (register, h))]
+
+
+_IMAGE_SPECIAL = {
+    "cls_embed.embedding_table.weight": ("cls_embed", "embedding"),
+    "reg_tokens.weight": ("reg_tokens",),
+    "cls_emb.weight": ("cls_emb", "embedding"), "tok_emb.weight": ("tok_emb",),
+    "pos_emb.weight": ("pos_emb",), "head.weight": ("tok_emb",), "head.bias": ("head_bias",),
+}
+
+
+def _our_path(name, shape):
+  """Our Flax path of an authors' name, and whether the tensor is transposed."""
+  if name in _IMAGE_SPECIAL:
+    return _IMAGE_SPECIAL[name], False
+  *parts, leaf = name.split(".")
+  path, i = [], 0
+  while i < len(parts):
+    p = parts[i]
+    if p in ("blocks", "layers"):
+      path.append(f"{p}_{parts[i + 1]}")
+      i += 2
+    elif p == "mlp" and parts[0] == "transformer" or parts[:1] == ["last_norm"] and p == "mlp":
+      path.append(f"mlp_{parts[i + 1]}")         # MaskGIT Sequential(SiLU, Linear): mlp.1
+      i += 2
+    elif p == "mlp":
+      path += ["mlp", f"fc_{parts[i + 1]}"]      # DDiT MLP: mlp.{0,2}
+      i += 2
+    else:
+      path.append(p)
+      i += 1
+  if leaf == "weight":
+    return tuple(path) + (("kernel",) if len(shape) == 2 else ("scale",)), len(shape) == 2
+  return tuple(path) + (leaf,), False
+
+
+def _leaves(tree):
+  return {tuple(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _image_setup(preset):
+  cfg = load_config("digits", preset)
+  cfg.model.dropout = 0.0
+  return cfg, experiment.make_setup(cfg)
+
+
+def _image_layout(setup, cfg):
+  m, mc = cfg.model, setup.model_cfg
+  if setup.model_cfg.num_positions and "tok_emb" in setup.abstract_state.params:
+    from pgm_jax.models.maskgit import swiglu_hidden
+    return maskgit_layout(mc.vocab_size, m.hidden, m.num_layers, mc.num_positions,
+                          m.num_classes, m.register, swiglu_hidden(mc.mlp_ratio * m.hidden))
+  return image_pgm_layout(mc.vocab_size, m.hidden, m.num_heads, m.enc_layers, m.dec_layers,
+                          m.num_classes, m.register)
+
+
+def _random_params(setup, seed):
+  """Our parameters, every leaf random (zero-initialised ones included)."""
+  params = setup.family.init_params(setup.model, jax.random.PRNGKey(seed))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (np.asarray(x) + 0.1 * rng.standard_normal(x.shape)
+                                 ).astype(np.float32), params)
+
+
+def authors_state_dict(setup, cfg, params):
+  """Our parameters under the authors' names and layout (a torch state dict)."""
+  leaves = _leaves(params)
+  used, sd = set(), {}
+  for name, shape in _image_layout(setup, cfg):
+    if name.endswith("inv_freq"):
+      d = 2 * shape[0]
+      sd[name] = torch.from_numpy((1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32))
+      continue
+    if name == "head.weight":
+      sd[name] = sd["tok_emb.weight"]            # tied: the same tensor
+      continue
+    path, transpose = _our_path(name, shape)
+    arr = leaves[path].T if transpose else leaves[path]
+    assert arr.shape == shape, (name, arr.shape, shape)
+    sd[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    used.add(path)
+  assert used == set(leaves), set(leaves) ^ used
+  return sd
+
+
+def save_authors_image(path, sd, it=7):
+  torch.save({"iter": it, "global_epoch": 1, "model_state_dict": sd,
+              "optimizer_state_dict": None}, path)
+
+
+def _canvas(setup, seed):
+  """[BOS] + codes with some MASK, and labels (the null class included)."""
+  mc = setup.model_cfg
+  rng = np.random.default_rng(seed)
+  n = setup.config.data.grid ** 2
+  codes = rng.integers(0, setup.config.data.num_codes, (B, n)).astype(np.int32)
+  codes[rng.random((B, n)) < 0.5] = mc.mask_id
+  canvas = np.concatenate([np.full((B, 1), setup.config.data.num_codes + 1, np.int32), codes],
+                          1)
+  return canvas, np.asarray([0, 3, setup.config.model.num_classes][:B], np.int32)
+
+
+@pytest.mark.parametrize("preset", ["pgm,tiny", "maskgit,tiny"])
+def test_authors_image_checkpoint_round_trip(tmp_path, preset):
+  """Our random parameters written as the authors' .ckpt (model_state_dict) convert back to
+  the same parameters and the same logits; `iter` becomes the step."""
+  cfg, setup = _image_setup(preset)
+  params = _random_params(setup, seed=1)
+  path = tmp_path / "authors.ckpt"
+  save_authors_image(path, authors_state_dict(setup, cfg, params))
+  lines = []
+  info = convert.convert(cfg, str(path), str(tmp_path / "wd"), log=lines.append)
+  assert "model_state_dict" in lines[0]
+  assert info["ignored"] == ["global_epoch"]
+  _, step, state = restore_full(cfg, str(tmp_path / "wd"))
+  assert step == 7
+  want = _leaves(params)
+  for tree in (state.params, state.ema_params):
+    got = _leaves(tree)
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
+  step, eval_params = experiment.restore_eval_params(setup, str(tmp_path / "wd"))
+  canvas, labels = _canvas(setup, seed=2)
+  logits = lambda p: np.asarray(setup.model.apply({"params": p}, canvas, labels,
+                                                  method="canvas_logits"))
+  np.testing.assert_array_equal(logits(eval_params), logits(params))
+  assert os.path.isfile(tmp_path / "wd" / "config.json")

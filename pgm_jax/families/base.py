@@ -23,6 +23,8 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   attention_layers(model_cfg, seq_len)   (mask kind, alive fraction) per attention layer (plan)
   sampler_program(...)                   one sampler program to compile in plan mode
   torch_name(flax_path)                  the reference state-dict name of a parameter (convert)
+  torch_reference                        what its reference checkpoints look like: marker names,
+                                         tied entries, description (convert's messages)
   step_flops(model_cfg, ...)             analytic FLOPs of one image sampling step (image bench)
   train_flops(model_cfg, params, B, L)   analytic FLOPs of one optimizer step (plan, train MFU)
 """
@@ -35,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from pgm_jax import objectives
+from pgm_jax.io import torch_names
 from pgm_jax.io.torch_names import flax_path_to_torch_name
 from pgm_jax.models.dit import DiT
 from pgm_jax.models.layers import ModelConfig
@@ -58,6 +61,8 @@ class Family:
   time_conditioning: bool = False      # config.model.time_conditioning may be True
   exact_likelihood: bool = False       # log p(x) is exact (left to right), not an ELBO
   mask_logit: float = objectives.NEG_INF_MDLM  # logit[MASK] in its loss
+  # The authors' checkpoints of this model (convert): None if they released none.
+  torch_reference: Optional[torch_names.ReferenceModel] = None
   group_sorted: bool = False           # trains on a partition that config.attn.sorted_layout
                                        # can sort by group (the PGMs)
 
@@ -292,6 +297,7 @@ class DiTFamily(Family):
   """Families whose network is the DiT over the full sequence (MDLM, and AR with causal
   attention): the same module and the same `model.init` inputs (tokens, and the sigma that
   only a time-conditioned MDLM reads)."""
+  torch_reference = torch_names.DIT
 
   def build_model(self, model_cfg: ModelConfig):
     return DiT(model_cfg)

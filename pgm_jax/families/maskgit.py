@@ -7,11 +7,13 @@ import jax.numpy as jnp
 
 from pgm_jax import objectives
 from pgm_jax.families.base import ImageFamily, dummy_tokens, valid_mask
+from pgm_jax.io import torch_names
 from pgm_jax.models.maskgit import MaskGIT, swiglu_hidden
 
 
 class MaskGITFamily(ImageFamily):
   name = "maskgit"
+  torch_reference = torch_names.MASKGIT
 
   def model_config_fields(self, config, *, vocab_size, mask_id):
     # codes + MASK: MaskGIT never sees BOS
@@ -42,6 +44,11 @@ class MaskGITFamily(ImageFamily):
     del sampling_eps
     masked = noise_u_BxL[:, 1:] < objectives.arccos_rate(t_B)[:, None]
     return (masked & valid_mask(batch)[:, 1:]).astype(jnp.float32).sum()
+
+  def torch_name(self, path: tuple[str, ...]) -> tuple[str, bool]:
+    """The reference `Transformer` (branch image_pretrain, models/transformer.py); its
+    head.weight is tok_emb.weight (tied, `torch_reference.tied`)."""
+    return torch_names.maskgit_torch_name(path)
 
   def step_flops(self, model_cfg, *, revealed: int, count: int, num_codes: int,
                  sampler: str) -> float:

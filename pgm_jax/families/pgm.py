@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from pgm_jax import objectives
 from pgm_jax.families.base import ALIVE_FRACTION, Family, dummy_tokens
+from pgm_jax.io import torch_names
 from pgm_jax.models.pgm import PartitionDiT
 from pgm_jax.samplers import pgm as pgm_samplers
 
@@ -23,6 +24,7 @@ class PGMFamily(Family):
   distillable = True
   group_sorted = True
   mask_logit = -jnp.inf  # MASK is never an input of a PGM, nor a prediction
+  torch_reference = torch_names.TEXT_PGM
 
   def build_model(self, model_cfg):
     return PartitionDiT(model_cfg)

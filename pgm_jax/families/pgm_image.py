@@ -8,12 +8,14 @@ import jax.numpy as jnp
 
 from pgm_jax import objectives
 from pgm_jax.families.base import ALIVE_FRACTION, ImageFamily, dummy_tokens
+from pgm_jax.io import torch_names
 from pgm_jax.models.pgm_image import ImagePartitionDiT
 
 
 class ImagePGMFamily(ImageFamily):
   name = "pgm_image"
   group_sorted = True
+  torch_reference = torch_names.IMAGE_PGM
 
   def validate(self, config) -> None:
     super().validate(config)
@@ -40,6 +42,11 @@ class ImagePGMFamily(ImageFamily):
     logp = model.apply({"params": params}, tokens, group, batch["labels"], valid, train=train,
                        rngs=rngs, targets_BxL=tokens, mask_logit=self.mask_logit)
     return objectives.image_loss_terms_from_log_probs(logp[:, 1:], valid[:, 1:].astype(bool))
+
+  def torch_name(self, path: tuple[str, ...]) -> tuple[str, bool]:
+    """The reference `PartitionDIT` (branch image_pretrain): the text PGM's names, plus
+    cls_embed.embedding_table.weight and reg_tokens.weight."""
+    return torch_names.image_pgm_torch_name(path)
 
   def attention_layers(self, model_cfg, seq_len):
     return ([("same_group", ALIVE_FRACTION["same_group"])] * model_cfg.enc_layers

@@ -9,6 +9,10 @@ Reads, in order of preference:
   * a Lightning `.ckpt` (or `.pt`/`.pth`/`.bin`): `state_dict` holds the raw weights
     under the prefix `backbone.`, `ema.shadow_params` the EMA weights as a list in
     the backbone's `parameters()` order; `global_step` becomes the Orbax step.
+  * the authors' image checkpoints (`images_pgm_*_100epochs.ckpt`, `maskgit_100epochs.ckpt`,
+    and whatever their image trainer saves): a pickle with `model_state_dict` (the network's
+    state dict, no prefix) and `iter`, which becomes the Orbax step. They hold no EMA
+    weights (their trainer writes the EMA as another file of the same layout).
   * a plain PyTorch state dict (`.pt`/`.pth`/`.bin`), with or without `backbone.`.
 
 SAFETY: a pickled PyTorch file (`.ckpt`/`.pt`/`.pth`/`.bin`) can run arbitrary code
@@ -22,7 +26,8 @@ safetensors once avoids the question (and the torch dependency) entirely.
 
 Every name and shape is checked against the model that `--config` builds (missing and
 unexpected keys are listed in one error line; a wrong shape names the key and both
-shapes). The checkpoint is written to WORKDIR/checkpoints/<step> in the trainer's
+shapes); a file whose names are another model's says which model it looks like (text
+PGM, MDLM, image PGM, MaskGIT) and what is missing. The checkpoint is written to WORKDIR/checkpoints/<step> in the trainer's
 TrainState layout (params = raw weights, ema_params = EMA weights, a freshly
 initialised optimizer state), so `--mode=eval`, `--mode=sample` and training resume
 all restore it. See docs/convert.md for the name mapping.
@@ -36,6 +41,7 @@ import numpy as np
 
 from pgm_jax.core import cli
 from pgm_jax.io import torch_files
+from pgm_jax.io import torch_names
 from pgm_jax.io.torch_names import flax_path_to_torch_name
 from pgm_jax.io.torch_files import ReadError, is_tensor, read_safetensors, read_safetensors_metadata, read_torch, to_numpy
 
@@ -85,6 +91,7 @@ class Loaded:
     self.ignored: list[str] = []               # non-backbone entries of a Lightning state_dict
     self.placeholders: list[str] = []
     self.fmt = ""
+    self.source = ""                           # the file (error messages)
     # algo.time_conditioning as recorded by the training run (Lightning hyper-parameters or
     # safetensors metadata); None when the file does not say.
     self.time_conditioning: Optional[bool] = None
@@ -169,11 +176,22 @@ def interpret(obj, fmt: str) -> Loaded:
     out.fmt = f"{fmt}, Lightning layout"
     out.time_conditioning = _as_bool(find_hparam(obj.get("hyper_parameters"),
                                                  "time_conditioning"))
+  elif "model_state_dict" in obj and isinstance(obj["model_state_dict"], dict):
+    # The authors' image trainer (`save_network`): {'iter', 'global_epoch',
+    # 'model_state_dict', 'optimizer_state_dict'}; the state dict has no prefix.
+    sd = obj["model_state_dict"]
+    step = obj.get("iter")
+    if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step >= 0:
+      out.global_step = int(step)
+    out.ignored.extend(k for k in obj if k not in ("model_state_dict", "iter")
+                       and obj[k] is not None)
+    out.fmt = f"{fmt}, image trainer layout (model_state_dict)"
   else:
     sd = {k: v for k, v in obj.items() if is_tensor(v)}
     if not sd:
       raise ConvertError("checkpoint: no tensors found (expected a Lightning checkpoint with "
-                         "'state_dict' or a flat state dict)")
+                         "'state_dict', the authors' image checkpoint with 'model_state_dict', "
+                         "or a flat state dict)")
     skipped = [k for k in obj if not is_tensor(obj[k])]
     out.ignored.extend(skipped)
   bad = [k for k, v in sd.items() if not is_tensor(v)]
@@ -195,10 +213,12 @@ def load_checkpoint(path: str, *, unsafe_pickle: bool = False) -> Loaded:
     loaded = interpret(read_safetensors(path), "safetensors")
     loaded.time_conditioning = _as_bool(
         read_safetensors_metadata(path).get("time_conditioning"))
+    loaded.source = path
     return loaded
   obj, placeholders = read_torch(path, unsafe_pickle=unsafe_pickle)
   loaded = interpret(obj, "pickle, unsafe" if unsafe_pickle else "pickle, weights_only")
   loaded.placeholders = placeholders
+  loaded.source = path
   return loaded
 
 
@@ -235,17 +255,51 @@ def _fmt_list(names: list[str], limit: int = 20) -> str:
   return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def match_names(weights: dict[str, np.ndarray], expected: dict, what: str) -> None:
+def known_references() -> list:
+  """The reference models of the registered families (each once)."""
+  from pgm_jax import families  # pylint: disable=g-import-not-at-top
+  refs = []
+  for family in families.REGISTRY.values():
+    if family.torch_reference is not None and family.torch_reference not in refs:
+      refs.append(family.torch_reference)
+  return refs
+
+
+def _mismatch_message(what: str, names, missing: list[str], unexpected: list[str],
+                      expected: dict, family=None, source: str = "") -> str:
+  """One line for a state dict whose names are not the config's model: which reference model
+  the names look like (guessed from marker names), and what is missing."""
+  parts = []
+  if missing:
+    parts.append(f"missing keys [{_fmt_list(missing)}]")
+  if unexpected:
+    parts.append(f"unexpected keys [{_fmt_list(unexpected)}]")
+  check = "(check config.model.kind/enc_layers/dec_layers/num_layers/register/query_mode)"
+  src = f"--from={source}" if source else "the checkpoint"
+  refs = known_references()
+  best = torch_names.best_references(names, refs)
+  ours = None if family is None else family.torch_reference
+  if not best:
+    kinds = "; ".join(r.description for r in refs)
+    return (f"{what} does not match the config: {'; '.join(parts)}; {src} has the names of no "
+            f"known reference model ({kinds})")
+  if family is None or ours in best:
+    return (f"{src} looks like {(ours or best[0]).description} but does not match the config: "
+            f"{'; '.join(parts)} {check}")
+  guess = best[0]
+  return (f"{src} looks like {guess.description}, but --config builds "
+          f"config.model.kind={family.name!r}: pass "
+          f"{guess.config_hint} ({len(missing)} of the config's {len(expected)} names are "
+          f"missing: {_fmt_list(missing, 4)})")
+
+
+def match_names(weights: dict[str, np.ndarray], expected: dict, what: str, *, family=None,
+                source: str = "") -> None:
   missing = [n for n in expected if n not in weights]
   unexpected = [n for n in weights if n not in expected]
   if missing or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing keys [{_fmt_list(missing)}]")
-    if unexpected:
-      parts.append(f"unexpected keys [{_fmt_list(unexpected)}]")
-    raise ConvertError(f"{what} does not match the config: {'; '.join(parts)} "
-                       f"(check config.model.kind/enc_layers/dec_layers/num_layers/query_mode)")
+    raise ConvertError(_mismatch_message(what, list(weights), missing, unexpected, expected,
+                                         family, source))
   for name, (_, shape, _) in expected.items():
     got = tuple(weights[name].shape)
     if got != shape:
@@ -285,21 +339,46 @@ def to_flax_tree(weights: dict[str, np.ndarray], abstract_params, expected: dict
   return jax.tree_util.tree_map_with_path(lambda p, _: by_path[_path_keys(p)], abstract_params)
 
 
+def drop_tied(weights: dict[str, np.ndarray], tied, what: str) -> tuple[dict, list[str]]:
+  """Removes the entries that repeat another parameter (`ReferenceModel.tied`: MaskGIT's
+  head.weight is tok_emb.weight) after checking that they do; returns (rest, dropped)."""
+  dropped = []
+  for alias, target in tied:
+    if alias not in weights:
+      continue
+    if target in weights:
+      a, b = np.asarray(weights[alias]), np.asarray(weights[target])
+      if a.shape != b.shape or not np.array_equal(a, b):
+        raise ConvertError(
+            f"{what}: {alias} should be tied to {target} (the same tensor) but differs from it "
+            f"(shapes {a.shape} and {b.shape}): not a checkpoint of this model")
+    dropped.append(alias)
+  return {k: v for k, v in weights.items() if k not in dropped}, dropped
+
+
 def convert_weights(loaded: Loaded, abstract_params, head_dim: int, *,
                     ema_only: bool = False, raw_only: bool = False,
-                    name_fn=flax_path_to_torch_name):
-  """(params, ema_params, info) as numpy trees shaped like `abstract_params`; `name_fn` is
-  the family's `torch_name` (Flax path -> reference name)."""
+                    name_fn=None, family=None):
+  """(params, ema_params, info) as numpy trees shaped like `abstract_params`.
+
+  `family`: the config's model family: its `torch_name` (Flax path -> reference name) and
+  `torch_reference` (tied entries; what a mismatching file looks like). `name_fn` overrides
+  its `torch_name` (default without a family: the text models' names)."""
   if ema_only and raw_only:
     raise ConvertError("--ema_only and --raw_only are mutually exclusive")
+  if name_fn is None:
+    name_fn = family.torch_name if family is not None else flax_path_to_torch_name
+  tied = family.torch_reference.tied if family is not None and family.torch_reference else ()
   expected = expected_torch_params(abstract_params, name_fn)
   buffers = check_buffers(loaded.raw, head_dim)
   raw = {k: v for k, v in loaded.raw.items() if k not in buffers}
-  match_names(raw, expected, "state_dict")
+  raw, tied_found = drop_tied(raw, tied, "state_dict")
+  match_names(raw, expected, "state_dict", family=family, source=loaded.source)
   ema = ema_by_name(loaded, list(raw), expected)
   if ema is not None:
     ema = {k: v for k, v in ema.items() if not _is_buffer(k)}
-    match_names(ema, expected, "EMA weights")
+    ema, _ = drop_tied(ema, tied, "EMA weights")
+    match_names(ema, expected, "EMA weights", family=family, source=loaded.source)
   if ema_only and ema is None:
     raise ConvertError("--ema_only: the checkpoint has no EMA weights")
   raw_tree = to_flax_tree(raw, abstract_params, expected)
@@ -313,7 +392,7 @@ def convert_weights(loaded: Loaded, abstract_params, head_dim: int, *,
   else:
     params, ema_params, where = raw_tree, ema_tree, "params <- raw, ema_params <- EMA"
   info = dict(num_params=int(sum(int(np.prod(s)) for _, s, _ in expected.values())),
-              num_tensors=len(expected), buffers=buffers, where=where)
+              num_tensors=len(expected), buffers=buffers, tied=tied_found, where=where)
   return params, ema_params, info
 
 
@@ -377,7 +456,7 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
   time_line = check_time_conditioning(loaded, config)
   params, ema_params, info = convert_weights(
       loaded, setup.abstract_state.params, setup.model_cfg.head_dim, ema_only=ema_only,
-      raw_only=raw_only, name_fn=setup.family.torch_name)
+      raw_only=raw_only, family=setup.family)
   if step is None:
     step = loaded.global_step if loaded.global_step is not None else 0
   if step < 0:
@@ -396,9 +475,13 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
   if loaded.placeholders:
     log(f"  non-tensor objects not loaded (placeholders): {_fmt_list(loaded.placeholders, 8)}")
   if loaded.ignored:
-    log(f"  ignored {len(loaded.ignored)} non-backbone entries: {_fmt_list(loaded.ignored, 8)}")
+    log(f"  ignored {len(loaded.ignored)} entries (not the network's weights): "
+        f"{_fmt_list(loaded.ignored, 8)}")
   if info["buffers"]:
     log(f"  buffers checked, not converted: {', '.join(info['buffers'])}")
+  if info["tied"]:
+    log(f"  tied entries checked equal to their parameter, not converted: "
+        f"{', '.join(info['tied'])}")
   log(f"  {config.model.kind}: {info['num_tensors']} tensors, {info['num_params']:,} parameters "
       f"matched the config")
   log(f"  {info['where']}; opt_state freshly initialised; step {step}")
