@@ -800,11 +800,18 @@ def _image_layout(setup, cfg):
 
 
 def _random_params(setup, seed):
-  """Our parameters, every leaf random (zero-initialised ones included)."""
-  params = setup.family.init_params(setup.model, jax.random.PRNGKey(seed))
+  """Random values for every parameter of the model (shaped as `model.init` would; norm
+  scales around 1)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: (np.asarray(x) + 0.1 * rng.standard_normal(x.shape)
-                                 ).astype(np.float32), params)
+
+  def draw(path, x):
+    base = 1.0 if _path_str(path).endswith("scale") else 0.0
+    return (base + 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, setup.abstract_state.params)
+
+
+def _path_str(path):
+  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def authors_state_dict(setup, cfg, params):
@@ -845,6 +852,7 @@ def _canvas(setup, seed):
   return canvas, np.asarray([0, 3, setup.config.model.num_classes][:B], np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["pgm,tiny", "maskgit,tiny"])
 def test_authors_image_checkpoint_round_trip(tmp_path, preset):
   """Our random parameters written as the authors' .ckpt (model_state_dict) convert back to
@@ -871,3 +879,107 @@ def test_authors_image_checkpoint_round_trip(tmp_path, preset):
                                                   method="canvas_logits"))
   np.testing.assert_array_equal(logits(eval_params), logits(params))
   assert os.path.isfile(tmp_path / "wd" / "config.json")
+
+
+@pytest.fixture(scope="module")
+def image_setups(tmp_path_factory):
+  """{preset: (config, setup, random parameters, them as the authors' state dict)}."""
+  out = {}
+  for preset in ("pgm,tiny", "maskgit,tiny"):
+    cfg, setup = _image_setup(preset)
+    params = _random_params(setup, seed=3)
+    out[preset] = (cfg, setup, params, authors_state_dict(setup, cfg, params))
+  return tmp_path_factory.mktemp("image"), out
+
+
+def _image_error(path, setup):
+  """The one-line error of converting `path` for `setup` (in process, nothing written)."""
+  with pytest.raises(convert.ConvertError) as e:
+    convert.convert_weights(convert.load_checkpoint(str(path)), setup.abstract_state.params,
+                            setup.model_cfg.head_dim, family=setup.family)
+  message = str(e.value)
+  assert "\n" not in message, message
+  return message
+
+
+def test_authors_image_checkpoint_in_process(image_setups):
+  """The round trip without Orbax: the .ckpt read safely, mapped back to our parameters,
+  logits equal."""
+  d, setups = image_setups
+  for preset, (cfg, setup, ours, sd) in setups.items():
+    path = d / f"{preset.split(',')[0]}.ckpt"
+    save_authors_image(path, sd, it=11)
+    loaded = convert.load_checkpoint(str(path))
+    assert loaded.global_step == 11 and loaded.ema is None and loaded.ema_list is None
+    params, ema, info = convert.convert_weights(loaded, setup.abstract_state.params,
+                                                setup.model_cfg.head_dim, family=setup.family)
+    assert info["tied"] == (["head.weight"] if "maskgit" in preset else [])
+    assert info["buffers"] == ([] if "maskgit" in preset else ["rotary_emb.inv_freq"])
+    want = _leaves(ours)
+    for tree in (params, ema):
+      got = _leaves(tree)
+      assert set(got) == set(want)
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
+    canvas, labels = _canvas(setup, seed=4)
+    logits = jax.jit(lambda p, c=canvas, y=labels, m=setup.model: m.apply(
+        {"params": p}, c, y, method="canvas_logits"))
+    np.testing.assert_array_equal(logits(ema), logits(ours))
+
+
+def test_authors_image_checkpoint_refusals(image_setups):
+  """Every refused image file is one line saying which model the file looks like and what
+  is missing or wrong."""
+  d, setups = image_setups
+  _, pgm_setup_, _, pgm_sd = setups["pgm,tiny"]
+  _, mg_setup, _, mg_sd = setups["maskgit,tiny"]
+
+  path = d / "no_registers.ckpt"
+  save_authors_image(path, {k: v for k, v in pgm_sd.items() if k != "reg_tokens.weight"})
+  msg = _image_error(path, pgm_setup_)
+  assert msg.startswith(f"--from={path} looks like an image PGM checkpoint (PartitionDIT with "
+                        "class embedding) but does not match the config: missing keys "
+                        "[reg_tokens.weight]"), msg
+
+  path = d / "maskgit.ckpt"                     # a MaskGIT file, the image PGM config
+  save_authors_image(path, mg_sd)
+  msg = _image_error(path, pgm_setup_)
+  assert msg.startswith(f"--from={path} looks like a MaskGIT checkpoint (Halton-MaskGIT "
+                        "Transformer), but --config builds config.model.kind='pgm_image': "
+                        "pass a config with config.model.kind='maskgit', e.g. "
+                        "configs/imagenet.py:maskgit ("), msg
+  assert "names are missing: cls_embed.embedding_table.weight, " in msg
+
+  path = d / "pgm.ckpt"                         # an image PGM file, the MaskGIT config
+  save_authors_image(path, pgm_sd)
+  assert "looks like an image PGM checkpoint (PartitionDIT with class embedding), but --config "\
+         "builds config.model.kind='maskgit'" in _image_error(path, mg_setup)
+
+  path = d / "text.ckpt"                        # a text PGM (Lightning), the image config
+  raw = random_weights(pgm_layout(), seed=0)
+  save_lightning(path, raw, raw)
+  assert "looks like a text PGM checkpoint (PartitionDIT with sigma_map, no class embedding), "\
+         "but --config builds config.model.kind='pgm_image'" in _image_error(path, pgm_setup_)
+
+  path = d / "untied.ckpt"
+  untied = dict(mg_sd, **{"head.weight": mg_sd["tok_emb.weight"] + 1})
+  save_authors_image(path, untied)
+  assert "head.weight should be tied to tok_emb.weight" in _image_error(path, mg_setup)
+
+  path = d / "deeper.ckpt"                      # one encoder block more than the config
+  deeper = dict(pgm_sd)
+  deeper.update({k.replace("blocks.0.", "blocks.1."): v for k, v in pgm_sd.items()
+                 if k.startswith("encoder.blocks.0.")})
+  save_authors_image(path, deeper)
+  msg = _image_error(path, pgm_setup_)
+  assert "looks like an image PGM checkpoint" in msg
+  assert "unexpected keys [encoder.blocks.1.norm1.weight" in msg
+
+  path = d / "unknown.ckpt"
+  save_authors_image(path, {"fc.weight": torch.zeros(2, 2)})
+  msg = _image_error(path, pgm_setup_)
+  assert "has the names of no known reference model" in msg and "MaskGIT" in msg
+
+  path = d / "empty.ckpt"
+  torch.save({"iter": 3, "global_epoch": 1}, path)
+  assert "'model_state_dict'" in _image_error(path, pgm_setup_)
