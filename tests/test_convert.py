@@ -983,3 +983,28 @@ def test_authors_image_checkpoint_refusals(image_setups):
   path = d / "empty.ckpt"
   torch.save({"iter": 3, "global_epoch": 1}, path)
   assert "'model_state_dict'" in _image_error(path, pgm_setup_)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_cli_authors_image_checkpoint_then_sample(tmp_path, image_setups):
+  """The CLI on the authors' image .ckpt: a MaskGIT file with the image PGM config is one
+  error line; the image PGM file converts, and `--mode=sample` uses the workdir as is."""
+  _, setups = image_setups
+  for preset, name in (("pgm,tiny", "images_pgm.ckpt"), ("maskgit,tiny", "maskgit.ckpt")):
+    save_authors_image(tmp_path / name, setups[preset][3], it=1000)
+  config = "--config=configs/digits.py:pgm,tiny"
+  r = _run(["pgm_jax.tools.convert", f"--from={tmp_path / 'maskgit.ckpt'}",
+            f"--to={tmp_path / 'bad'}", config])
+  assert r.returncode == 1, r.stderr[-2000:]
+  lines = [l for l in r.stderr.splitlines() if l.startswith("pgm_jax.tools.convert: error:")]
+  assert len(lines) == 1 and "looks like a MaskGIT checkpoint" in lines[0], r.stderr[-2000:]
+  wd = tmp_path / "wd"
+  r = _run(["pgm_jax.tools.convert", f"--from={tmp_path / 'images_pgm.ckpt'}", f"--to={wd}",
+            config])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "image trainer layout (model_state_dict)" in r.stdout
+  assert "pgm_image: 39 tensors" in r.stdout and "step 1000" in r.stdout
+  r = _run(["pgm_jax.main", config, f"--workdir={wd}", "--mode=sample"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert os.path.isfile(wd / "samples.png") and os.path.isfile(wd / "samples.npz")

@@ -13,7 +13,9 @@ Architecture (the reference's `Transformer`, `image_pretrain/models/transformer.
 It consumes the codes only (no BOS): `tokens[:, 1:]` of a batch. Its vocabulary is the codes
 plus MASK (vocab_size = mask_id + 1).
 
-Parameter tree (Flax) <-> reference state dict:
+Parameter tree (Flax) <-> the authors' state dict (the `model_state_dict` of their `.ckpt`),
+as `python -m pgm_jax.tools.convert` maps it (`io/torch_names.maskgit_torch_name`, the
+family's `torch_name`; kernels are the transposed torch Linear weights; docs/convert.md):
   cls_emb/embedding, tok_emb, pos_emb, reg_tokens  <- cls_emb.weight, tok_emb.weight,
                                                       pos_emb.weight, reg_tokens.weight
   transformer/layers_{i}/mlp_1                     <- transformer.layers.{i}.mlp.1
@@ -21,7 +23,8 @@ Parameter tree (Flax) <-> reference state dict:
   transformer/layers_{i}/attn/{wq, wk, wv, wo}     <- ....attn.{wq, wk, wv, wo}
   transformer/layers_{i}/ff/{w1, w2, w3}           <- ....ff.{w1, w2, w3}
   last_norm/norm_final/{scale, bias}, last_norm/mlp_1   <- last_norm.norm_final, last_norm.mlp.1
-  head_bias                                        <- head.bias (head.weight is tok_emb.weight)
+  head_bias                                        <- head.bias
+  head.weight is tok_emb.weight (tied): the converter checks that it is and drops it.
 Differences: no dropout on the attention probabilities (our attention op has none); the
 residual-branch dropouts are kept.
 """

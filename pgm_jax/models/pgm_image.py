@@ -15,12 +15,16 @@ Differences from the text model:
 Positions given to and returned by the methods are TOKEN positions (0 = BOS); the register
 offset is added inside.
 
-Parameter tree (Flax) <-> reference state dict (`image_pretrain`, `PartitionDIT`):
+Parameter tree (Flax) <-> the authors' state dict (branch `image_pretrain`, `PartitionDIT`
+in models/encoder_decoder.py; the `model_state_dict` of their `.ckpt` files), as
+`python -m pgm_jax.tools.convert` maps it (`io/torch_names.image_pgm_torch_name`, the family's
+`torch_name`; tables in docs/convert.md):
   vocab_embed/embedding        <- vocab_embed.embedding            [V, H]
   cls_embed/embedding          <- cls_embed.embedding_table.weight [num_classes + 1, H]
   reg_tokens                   <- reg_tokens.weight                [register, H]
   encoder/..., decoder/..., output_layer/...   as the text PartitionDiT (models/pgm.py), with
                                   adaLN_modulation kernels [H, 6H] / [H, 2H] (cond_dim = H)
+  rotary_emb.inv_freq          (a buffer: checked, not stored); there is no sigma_map.
 """
 from __future__ import annotations
 
