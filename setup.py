@@ -38,15 +38,20 @@ INSTALL_REQUIRES = [
 DATA = ["tensorflow-datasets==4.9.10"]
 # lm-evaluation-harness for `--mode=harness` (no torch needed: pgm_jax scores the requests).
 HARNESS = ["lm-eval==0.4.13"]
+# `hf:OWNER/REPO/FILE` sources of convert, vq and convert_gpt2 (pgm_jax/io/hub.py): the
+# authors' released checkpoints, the VQ-8 and the GPT-2 judge, through the Hub's own cache.
+HUB = ["huggingface_hub==2.4.0"]
 
 EXTRAS_REQUIRE = {
-    # torch (CPU wheel) builds reference checkpoints in tests/test_convert.py;
+    # torch (CPU wheel) builds reference checkpoints in tests/test_convert.py; huggingface_hub
+    # reads the hub cache tests/test_hub.py builds (offline);
     # matplotlib runs the Colab notebook's plotting cell in tests/test_notebook.py; the
     # data and harness extras are exercised by their tests.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0",
-             "matplotlib==3.10.8"] + DATA + HARNESS,
+             "matplotlib==3.10.8"] + DATA + HARNESS + HUB,
     "data": DATA,
     "harness": HARNESS,
+    "hub": HUB,
     "notebook": ["matplotlib==3.10.8"],
     # What `pip install "jax[tpu]==0.10.2"` pulls (checked with pip --dry-run, 2026-11-29):
     # jaxlib==0.10.2 (already pinned above), libtpu 0.0.42.1 (about 137 MB) and requests.

@@ -197,6 +197,10 @@ def load_state_dict(path: str) -> dict:
   return {k: np.asarray(torch_files.to_numpy(v), np.float32) for k, v in state.items()}
 
 
+# What convert_gpt2 downloads of an hf: repo: each group's first file that the repo has.
+HF_GPT2_FILES = (("config.json",), ("model.safetensors", "pytorch_model.bin"))
+
+
 def convert_gpt2(src: str, out: str, n_head: int | None = None) -> dict:
   """HF GPT-2 weights -> OUT/params (Orbax) + OUT/judge.json. Returns the config.
 
@@ -205,15 +209,19 @@ def convert_gpt2(src: str, out: str, n_head: int | None = None) -> dict:
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from pgm_jax.core import fileio  # pylint: disable=g-import-not-at-top
+  from pgm_jax.io import hub  # pylint: disable=g-import-not-at-top
   from pgm_jax.models import gpt2  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(src):
-    raise ValueError(f"--from={src}: no such file or folder")
   if n_head is not None and n_head <= 0:
     raise ValueError(f"--n_head={n_head} must be positive")
   out = os.path.abspath(out)
   if os.path.exists(os.path.join(out, "judge.json")) or os.path.exists(os.path.join(out, "params")):
     raise ValueError(f"--to={out} already holds a judge; convert into an empty folder")
   fileio.check_writable_dir(out, "--to", create=False)
+  # hf:[OWNER/]REPO[@REV] -> its snapshot folder (config.json + the weights) in the HF cache;
+  # hf:OWNER/REPO/FILE -> that file.
+  source, src = src, hub.resolve_repo(src, HF_GPT2_FILES, "--from", print)
+  if not os.path.exists(src):
+    raise ValueError(f"--from={src}: no such file or folder")
   state = load_state_dict(src)
   hf_config = os.path.join(src, "config.json") if os.path.isdir(src) else None
   if n_head is None and hf_config and os.path.exists(hf_config):
@@ -233,7 +241,8 @@ def convert_gpt2(src: str, out: str, n_head: int | None = None) -> dict:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out, "params"), params)
   checkpointer.wait_until_finished()
-  meta = {"kind": "gpt2", "config": dataclasses.asdict(cfg), "source": os.path.abspath(src)}
+  meta = {"kind": "gpt2", "config": dataclasses.asdict(cfg),
+          "source": source if hub.is_hub(source) else os.path.abspath(src)}
   fileio.atomic_write_text(os.path.join(out, "judge.json"), json.dumps(meta, indent=2))
   return meta
 

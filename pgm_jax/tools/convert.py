@@ -40,7 +40,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pgm_jax.core import cli
-from pgm_jax.io import torch_files
+from pgm_jax.io import hub, torch_files
 from pgm_jax.io import torch_names
 from pgm_jax.io.torch_names import flax_path_to_torch_name
 from pgm_jax.io.torch_files import ReadError, is_tensor, read_safetensors, read_safetensors_metadata, read_torch, to_numpy
@@ -449,6 +449,7 @@ def convert(config, src: str, workdir: str, *, ema_only: bool = False, raw_only:
     raise ConvertError(f"--to={workdir}: {ckpt_dir} already holds checkpoint {existing}; "
                        f"convert into an empty workdir")
   fileio.check_writable_dir(workdir, "--to", create=False)
+  src = hub.resolve(src, "--from", log)  # hf:OWNER/REPO/FILE[@REV] -> its file in the HF cache
   if not os.path.isfile(src):
     raise ConvertError(f"--from={src}: no such file")
   setup = experiment.make_setup(config)
@@ -506,7 +507,8 @@ def define_flags(flag_values=None, sys_argv=None):
       sys_argv=sys_argv)
   flags.DEFINE_string(
       "from", None, "Checkpoint to read: .safetensors (preferred: no code runs), or a pickled "
-      "PyTorch .ckpt/.pt/.pth/.bin. WARNING: unpickling a file can run code from it; it is "
+      "PyTorch .ckpt/.pt/.pth/.bin, a local path or hf:OWNER/REPO/FILE[@REVISION] (downloaded "
+      "into the Hugging Face cache; needs pgm_jax[hub]). WARNING: unpickling a file can run code from it; it is "
       "loaded with torch.load(weights_only=True) and non-tensor objects become inert "
       "placeholders unless --unsafe_pickle is given.", flag_values=fv)
   flags.DEFINE_string("to", None, "Workdir to write: WORKDIR/checkpoints/<step> and "

@@ -17,7 +17,9 @@ def main(argv=None):
   conv = sub.add_parser("convert_gpt2", help="GPT-2 judge. A pytorch_model.bin is a pickle and is "
                         "loaded with torch.load(weights_only=True); prefer model.safetensors.")
   conv.add_argument("--from", dest="src", required=True,
-                    help="HF folder, model.safetensors or pytorch_model.bin")
+                    help="HF folder, model.safetensors or pytorch_model.bin, or a Hub repo "
+                    "hf:[OWNER/]REPO[@REVISION] (e.g. hf:openai-community/gpt2-large; "
+                    "config.json and the weights are downloaded; needs pgm_jax[hub])")
   conv.add_argument("--to", dest="out", required=True, help="output folder (the judge dir)")
   conv.add_argument("--n_head", type=int, default=None)
   inc = sub.add_parser("convert_inception", help="FID Inception weights (.pth, needs torch) -> .npz")
