@@ -507,10 +507,11 @@ def define_flags(flag_values=None, sys_argv=None):
       sys_argv=sys_argv)
   flags.DEFINE_string(
       "from", None, "Checkpoint to read: .safetensors (preferred: no code runs), or a pickled "
-      "PyTorch .ckpt/.pt/.pth/.bin, a local path or hf:OWNER/REPO/FILE[@REVISION] (downloaded "
-      "into the Hugging Face cache; needs pgm_jax[hub]). WARNING: unpickling a file can run code from it; it is "
+      "PyTorch .ckpt/.pt/.pth/.bin. WARNING: unpickling a file can run code from it; it is "
       "loaded with torch.load(weights_only=True) and non-tensor objects become inert "
       "placeholders unless --unsafe_pickle is given.", flag_values=fv)
+  fv["from"].help += (" A local path, or hf:OWNER/REPO/FILE[@REVISION]: downloaded into the "
+                      "Hugging Face cache (pip install 'pgm_jax[hub]'; docs/released_checkpoints.md).")
   flags.DEFINE_string("to", None, "Workdir to write: WORKDIR/checkpoints/<step> and "
                       "WORKDIR/config.json (must not hold a checkpoint yet).", flag_values=fv)
   flags.DEFINE_bool("ema_only", False, "Use the EMA weights for both params and ema_params.",
