@@ -40,6 +40,17 @@ core/distill/multi_round_partition.py and multi_round_sdtt.py), restated:
     revealed take the last step's. MASK never carries probability mass.
   * kl-bwd is torch's `kl_div(teacher, student, log_target=True, reduction="batchmean")`
     over the masked tokens, i.e. sum_v p_s (log p_s - log p_t) / #masked.
+The normaliser (config.distill.normalizer): ours ("ours") leaves MASK out of the softmax, so
+the student's and the teacher's log p(x0) at a masked position sum to one over the tokens.
+The reference's `_subs_parameterization` sets logit[MASK] = -inf, then writes 0 at x_t's own
+token (`scatter(index=xt, value=0.0)`, meant for the unmasked positions); at a masked
+position x_t is MASK, so logit[MASK] becomes 0 again and the log-softmax keeps exp(0) in its
+normaliser before log p[MASK] is set to -1e7. Their probabilities over the tokens thus sum
+to Z / (Z + 1) < 1 (Z = sum_v exp(logit_v)), in the student, in the teacher's targets and
+in the teacher's reveal step (their q_xs: token v gets p_v (alpha_s - alpha_t), MASK gets
+1 - alpha_s, so a position is revealed w.p. P (alpha_s - alpha_t) / (P (alpha_s - alpha_t)
++ 1 - alpha_s), P = sum_v p_v). "reference" reproduces all three (`normalized_log_probs`,
+`teacher_targets`); docs/distillation.md measures the difference.
 Where we differ: the reference places its teacher's step times at
 t * linspace(1, 0, k) + (1 - t) * (t - k dt). That does not give steps of size dt from t:
 at t = 0.5 the two steps start at about 0.75 and 0.25. We follow the spec instead. Step j
@@ -63,6 +74,7 @@ from pgm_jax.families.base import stratified_times
 from pgm_jax.core import checkpointing, config_lib
 
 LOSSES = config_lib.DISTILL_LOSSES
+NORMALIZERS = config_lib.DISTILL_NORMALIZERS
 
 
 @struct.dataclass
@@ -109,25 +121,46 @@ def init_state(rng, *, base_init: Callable, config) -> DistillState:
 # Pure pieces: log-probabilities, teacher targets, divergence.
 # ----------------------------------------------------------------------------
 
+def normalized_log_probs(logits_BxLxV, x_BxL, mask_id: int, normalizer: str = "ours"):
+  """float32 log p(x0) [B, L, V] from logits, log p[MASK] = -1e6 (finite, so that
+  0 * (log p_s - log p_t) at the MASK entry is 0, not NaN).
+
+  "ours": MASK out of the softmax (logit[MASK] = -1e6 first). "reference": at the masked
+  positions of x (x == MASK) logit[MASK] = 0 stays in the normaliser, as the reference's
+  `_subs_parameterization` (module docstring), so the token probabilities sum to < 1 there;
+  the unmasked positions are as "ours" (every loss and target reads masked positions only).
+  """
+  logits = jnp.asarray(logits_BxLxV).astype(jnp.float32)
+  if normalizer == "ours":
+    return jax.nn.log_softmax(logits.at[..., mask_id].set(objectives.NEG_INF_MDLM), axis=-1)
+  if normalizer != "reference":
+    raise ValueError(f"config.distill.normalizer must be one of {NORMALIZERS}, "
+                     f"got {normalizer!r}")
+  mask_logit = jnp.where(x_BxL == mask_id, 0.0, objectives.NEG_INF_MDLM)
+  logp = jax.nn.log_softmax(logits.at[..., mask_id].set(mask_logit), axis=-1)
+  return logp.at[..., mask_id].set(objectives.NEG_INF_MDLM)
+
+
 def log_probs(params, x_BxL, valid_BxL, *, model, mask_id: int, train: bool,
-              rngs: Optional[dict] = None, t_B=None):
+              rngs: Optional[dict] = None, t_B=None, normalizer: str = "ours"):
   """float32 log p(x0) [B, L, V] in the naive layout, the MASK positions of `x_BxL` hidden
   (the family's `predict_hidden`: a PGM's group 1, an MDLM's x_t); logit[MASK] = -1e6
   (finite, so that 0 * (log p_s - log p_t) at the MASK entry is 0, not NaN). `valid_BxL` is
   the attention's key validity (None: attend to every position); `t_B` is read only by a
-  time-conditioned MDLM (sigma(t), as its sampler passes it)."""
+  time-conditioned MDLM (sigma(t), as its sampler passes it). `normalizer`:
+  `normalized_log_probs`."""
   sigma = None
   if getattr(model.config, "time_conditioning", False) and t_B is not None:
     sigma = objectives.sigma(t_B)
   logits = families.get(model.config.kind).predict_hidden(
       params, x_BxL, x_BxL == mask_id, valid_BxL, model=model, mask_id=mask_id, sigma_B=sigma,
       train=train, rngs=rngs or {})
-  logits = logits.astype(jnp.float32).at[..., mask_id].set(objectives.NEG_INF_MDLM)
-  return jax.nn.log_softmax(logits, axis=-1)
+  return normalized_log_probs(logits, x_BxL, mask_id, normalizer)
 
 
 def teacher_targets(logp_fn: Callable, x_t_BxL, t_B, dt, key, *, num_steps: int,
-                    mask_id: int, eps: float, noise: Optional[Sequence] = None):
+                    mask_id: int, eps: float, noise: Optional[Sequence] = None,
+                    normalizer: str = "ours"):
   """The teacher's targets: (log p [B, L, V], x after the steps [B, L]).
 
   `logp_fn(x, t_B) -> [B, L, V]` is the teacher at time t_B (only a time-conditioned
@@ -135,7 +168,9 @@ def teacher_targets(logp_fn: Callable, x_t_BxL, t_B, dt, key, *, num_steps: int,
   each masked position takes step j's prediction while it is still masked at the start
   of step j, so it ends with the prediction of the step that revealed it (or of the last
   step). `noise`: optional per-step (uniform [B, L], Gumbel [B, L, V]) pairs instead of
-  draws from `key` (tests).
+  draws from `key` (tests). normalizer="reference": the reveal probability of a position
+  is the reference's, P (a_s - a_t) / (P (a_s - a_t) + 1 - a_s) with P = sum_v p_v < 1 (the
+  module docstring); "ours": (a_s - a_t) / (1 - a_t), the same formula at P = 1.
   """
   x = x_t_BxL
   target = None
@@ -146,7 +181,11 @@ def teacher_targets(logp_fn: Callable, x_t_BxL, t_B, dt, key, *, num_steps: int,
     target = logp if target is None else jnp.where(masked[..., None], logp, target)
     s_j = jnp.maximum(t_B - (j + 1) * dt, 0.0)
     a_t, a_s = objectives.alpha(t_j), objectives.alpha(s_j)
-    p_reveal = jnp.clip((a_s - a_t) / (1.0 - a_t), 0.0, 1.0)
+    p_reveal = jnp.clip((a_s - a_t) / (1.0 - a_t), 0.0, 1.0)[:, None]
+    if normalizer == "reference":
+      mass = jnp.exp(jax.nn.logsumexp(logp, axis=-1))  # [B, L]
+      gain = mass * (a_s - a_t)[:, None]
+      p_reveal = jnp.clip(gain / jnp.maximum(gain + (1.0 - a_s)[:, None], 1e-30), 0.0, 1.0)
     if noise is None:
       u_key, g_key = jax.random.split(jax.random.fold_in(key, j))
       u = jax.random.uniform(u_key, x.shape)
@@ -154,7 +193,7 @@ def teacher_targets(logp_fn: Callable, x_t_BxL, t_B, dt, key, *, num_steps: int,
     else:
       u, gumbel = noise[j]
     draw = jnp.argmax(logp + gumbel, axis=-1).astype(x.dtype)
-    x = jnp.where(masked & (u < p_reveal[:, None]), draw, x)
+    x = jnp.where(masked & (u < p_reveal), draw, x)
   return target, x
 
 
@@ -208,8 +247,9 @@ def distill_step(state: DistillState, batch, rng, *, model, tx, config, mask_id:
   masked = objectives.groups_from_uniform(jax.random.uniform(noise_rng, (batch_size, seq_len)),
                                           t_B).astype(bool)
   x_t = jnp.where(masked, mask_id, tokens)
+  normalizer = d.get("normalizer", "ours")
   logp = lambda params, x, v, **kw: log_probs(params, x, v, model=model, mask_id=mask_id,
-                                               **kw)
+                                               normalizer=normalizer, **kw)
 
   # The reference's LM1B models attend to pads (config.data.attend_to_padding); the loss
   # never counts them.
@@ -240,7 +280,7 @@ def distill_step(state: DistillState, batch, rng, *, model, tx, config, mask_id:
                                    train=False, t_B=t)
     target, _ = teacher_targets(teacher_fn, x_mb, t_mb, state.distill_dt,
                                 jax.random.fold_in(teacher_rng, i), num_steps=d.teacher_steps,
-                                mask_id=mask_id, eps=d.sampling_eps)
+                                mask_id=mask_id, eps=d.sampling_eps, normalizer=normalizer)
     loss, grads = grad_fn(state.params, x_mb, valid_mb, t_mb, jax.lax.stop_gradient(target),
                           jax.random.fold_in(dropout_rng, i))
     return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), None
@@ -271,12 +311,13 @@ def heldout_loss(student_params, teacher_params, tokens_BxL, valid_BxL, dt, rng,
   x_t = jnp.where(masked, mask_id, tokens_BxL)
   attend_all = bool(config.data.get("attend_to_padding", False))
   model_valid = None if attend_all else valid_BxL
+  normalizer = d.get("normalizer", "ours")
   logp = lambda params, x, t: log_probs(params, x, model_valid, model=model,
                                         mask_id=mask_id,
-                                        train=False, t_B=t)
+                                        train=False, t_B=t, normalizer=normalizer)
   target, _ = teacher_targets(lambda x, t: logp(teacher_params, x, t), x_t, t_B, dt,
                               teacher_rng, num_steps=d.teacher_steps, mask_id=mask_id,
-                              eps=d.sampling_eps)
+                              eps=d.sampling_eps, normalizer=normalizer)
   weight = (x_t == mask_id) & valid_BxL.astype(bool)
   return divergence(logp(student_params, x_t, t_B), target, weight, d.loss)
 

@@ -117,7 +117,8 @@ def generate_images(setup: experiment.Setup, params, labels, *, num_steps: int, 
         params, labels[first:first + batch_size], model=setup.model, sampler=sampler,
         steps=num_steps, seed=seed + first // batch_size, grid=cfg.data.grid, cfg_w=cfg_w,
         temperature=cfg.sample.temperature, temperature_min=cfg.sample.temperature_min,
-        r_temp=cfg.sample.r_temp, bucket_size=cfg.sample.bucket_size, progress=step_progress)
+        r_temp=cfg.sample.r_temp, bucket_size=cfg.sample.bucket_size,
+        reference_compat=setup.family.reference_compat(cfg), progress=step_progress)
     out.append(result.tokens)
   return np.concatenate(out)
 

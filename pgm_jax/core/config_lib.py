@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.loss = "kl-bwd"         # kl-bwd: KL(student || teacher) | kl-fwd: KL(teacher ||
                                     # student); float32, mean over masked tokens
   c.distill.sampling_eps = 1e-5     # t ~ U[eps, 1] (antithetic) for distillation
+  c.distill.normalizer = "ours"     # ours: MASK out of the softmax | reference: the
+                                    # authors' SDTT, MASK logit 0 in the normaliser at masked
+                                    # positions (docs/distillation.md)
 
   # --- attn: the attention op. ----------------------------------------------------
   c.attn = ml_collections.ConfigDict()
@@ -232,6 +235,8 @@ def image_base_config() -> ml_collections.ConfigDict:
                                     # () = every class when num_classes <= 16, else 0..9
   c.sample.samples_per_class = 8    # columns of the grid
   c.sample.batch_size = 64          # images per sampling batch
+  c.sample.reference_compat = ""    # "" | all | registers_count (PGM), halton_redraw
+                                    # (MaskGIT): the authors' sampler quirks (docs/images.md)
 
   c.eval.metric = "classifier"      # classifier (digits: the repo's small classifier) | fid
   c.eval.samples_per_class = 50     # class-conditional samples per class for the metrics
@@ -243,6 +248,7 @@ def image_base_config() -> ml_collections.ConfigDict:
 
 
 DISTILL_LOSSES = ("kl-bwd", "kl-fwd")
+DISTILL_NORMALIZERS = ("ours", "reference")
 
 
 def distill_enabled(config) -> bool:
@@ -449,6 +455,9 @@ def _validate_distill(config) -> None:
   d, t = config.distill, config.train
   if d.loss not in DISTILL_LOSSES:
     raise ValueError(f"config.distill.loss must be one of {DISTILL_LOSSES}, got {d.loss!r}")
+  if d.get("normalizer", "ours") not in DISTILL_NORMALIZERS:
+    raise ValueError(f"config.distill.normalizer must be one of {DISTILL_NORMALIZERS}, "
+                     f"got {d.normalizer!r}")
   if config.ckpt.get("init_params_from"):
     raise ValueError("config.ckpt.init_params_from is not used by distillation: the "
                      "teacher's checkpoint goes in config.distill.teacher_workdir")

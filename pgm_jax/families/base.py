@@ -220,6 +220,15 @@ class ImageFamily(Family):
   modality = "image"
   samplers = ("halton", "confidence")
   default_sampler = "halton"
+  # Behaviours of the authors' samplers that config.sample.reference_compat can reproduce
+  # for this family (`samplers.image.REFERENCE_QUIRKS`; off by default).
+  reference_quirks: tuple[str, ...] = ()
+
+  def reference_compat(self, config) -> tuple[str, ...]:
+    """config.sample.reference_compat as the quirk names `image_sample` takes."""
+    from pgm_jax.samplers.image import parse_reference_compat  # pylint: disable=g-import-not-at-top
+    return parse_reference_compat(config.sample.get("reference_compat", ""),
+                                  self.reference_quirks)
 
   def validate(self, config) -> None:
     super().validate(config)
@@ -242,6 +251,12 @@ class ImageFamily(Family):
       value = s.get(key, 1.0)
       if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"config.sample.{key}={value} must be finite and >= 0")
+    quirks = self.reference_compat(config)
+    sampler = s.get("sampler", "auto")
+    sampler = self.default_sampler if sampler == "auto" else sampler
+    if "halton_redraw" in quirks and sampler != "halton":
+      raise ValueError(f"config.sample.reference_compat: 'halton_redraw' is a behaviour of "
+                       f"the halton sampler, not of config.sample.sampler={sampler!r}")
     for section in ("sample", "eval"):
       count = config[section].get("samples_per_class", 1)
       if int(count) < 1:

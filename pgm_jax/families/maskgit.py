@@ -14,6 +14,7 @@ from pgm_jax.models.maskgit import MaskGIT, swiglu_hidden
 class MaskGITFamily(ImageFamily):
   name = "maskgit"
   torch_reference = torch_names.MASKGIT
+  reference_quirks = ("halton_redraw",)  # config.sample.reference_compat (samplers/image.py)
 
   def model_config_fields(self, config, *, vocab_size, mask_id):
     # codes + MASK: MaskGIT never sees BOS

@@ -14,6 +14,7 @@ from pgm_jax.models.pgm_image import ImagePartitionDiT
 
 class ImagePGMFamily(ImageFamily):
   name = "pgm_image"
+  reference_quirks = ("registers_count",)  # config.sample.reference_compat (samplers/image.py)
   group_sorted = True
   torch_reference = torch_names.IMAGE_PGM
 

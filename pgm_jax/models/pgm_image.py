@@ -55,6 +55,33 @@ def prepend_valid_keys(mask: AttentionMask, n: int) -> AttentionMask:
   return AttentionMask(kind="full", kv_valid=kv_valid, kv_length=kv_length)
 
 
+def prepend_keys_within_count(mask: AttentionMask, n: int) -> AttentionMask:
+  """The reference's packed-inference mask (`image_pretrain`, `PartitionDIT.forward`): `n`
+  registers put in front of the keys while the valid-key count stays `kv_length` (the known
+  tokens, BOS included, without the registers), so the last `n` known tokens become padding.
+  `config.sample.reference_compat="registers_count"` (docs/images.md)."""
+  if n == 0:
+    return mask
+  if mask.kind != "full" or mask.kv_length is None:
+    raise ValueError("prepend_keys_within_count: expected a packed mask (AttentionMask.packed)")
+  batch = mask.kv_length.shape[0]
+  kv_len = n + (mask.kv_valid.shape[1] if mask.kv_valid is not None else 0)
+  kv_valid = jnp.arange(kv_len)[None, :] < mask.kv_length[:, None]
+  if mask.kv_valid is not None:
+    kv_valid = kv_valid & jnp.concatenate([jnp.ones((batch, n), bool), mask.kv_valid], axis=1)
+  return AttentionMask(kind="full", kv_valid=kv_valid, kv_length=mask.kv_length)
+
+
+def encoder_key_mask(mask: AttentionMask, n_registers: int, registers_in_count: bool
+                     ) -> AttentionMask:
+  """The key mask of `infer` over [group-0 registers, packed known tokens]: ours counts the
+  registers as valid keys in addition to the known tokens; the reference's count includes
+  them (`prepend_keys_within_count`)."""
+  if registers_in_count:
+    return prepend_keys_within_count(mask, n_registers)
+  return prepend_valid_keys(mask, n_registers)
+
+
 class ImagePartitionDiT(nn.Module):
   """Class-conditional PartitionDiT with register tokens (see module docstring)."""
   config: ModelConfig
@@ -132,12 +159,15 @@ class ImagePartitionDiT(nn.Module):
     return self(canvas_BxL, (canvas_BxL == self.config.mask_id).astype(jnp.int32), labels_B)
 
   def infer(self, tokens_BxN: jax.Array, positions_BxN: jax.Array, mask: AttentionMask,
-            query_pos_BxQ: jax.Array, labels_B: jax.Array) -> jax.Array:
+            query_pos_BxQ: jax.Array, labels_B: jax.Array, *,
+            registers_in_count: bool = False) -> jax.Array:
     """Packed inference: float32 logits [B, Q, V] at `query_pos_BxQ` from the clean tokens.
 
     tokens_BxN / positions_BxN: the packed clean tokens (BOS included) and their token
     positions; `mask`: `AttentionMask.packed(clean_len, N)`. The group-0 registers are put in
-    front of them.
+    front of them. registers_in_count=True reproduces the authors' samplers, whose valid-key
+    count (`concrete_lengths`) leaves the registers out although they sit in front: the last
+    register // 2 known tokens are then padding (`encoder_key_mask`).
     """
     cfg = self.config
     batch = tokens_BxN.shape[0]
@@ -148,7 +178,7 @@ class ImagePartitionDiT(nn.Module):
       reg_x, reg_pos = self._registers(batch, r // 2)
       x_BxKxH = jnp.concatenate([reg_x, x_BxKxH], axis=1)
       kv_pos_BxK = jnp.concatenate([reg_pos, kv_pos_BxK], axis=1)
-    mask = prepend_valid_keys(mask, r - r // 2)
+    mask = encoder_key_mask(mask, r - r // 2, registers_in_count)
     cond_BxH = self.cls_embed(labels_B)
     enc = self.encoder(x_BxKxH, cond_BxH, kv_pos_BxK, mask, train=False)
     dec = self.decoder(enc, cond_BxH, kv_pos_BxK, query_pos_BxQ.astype(jnp.int32) + r, mask,

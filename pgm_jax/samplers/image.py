@@ -24,6 +24,20 @@ from one doubled batch whose second half has the null class. MASK and BOS are ne
 Draws are keyed by (step, sequence, position), so both executions give the same tokens for
 the same model, order and key (tests check this token for token).
 
+Reference compatibility (`reference_compat`, config.sample.reference_compat; off by
+default; docs/images.md "Reproducing the authors' published numbers"): two behaviours of the
+authors' samplers (jdeschena/pgm, branch image_pretrain) that ours do not share, on request:
+  * "registers_count" (efficient execution, the PGM): their samplers pass the model the count
+                of known tokens (`concrete_lengths`: BOS + known codes) as the valid-key count
+                of the encoder, after the group-0 registers were put in front of the keys, so
+                the last register // 2 known codes (the most recently revealed) are padding in
+                every step. Ours counts the registers too (the training layout).
+  * "halton_redraw" (halton, full execution, MaskGIT): their MaskGIT Halton sampler writes the
+                step's draw at every position of the first r_k of the order
+                (`code[mask] = pred_code[mask]`), so the codes revealed earlier are drawn
+                again from the model's output at their (unmasked) positions at every step.
+                Ours keeps revealed codes fixed.
+
 Compilation: as the text PGM sampler (samplers/pgm.py), the efficient encoder length and
 query count are padded to multiples of `bucket_size` (default max(8, L / 16)); along a run
 the first only grows and (confidence) the second only shrinks, so a run compiles at most
@@ -47,6 +61,7 @@ from pgm_jax.samplers.common import (TRACE_COUNTS, SampleResult, device_put_fn,
 
 IMAGE_SAMPLERS = ("halton", "confidence")
 EXECUTIONS = ("efficient", "full")
+REFERENCE_QUIRKS = ("registers_count", "halton_redraw")
 
 
 # ----------------------------------------------------------------------------
@@ -140,6 +155,50 @@ def confidence_noise(r_temp: float, steps: int) -> np.ndarray:
   return np.asarray([r_temp * (1.0 - k / max(steps - 1, 1)) for k in range(steps)], np.float32)
 
 
+def parse_reference_compat(value, available: tuple[str, ...] = REFERENCE_QUIRKS
+                           ) -> tuple[str, ...]:
+  """config.sample.reference_compat -> the quirk names, in REFERENCE_QUIRKS order.
+
+  "" / "none" / False: none (the default); "all" / True: every quirk in `available` (the
+  model family's); otherwise comma-separated names (or a tuple / list of them), each one of
+  `available`."""
+  key = "config.sample.reference_compat"
+  if value is None or value is False or (isinstance(value, str) and
+                                         value.strip().lower() in ("", "none")):
+    return ()
+  if value is True or (isinstance(value, str) and value.strip().lower() == "all"):
+    return tuple(q for q in REFERENCE_QUIRKS if q in available)
+  if isinstance(value, str):
+    names = [n.strip() for n in value.split(",") if n.strip()]
+  elif isinstance(value, (tuple, list)):
+    names = [str(n).strip() for n in value]
+  else:
+    raise ValueError(f"{key}={value!r} must be a string: '' (none), 'all' or comma-separated "
+                     f"names from {REFERENCE_QUIRKS}")
+  for name in names:
+    if name not in REFERENCE_QUIRKS:
+      raise ValueError(f"{key}: unknown quirk {name!r}; choose from {REFERENCE_QUIRKS}, "
+                       "'all' or '' (none)")
+    if name not in available:
+      raise ValueError(f"{key}: {name!r} is not a behaviour of this model's reference "
+                       f"sampler (this family has {available or 'none'})")
+  return tuple(q for q in REFERENCE_QUIRKS if q in names)
+
+
+def check_reference_compat(quirks: tuple[str, ...], sampler: str, execution: str) -> None:
+  """Each quirk applies to one sampler / execution (module docstring)."""
+  key = "config.sample.reference_compat"
+  for name in quirks:
+    if name not in REFERENCE_QUIRKS:
+      raise ValueError(f"{key}: unknown quirk {name!r}; choose from {REFERENCE_QUIRKS}")
+  if "registers_count" in quirks and execution != "efficient":
+    raise ValueError(f"{key}: 'registers_count' is a behaviour of the efficient (packed) "
+                     f"execution, not of {execution!r}")
+  if "halton_redraw" in quirks and (sampler != "halton" or execution != "full"):
+    raise ValueError(f"{key}: 'halton_redraw' is a behaviour of the halton sampler's full "
+                     f"execution (MaskGIT), not of {sampler!r} / {execution!r}")
+
+
 def _round_up(n: int, multiple: int, cap: int) -> int:
   return min(cap, -(-n // multiple) * multiple)
 
@@ -160,7 +219,8 @@ class ImageState:
 
 
 def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model,
-                  execution: str, n_enc: int, cfg: bool, mask_id: int, null_class: int):
+                  execution: str, n_enc: int, cfg: bool, mask_id: int, null_class: int,
+                  registers_count: bool = False):
   """Float32 logits [B, Q, V] at the query positions, guidance applied."""
   batch = labels_B.shape[0]
   if cfg:
@@ -171,8 +231,10 @@ def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model,
   q_pos = dbl(q_pos_BxQ)
   if execution == "efficient":
     mask = AttentionMask.packed(dbl(st.clean_len), n_enc)
+    extra = {"registers_in_count": True} if registers_count else {}
     logits = model.apply({"params": params}, dbl(st.clean_tok[:, :n_enc]),
-                         dbl(st.clean_pos[:, :n_enc]), mask, q_pos, labels, method="infer")
+                         dbl(st.clean_pos[:, :n_enc]), mask, q_pos, labels, method="infer",
+                         **extra)
   else:  # the whole canvas: the model's own full-length pass (`canvas_logits`)
     full = model.apply({"params": params}, dbl(st.canvas), labels, method="canvas_logits")
     logits = jnp.take_along_axis(full, q_pos[..., None], axis=1)
@@ -184,22 +246,31 @@ def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model,
 
 def _image_step(params, st: ImageState, labels_B, key, k, count, w_k, temp_k, noise_k, *,
                 model, execution: str, sampler: str, n_enc: int, n_query: int,
-                cfg: bool, mask_id: int, bos_id: int, null_class: int):
+                cfg: bool, mask_id: int, bos_id: int, null_class: int,
+                registers_count: bool = False, redraw: bool = False):
   TRACE_COUNTS["image"] += 1
   batch, length = st.canvas.shape
   j = jnp.arange(n_query)[None, :]
   q_pos = st.rem_pos[:, :n_query]
   q_valid = j < st.rem_len[:, None]
-  logits = _query_logits(params, st, labels_B, q_pos, w_k, model=model,
+  # halton_redraw: the logits of every position (the revealed ones are drawn again below).
+  pos = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length)) if redraw else q_pos
+  logits = _query_logits(params, st, labels_B, pos, w_k, model=model,
                          execution=execution, n_enc=n_enc, cfg=cfg, mask_id=mask_id,
-                         null_class=null_class)
+                         null_class=null_class, registers_count=registers_count)
   logits = (logits * temp_k).at[..., mask_id].set(-jnp.inf)
   if bos_id < logits.shape[-1]:
     logits = logits.at[..., bos_id].set(-jnp.inf)
   logp = jax.nn.log_softmax(logits, axis=-1)
   step_key = jax.random.fold_in(key, k)
   seq = jnp.arange(batch)
-  draw = keyed_gumbel_argmax(jax.random.fold_in(step_key, 0), logp, seq, q_pos)
+  draw = keyed_gumbel_argmax(jax.random.fold_in(step_key, 0), logp, seq, pos)
+  if redraw:  # halton only (check_reference_compat): the new codes, then the old ones again
+    redrawn = (st.canvas != mask_id) & (jnp.arange(length)[None, :] > 0)
+    draw_all = draw
+    draw = jnp.take_along_axis(draw_all, q_pos, axis=1)
+    st = _reveal(st, q_pos, draw, q_valid & (j < count))
+    return dataclasses.replace(st, canvas=jnp.where(redrawn, draw_all, st.canvas))
   if sampler == "halton":  # the first `count` candidates of the Halton order
     selected = q_valid & (j < count)
   else:
@@ -235,7 +306,7 @@ def _reveal(st: ImageState, q_pos, draw, selected) -> ImageState:
 
 
 _STATIC = ("model", "execution", "sampler", "n_enc", "n_query", "cfg", "mask_id",
-           "bos_id", "null_class")
+           "bos_id", "null_class", "registers_count", "redraw")
 _image_step_jit = jax.jit(_image_step, static_argnames=_STATIC, donate_argnames=("st",))
 
 
@@ -312,10 +383,12 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
                  temperature_min: Optional[float] = None, r_temp: float = 5.0,
                  execution: Optional[str] = None, bucket_size: int = 0,
                  order: Optional[np.ndarray] = None, measure_flops: bool = False,
-                 execute: bool = True,
+                 execute: bool = True, reference_compat: tuple[str, ...] = (),
                  progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
   """Class-conditional samples: tokens int32 [B, 1 + grid^2] ([BOS] + codes), one per label.
 
+  `reference_compat`: quirk names of the authors' samplers to reproduce (REFERENCE_QUIRKS,
+  module docstring; the family resolves config.sample.reference_compat into them).
   `model.config` gives the kind ("pgm_image" | "maskgit"), MASK, the vocabulary and the null
   class; BOS is the id after MASK. With execute=False nothing runs (FLOPs only, from
   lowering: `measure_flops`).
@@ -333,6 +406,8 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
   if labels.min(initial=0) < 0 or labels.max(initial=0) > cfg.num_classes:
     raise ValueError(f"image_sample: labels must be in [0, {cfg.num_classes}] "
                      f"(config.model.num_classes; {cfg.num_classes} = the null class)")
+  reference_compat = tuple(reference_compat)
+  check_reference_compat(reference_compat, sampler, execution)
   plan = image_plan(sampler, batch, grid, steps, cfg_w=cfg_w, temperature=temperature,
                     temperature_min=temperature_min, r_temp=r_temp, order=order)
   mask_id, bos_id = cfg.mask_id, cfg.mask_id + 1
@@ -343,6 +418,10 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
   static = dict(model=model, execution=execution, sampler=sampler,
                 cfg=bool(cfg_w != 0), mask_id=mask_id, bos_id=bos_id,
                 null_class=cfg.num_classes)
+  if "registers_count" in reference_compat:  # only when set: the default programs unchanged
+    static["registers_count"] = True
+  if "halton_redraw" in reference_compat:
+    static["redraw"] = True
   traces_before = TRACE_COUNTS["image"]
   flops = 0.0 if measure_flops else None
   cost_cache: dict = {}
@@ -399,7 +478,7 @@ def analytic_flops_per_image(model_cfg, sampler: str, grid: int, steps: int, *, 
   return total * (2.0 if cfg_w != 0 else 1.0)
 
 
-__all__ = ["IMAGE_SAMPLERS", "EXECUTIONS", "ImagePlan", "analytic_flops_per_image",
+__all__ = ["IMAGE_SAMPLERS", "EXECUTIONS", "REFERENCE_QUIRKS", "ImagePlan", "analytic_flops_per_image",
            "cfg_logits", "cfg_weights", "confidence_counts", "confidence_noise",
            "default_execution", "executions", "halton_counts", "halton_order", "halton_sequence",
-           "halton_temperatures", "image_plan", "image_sample"]
+           "halton_temperatures", "image_plan", "image_sample", "parse_reference_compat"]
