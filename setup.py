@@ -52,7 +52,9 @@ EXTRAS_REQUIRE = {
     "data": DATA,
     "harness": HARNESS,
     "hub": HUB,
-    "notebook": ["matplotlib==3.10.8"],
+    # The notebook's released-models section downloads from the Hub; its .ckpt pickles are
+    # read with the torch a Colab runtime already has (else: pip install 'pgm_jax[convert]').
+    "notebook": ["matplotlib==3.10.8"] + HUB,
     # What `pip install "jax[tpu]==0.10.2"` pulls (checked with pip --dry-run, 2026-11-29):
     # jaxlib==0.10.2 (already pinned above), libtpu 0.0.42.1 (about 137 MB) and requests.
     # On a TPU VM this is the runtime; on any Linux x86-64 machine libtpu is also the TPU
