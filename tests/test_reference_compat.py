@@ -8,36 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config, random_params
+from conftest import load_config
 from pgm_jax import distill, experiment, families
-from pgm_jax.models import ImagePartitionDiT, MaskGIT, ModelConfig
 from pgm_jax.models import pgm_image as pgm_image_model
 from pgm_jax.ops import AttentionMask
 from pgm_jax.samplers import image as S
 
-G, C, NUM_CODES = 4, 3, 5
-N, L = G * G, G * G + 1
-MASK, BOS = NUM_CODES, NUM_CODES + 1
-
-
-@pytest.fixture(scope="module")
-def pgm():
-  cfg = ModelConfig("pgm_image", NUM_CODES + 2, MASK, hidden=16, num_heads=2, cond_dim=16,
-                    enc_layers=1, dec_layers=1, dropout=0.0, dtype="float32", num_classes=C,
-                    register=2)
-  model = ImagePartitionDiT(cfg)
-  tokens = jnp.zeros((1, L), jnp.int32)
-  return model, random_params(model, tokens, tokens, jnp.zeros((1,), jnp.int32))
-
-
-@pytest.fixture(scope="module")
-def maskgit():
-  cfg = ModelConfig("maskgit", NUM_CODES + 1, MASK, hidden=16, num_heads=2, cond_dim=16,
-                    num_layers=1, dropout=0.0, dtype="float32", num_classes=C, register=1,
-                    num_positions=N)
-  model = MaskGIT(cfg)
-  return model, random_params(model, jnp.zeros((1, N), jnp.int32), jnp.zeros((1,), jnp.int32),
-                               seed=3)
+# The tiny image PGM and MaskGIT of the sampler tests (module fixtures), and their sizes.
+from test_image_samplers import BOS, G, L, MASK, N, NUM_CODES, maskgit, pgm  # pylint: disable=unused-import,g-bad-import-order
 
 
 # ----------------------------------------------------------------------------
