@@ -51,3 +51,24 @@ def restored_state(config, workdir):
   state, _ = checkpointing.restore(manager, step, setup.abstract_state)
   manager.close()
   return step, jax.device_get(state)
+
+
+def tiny_gpt2_state(rng, vocab=96, e=32, layers=1, positions=16):
+  """A GPT-2 state dict in Hugging Face's names (transformer.*, lm_head.weight), float32,
+  the output head tied to the token embedding (tests of the judge and its converters)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  state = {"transformer.wte.weight": rng.normal(0, 0.1, (vocab, e)),
+           "transformer.wpe.weight": rng.normal(0, 0.1, (positions, e)),
+           "transformer.ln_f.weight": 1 + rng.normal(0, 0.1, e),
+           "transformer.ln_f.bias": rng.normal(0, 0.1, e)}
+  for i in range(layers):
+    for name, shape in (("ln_1.weight", (e,)), ("ln_1.bias", (e,)),
+                        ("attn.c_attn.weight", (e, 3 * e)), ("attn.c_attn.bias", (3 * e,)),
+                        ("attn.c_proj.weight", (e, e)), ("attn.c_proj.bias", (e,)),
+                        ("ln_2.weight", (e,)), ("ln_2.bias", (e,)),
+                        ("mlp.c_fc.weight", (e, 4 * e)), ("mlp.c_fc.bias", (4 * e,)),
+                        ("mlp.c_proj.weight", (4 * e, e)), ("mlp.c_proj.bias", (e,))):
+      state[f"transformer.h.{i}.{name}"] = rng.normal(0, 0.2, shape)
+  state = {k: v.astype(np.float32) for k, v in state.items()}
+  state["lm_head.weight"] = state["transformer.wte.weight"]
+  return state

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, tiny_gpt2_state
 from pgm_jax import evaluation, samplers, train
 from pgm_jax.data import pipeline as input_pipeline
 from pgm_jax.models import DiT, ModelConfig
@@ -150,21 +150,7 @@ def test_gpt2_judge_conversion_matches_numpy_forward(tmp_path):
   from pgm_jax.models import gpt2
   rng = np.random.default_rng(0)
   e, layers, heads, vocab, positions = 32, 2, 2, 50257, 64
-  state = {"transformer.wte.weight": rng.normal(0, 0.1, (vocab, e)),
-           "transformer.wpe.weight": rng.normal(0, 0.1, (positions, e)),
-           "transformer.ln_f.weight": 1 + rng.normal(0, 0.1, e),
-           "transformer.ln_f.bias": rng.normal(0, 0.1, e),
-           "lm_head.weight": None}
-  for i in range(layers):
-    for name, shape in (("ln_1.weight", (e,)), ("ln_1.bias", (e,)),
-                        ("attn.c_attn.weight", (e, 3 * e)), ("attn.c_attn.bias", (3 * e,)),
-                        ("attn.c_proj.weight", (e, e)), ("attn.c_proj.bias", (e,)),
-                        ("ln_2.weight", (e,)), ("ln_2.bias", (e,)),
-                        ("mlp.c_fc.weight", (e, 4 * e)), ("mlp.c_fc.bias", (4 * e,)),
-                        ("mlp.c_proj.weight", (4 * e, e)), ("mlp.c_proj.bias", (e,))):
-      state[f"transformer.h.{i}.{name}"] = rng.normal(0, 0.2, shape)
-  state["lm_head.weight"] = state["transformer.wte.weight"]
-  state = {k: v.astype(np.float32) for k, v in state.items()}
+  state = tiny_gpt2_state(rng, vocab=vocab, e=e, layers=layers, positions=positions)
   hf_dir = tmp_path / "hf"
   hf_dir.mkdir()
   save_file({k: v.copy() for k, v in state.items()}, str(hf_dir / "model.safetensors"))

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import tiny_gpt2_state
+
 from pgm_jax.io import hub
 
 pytest.importorskip("huggingface_hub")
@@ -182,25 +184,6 @@ def test_vq_from_hub(cache, tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def _tiny_gpt2(rng, vocab=96, e=32, layers=1, positions=16):
-  """A GPT-2 state dict in Hugging Face's names (transformer.*, lm_head.weight)."""
-  state = {"transformer.wte.weight": rng.normal(0, 0.1, (vocab, e)),
-           "transformer.wpe.weight": rng.normal(0, 0.1, (positions, e)),
-           "transformer.ln_f.weight": 1 + rng.normal(0, 0.1, e),
-           "transformer.ln_f.bias": rng.normal(0, 0.1, e)}
-  for i in range(layers):
-    for name, shape in (("ln_1.weight", (e,)), ("ln_1.bias", (e,)),
-                        ("attn.c_attn.weight", (e, 3 * e)), ("attn.c_attn.bias", (3 * e,)),
-                        ("attn.c_proj.weight", (e, e)), ("attn.c_proj.bias", (e,)),
-                        ("ln_2.weight", (e,)), ("ln_2.bias", (e,)),
-                        ("mlp.c_fc.weight", (e, 4 * e)), ("mlp.c_fc.bias", (4 * e,)),
-                        ("mlp.c_proj.weight", (4 * e, e)), ("mlp.c_proj.bias", (e,))):
-      state[f"transformer.h.{i}.{name}"] = rng.normal(0, 0.2, shape)
-  state = {k: v.astype(np.float32) for k, v in state.items()}
-  state["lm_head.weight"] = state["transformer.wte.weight"]
-  return state
-
-
 def test_gpt2_judge_from_hub_repo(cache, tmp_path, capsys):
   """hf:openai-community/gpt2-large (config.json + model.safetensors) and hf:gpt2-large
   (no owner; config.json + pytorch_model.bin only) -> judges; n_head comes from config.json."""
@@ -208,7 +191,7 @@ def test_gpt2_judge_from_hub_repo(cache, tmp_path, capsys):
   from pgm_jax.evaluation import judges
   from pgm_jax.tools import eval_assets
   rng = np.random.default_rng(0)
-  state = _tiny_gpt2(rng)
+  state = tiny_gpt2_state(rng)
   save_file({k: v.copy() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
   config = json.dumps({"n_head": 2, "n_embd": 32}).encode()  # 32 is no GPT-2 size: n_head needed
   put_in_cache(cache, "openai-community/gpt2-large",

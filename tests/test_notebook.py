@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, load_config
+from conftest import REPO_ROOT, load_config, tiny_gpt2_state
 from pgm_jax import experiment, train
 from pgm_jax.core import checkpointing
 from pgm_jax.tools import convert
@@ -143,7 +143,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
                       for name, (keys, _, transpose) in expected.items()}
   tc.save_lightning(tmp_path / "pgm_8_8.ckpt", weights["raw"], weights["ema"], step=3)
   th.put_in_cache(cache, "jdeschena/pgm", {"pgm_8_8.ckpt": tmp_path / "pgm_8_8.ckpt"})
-  gpt2 = th._tiny_gpt2(np.random.default_rng(0), vocab=50257, e=16, positions=128)  # pylint: disable=protected-access
+  gpt2 = tiny_gpt2_state(np.random.default_rng(0), vocab=50257, e=16, positions=128)
   save_file({k: v.copy() for k, v in gpt2.items()}, str(tmp_path / "model.safetensors"))
   th.put_in_cache(cache, "openai-community/gpt2-large", {
       "config.json": json.dumps({"n_head": 2, "n_embd": 16}).encode(),
