@@ -66,14 +66,6 @@ class _StopAgreement:
     return previous is not None and bool(jax.device_get(previous))
 
 
-def _any_process(flag: bool) -> bool:
-  """`flag` on any process (a blocking all-gather; `flag` itself with one process)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.max(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
 def make_train_step(setup: experiment.Setup):
   """The train step jitted with explicit in/out shardings, donating the state: SDTT's
   `distill.distill_step` when config.distill.enabled.
@@ -437,7 +429,7 @@ def _train_and_evaluate(config, workdir: str, setup: experiment.Setup) -> dict:
       # After the loop SIGTERM still only sets the flag (exit 0, nothing saved twice); a
       # preempted job skips the end-of-training samples. Several processes sample
       # collectively and the signal may reach only some: all must decide alike.
-      final = config.train.num_final_samples > 0 and not _any_process(preemption.requested)
+      final = config.train.num_final_samples > 0 and not sharding.any_process([preemption.requested])[0]
       # A SIGTERM stops the final samples between sampler steps and batches (the checkpoint
       # is already saved); several processes agree on it at each check (every process makes
       # the same checks, so they stop at the same one).

@@ -28,12 +28,11 @@ from typing import Optional
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from pgm_jax.core import cli
+from pgm_jax.core import cli, sharding
 
 
 class CheckpointMismatchError(ValueError):
@@ -296,15 +295,6 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   return restored["state"], (restored["data"] if "data" in items else None)
 
 
-def _any_process(flags) -> np.ndarray:
-  """Element-wise OR of a bool vector over every process (a collective; as is with one)."""
-  flags = np.asarray(flags, np.int32)
-  if jax.process_count() == 1:
-    return flags.astype(bool)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.max(multihost_utils.process_allgather(flags), axis=0).astype(bool)
-
-
 class _RestoreFailed(Exception):
   """A step that does not restore on this process or on another one."""
 
@@ -333,7 +323,7 @@ def _restore_on_every_process(manager, step, abstract_state, data_iter):
         multihost_utils.sync_global_devices(f"pgm_jax: step {step} failed to restore")
       except AssertionError:
         pass
-  if _any_process([error is not None])[0]:
+  if sharding.any_process([error is not None])[0]:
     here = error is not None and not _is_barrier_mismatch(error)
     raise _RestoreFailed(f"{type(error).__name__}: {cli.one_line(error)}" if here
                          else "does not restore on another process")
@@ -405,7 +395,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter=Non
       verify_checksums(manager.directory / str(step))
     except ChecksumError as e:
       damaged_here[step] = f"ChecksumError: {cli.one_line(e)}"
-  damaged = _any_process([s in damaged_here for s in steps])
+  damaged = sharding.any_process([s in damaged_here for s in steps])
   failed = []
   for step, is_damaged in zip(steps, damaged):
     try:

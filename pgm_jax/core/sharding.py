@@ -302,3 +302,12 @@ def with_logical_constraint(x: jax.Array, logical_names, rules) -> jax.Array:
   if all(a is None for a in fitted):
     return x
   return jax.lax.with_sharding_constraint(x, P(*fitted))
+
+
+def any_process(flags) -> np.ndarray:
+  """Element-wise OR of a bool vector over every process (a collective; as is with one)."""
+  flags = np.asarray(flags, np.int32)
+  if jax.process_count() == 1:
+    return flags.astype(bool)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.max(multihost_utils.process_allgather(flags), axis=0).astype(bool)
