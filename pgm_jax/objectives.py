@@ -70,11 +70,12 @@ def pgm_loss_terms(logits_BxLxV, tokens_BxL, group_BxL, t_B, valid_BxL, mask_id:
 
 
 def pgm_loss_terms_from_log_probs(logp_BxL, group_BxL, t_B, valid_BxL):
-  """`pgm_loss_terms` from log p(x0_i) [B, L] (the model's chunked output path)."""
+  """`pgm_loss_terms` from log p(x0_i) [B, L] (the model's chunked output path). `t_B` may
+  also be a time per position [B, L] (the block PGM: each block at its own t)."""
   nll_BxL = -logp_BxL
   valid = valid_BxL.astype(jnp.float32)
   in_group1 = group_BxL.astype(bool)
-  t_Bx1 = t_B[:, None]
+  t_Bx1 = t_B[:, None] if t_B.ndim == 1 else t_B
   weight_BxL = jnp.where(in_group1, 1.0 / t_Bx1, 1.0 / (1.0 - t_Bx1))
   # `where` (not a product) so that an infinite NLL of the other group can't leak NaNs.
   loss_sum = jnp.sum(jnp.where(valid > 0, weight_BxL * nll_BxL, 0.0)) / 2.0

@@ -50,7 +50,7 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
   config.sample.batch_size (each batch seeded with seed + batch index)."""
   cfg = setup.config
   sampler = sampler or families.resolve_sampler(cfg)
-  length = cfg.data.seq_len
+  length = setup.family.sample_length(cfg)
   out = []
   batch_size = max(1, min(cfg.sample.batch_size, num_samples))
   step_progress = _stoppable(progress, should_stop)
@@ -64,8 +64,11 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
     result = setup.family.sample_text(
         params, prompt, model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
         mask_id=setup.mask_id, top_p=cfg.sample.top_p, temperature=cfg.sample.temperature,
-        bucket_size=cfg.sample.bucket_size, progress=step_progress)
+        bucket_size=cfg.sample.bucket_size, progress=step_progress,
+        **({"eos_id": setup.tokenizer.eos_id} if setup.family.stops_at_eos else {}))
     for i, row in enumerate(result.tokens):
+      if result.lengths is not None:
+        row = row[:int(result.lengths[i])]  # cut after the first EOS (variable length)
       out.append({"text": setup.tokenizer.decode(row.tolist()), "tokens": row.tolist(),
                   "sampler": sampler, "steps": num_steps, "seed": batch_seed,
                   "index": first + i, "prompt": batch_prompts[i] if batch_prompts else "",

@@ -16,7 +16,8 @@ from pgm_jax import experiment, families, main
 from pgm_jax.families.base import Family
 
 PRESETS = {"pgm": ("shakespeare", "tiny"), "mdlm": ("shakespeare", "tiny,mdlm"),
-           "ar": ("shakespeare", "tiny,ar"), "pgm_image": ("digits", "tiny"),
+           "ar": ("shakespeare", "tiny,ar"), "pgm_block": ("shakespeare", "tiny,pgm_block,b=8"),
+           "pgm_image": ("digits", "tiny"),
            "maskgit": ("digits", "tiny,maskgit")}
 
 
@@ -31,7 +32,7 @@ def test_every_family_is_registered_under_its_name():
 
 def test_an_unknown_kind_is_one_line():
   with pytest.raises(ValueError, match=r"config.model.kind must be one of \("
-                     r"'pgm', 'mdlm', 'ar', 'pgm_image', 'maskgit'\), got 'gpt'"):
+                     r"'pgm', 'pgm_block', 'mdlm', 'ar', 'pgm_image', 'maskgit'\), got 'gpt'"):
     families.get("gpt")
 
 

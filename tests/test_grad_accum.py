@@ -102,7 +102,7 @@ def test_padded_distill_accumulation_is_the_global_batch_mean(monkeypatch):
 _IMAGE = {"pgm_image": "tiny", "maskgit": "tiny,maskgit"}
 
 
-_SLOW = ("pgm", "pgm_image", "maskgit")  # their model's first trace takes 10 s or more
+_SLOW = ("pgm", "pgm_block", "pgm_image", "maskgit")  # their model's first trace takes 10 s or more
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in _SLOW else k
@@ -117,6 +117,7 @@ def test_loss_token_count_is_the_count_of_loss_terms(kind, monkeypatch):
   else:
     cfg = load_config("shakespeare", "tiny")
     cfg.model.kind = kind
+    cfg.model.block_len = 8  # pgm_block: 4 blocks (the others ignore it)
   setup = experiment.make_setup(cfg)
   family = families.of(cfg)
   params = family.init_params(setup.model, jax.random.key(0))

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
                                     # log-prob run over chunks of this many positions
                                     # (rematerialised), so float32 [B, L, V] logits never
                                     # exist in training / eval; 0 = the whole sequence at once
+  c.model.block_len = 0             # pgm_block: tokens per block (a divisor of data.seq_len)
   c.model.time_conditioning = False  # MDLM only: the DiT reads sigma = -log alpha(t) (the
                                     # reference's algo.time_conditioning; false in every
                                     # released config, where the network gets sigma = 0)
@@ -186,6 +187,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.top_p = 1.0              # nucleus filtering (1.0 = off)
   c.sample.temperature = 1.0
   c.sample.bucket_size = 0          # PGM encoder length buckets; 0 = max(8, seq_len // 16)
+  c.sample.max_len = 0              # block PGM: longest sample (a multiple of model.block_len;
+                                    # 0 = data.seq_len); it stops earlier at EOS
   c.sample.prompt = ""              # prefix, or infill with [[N]] gaps: "To be[[5]]question"
   c.sample.prompt_file = placeholder(str)  # one prompt per line (cycled over samples)
 

@@ -80,7 +80,7 @@ def generation_metrics(setup: experiment.Setup, params, judge_workdir: str) -> d
   out = {"sampler": sampler, "steps": cfg.sample.steps, "gen_num_samples": len(samples),
          "judge_workdir": judge_workdir, "judge_step": judge.step,
          "entropy": judges.mean_entropy([s["tokens"] for s in samples]),
-         "throughput": len(samples) * (cfg.data.seq_len - 1) / seconds,
+         "throughput": sum(len(s["tokens"]) - 1 for s in samples) / seconds,
          "throughput_unit": "generated tokens/s (after compilation)"}
   out.update(judge.score_texts(texts))
   if judge.same_tokenizer(setup.tokenizer):

@@ -12,13 +12,14 @@ outside this package asks the family; it never compares a kind string.
 from __future__ import annotations
 
 from pgm_jax.core.sharding import logical_rules
-from pgm_jax.families import ar, maskgit, mdlm, pgm, pgm_image
+from pgm_jax.families import ar, maskgit, mdlm, pgm, pgm_block, pgm_image
 from pgm_jax.families.base import Family, ImageFamily
 from pgm_jax.models.layers import ModelConfig
 from pgm_jax.ops.attention import resolve_sorted_layout
 
 REGISTRY: dict[str, Family] = {
     "pgm": pgm.FAMILY,
+    "pgm_block": pgm_block.FAMILY,
     "mdlm": mdlm.FAMILY,
     "ar": ar.FAMILY,
     "pgm_image": pgm_image.FAMILY,

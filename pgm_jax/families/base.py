@@ -18,6 +18,7 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   loss_token_count(batch, t_B, noise_u_BxL, ...) -> its num_tokens, without the model
                                          (the global-batch denominator of a train step)
   sample_text(params, prompt, ...)       -> samplers.SampleResult       (text families)
+  sample_length(config)                  the canvas length of a text sample (config.data.seq_len)
   predict_hidden(params, tokens, hidden, valid, ...)  logits / log p of hidden positions
                                          (masked text families: harness, distillation)
   attention_layers(model_cfg, seq_len)   (mask kind, alive fraction) per attention layer (plan)
@@ -63,6 +64,7 @@ class Family:
   mask_logit: float = objectives.NEG_INF_MDLM  # logit[MASK] in its loss
   # The authors' checkpoints of this model (convert): None if they released none.
   torch_reference: Optional[torch_names.ReferenceModel] = None
+  stops_at_eos: bool = False           # sample_text stops at eos_id (variable length)
   group_sorted: bool = False           # trains on a partition that config.attn.sorted_layout
                                        # can sort by group (the PGMs)
 
@@ -145,8 +147,15 @@ class Family:
   # -- sampling ---------------------------------------------------------------------------
   def sample_text(self, params, prompt, *, model, sampler: str, steps: int, seed: int,
                   mask_id: int, top_p: float, temperature: float, bucket_size: int = 0,
-                  progress: Optional[Callable[[int, int], None]] = None):
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  eos_id: Optional[int] = None):
+    """A SampleResult for `prompt` (its length is `sample_length`). `eos_id`: the tokenizer's
+    EOS, for families that stop there (SampleResult.lengths); the others ignore it."""
     raise ValueError(f"config.model.kind={self.name!r} does not sample text")
+
+  def sample_length(self, config) -> int:
+    """Positions of a text sample, BOS included."""
+    return int(config.data.seq_len)
 
   def predict_hidden(self, params, tokens_BxL, hidden_BxL, valid_BxL, *, model, mask_id: int,
                      sigma_B=None, train: bool = False, rngs: Optional[dict] = None,

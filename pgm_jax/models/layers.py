@@ -51,6 +51,7 @@ class ModelConfig:
   remat: str = "none"           # config.model.remat: jax.checkpoint policy of every block
   loss_chunk_len: int = 0       # config.model.loss_chunk_len: positions per output chunk
   time_conditioning: bool = False  # config.model.time_conditioning: the DiT reads sigma(t)
+  block_len: int = 0            # config.model.block_len: tokens per block (pgm_block)
   causal: bool = False          # the DiT attends causally (the AR family sets it)
   logical_axis_rules: tuple = ()  # config.mesh.logical_axis_rules (activation constraints)
   # Images (pgm_image, maskgit): class conditioning, learned register tokens, and MaskGIT's
@@ -328,10 +329,14 @@ class DiTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxH, cond_BxC, positions_BxL, mask: AttentionMask, train: bool,
-               decode: bool = False):
+               decode: bool = False, kv_prefix=None, return_kv: bool = False):
     """With decode=True (autoregressive sampling) k/v are appended to a "cache"
     collection of full length (created by an init call on a full-length input) and
-    the new queries attend to every cached key up to and including their own."""
+    the new queries attend to every cached key up to and including their own.
+
+    kv_prefix: optional (k, v) [B, P, heads, head_dim] (RoPE applied) put before this
+    call's own keys (an explicit cache: the block PGM); `mask` then covers the P + L keys.
+    return_kv: also return this call's own (k, v), for the caller to cache."""
     cfg = self.config
     dt = cfg.compute_dtype
     mods = Linear(6 * cfg.hidden, "cond", "adaln", zero_init=True,
@@ -345,10 +350,15 @@ class DiTBlock(nn.Module):
     q = apply_rope(split_heads(q, cfg.num_heads), positions_BxL, cfg.rope_base)
     k = apply_rope(split_heads(k, cfg.num_heads), positions_BxL, cfg.rope_base)
     v = split_heads(v, cfg.num_heads)
+    own_kv = (k, v)
     if decode:
       k, v, mask = self._update_cache(k, v)
+    if kv_prefix is not None:
+      k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
     att = cfg.attention(q, k, v, mask)
-    return cfg.constrain(attention_out_and_mlp(cfg, skip, att, mods, train=train))
+    out = cfg.constrain(attention_out_and_mlp(cfg, skip, att, mods, train=train))
+    return (out, own_kv) if return_kv else out
 
   def _update_cache(self, k_BxNxHxD, v_BxNxHxD):
     initialized = self.has_variable("cache", "cached_key")

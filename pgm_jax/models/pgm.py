@@ -68,14 +68,32 @@ def other_group_aggregate(enc_BxKxH: jax.Array, mask: AttentionMask, mode: str,
   return jnp.broadcast_to(agg_Bx2xH, (batch, num_queries, agg_Bx2xH.shape[-1]))
 
 
+def _with_prefix(kv_prefix, k, v):
+  """(k, v) with cached keys / values put first (None: unchanged)."""
+  if kv_prefix is None:
+    return k, v
+  return (jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1),
+          jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1))
+
+
 class GroupSwap(nn.Module):
   """Builds each query from its position alone, then cross-attends to the encoder."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, enc_BxKxH, kv_pos_BxK, query_pos_BxQ, mask: AttentionMask):
+  def __call__(self, enc_BxKxH, kv_pos_BxK, query_pos_BxQ, mask: AttentionMask, *,
+               kv_prefix=None, kv_only: bool = False):
+    """kv_only: return the (k, v) of `enc_BxKxH` only (what a KV cache holds);
+    kv_prefix: cached (k, v) put before them (`mask` covers both)."""
     cfg = self.config
     dt = cfg.compute_dtype
+    kv = Linear(2 * cfg.hidden, "embed", "kv", dtype=dt, name="hidden_to_key_value")(enc_BxKxH)
+    k, v = jnp.split(kv, 2, axis=-1)
+    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
+    v = split_heads(v, cfg.num_heads)
+    if kv_only:
+      return k, v
+    k, v = _with_prefix(kv_prefix, k, v)
     if cfg.query_mode not in QUERY_MODES:
       raise ValueError(f"config.model.query_mode must be one of {QUERY_MODES}, "
                        f"got {cfg.query_mode!r}")
@@ -91,11 +109,8 @@ class GroupSwap(nn.Module):
                                                         num_queries)
     q = Linear(cfg.hidden, "embed", "heads_dim", dtype=dt, name="query_processor")(
         AffineLayerNorm(name="pre_query_norm")(q_pre_BxQxH))
-    kv = Linear(2 * cfg.hidden, "embed", "kv", dtype=dt, name="hidden_to_key_value")(enc_BxKxH)
-    k, v = jnp.split(kv, 2, axis=-1)
     q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
-    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
-    att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
+    att = cfg.attention(q, k, v, mask)
     out = Linear(cfg.hidden, "heads_dim", "embed", dtype=dt, name="output_linear")(
         merge_heads(att))
     return out.astype(jnp.float32)
@@ -107,9 +122,18 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK,
-               mask: AttentionMask, train: bool):
+               mask: AttentionMask, train: bool, kv_prefix=None, kv_only: bool = False):
+    """kv_only / kv_prefix: as `GroupSwap` (the block PGM's decoder cache)."""
     cfg = self.config
     dt = cfg.compute_dtype
+    kv = Linear(2 * cfg.hidden, "embed", "kv", use_bias=False, dtype=dt, name="attn_kv")(
+        ScaleLayerNorm(name="kv_norm1")(enc_BxKxH))
+    k, v = jnp.split(kv, 2, axis=-1)
+    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
+    v = split_heads(v, cfg.num_heads)
+    if kv_only:
+      return k, v
+    k, v = _with_prefix(kv_prefix, k, v)
     mods = Linear(6 * cfg.hidden, "cond", "adaln", zero_init=True,
                   name="adaLN_modulation")(cond_BxC)[:, None, :]
     shift_msa, scale_msa = jnp.split(mods, 6, -1)[:2]
@@ -117,12 +141,8 @@ class DecoderBlock(nn.Module):
     skip = x_BxQxH
     xq = modulate(ScaleLayerNorm(name="q_norm1")(x_BxQxH), shift_msa, scale_msa)
     q = Linear(cfg.hidden, "embed", "heads_dim", use_bias=False, dtype=dt, name="attn_q")(xq)
-    kv = Linear(2 * cfg.hidden, "embed", "kv", use_bias=False, dtype=dt, name="attn_kv")(
-        ScaleLayerNorm(name="kv_norm1")(enc_BxKxH))
-    k, v = jnp.split(kv, 2, axis=-1)
     q = apply_rope(split_heads(q, cfg.num_heads), query_pos_BxQ, cfg.rope_base)
-    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
-    att = cfg.attention(q, k, split_heads(v, cfg.num_heads), mask)
+    att = cfg.attention(q, k, v, mask)
     return cfg.constrain(attention_out_and_mlp(cfg, skip, att, mods, train=train))
 
 
@@ -130,13 +150,24 @@ class Encoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxNxH, cond_BxC, positions_BxN, mask: AttentionMask, *, train: bool):
+  def __call__(self, x_BxNxH, cond_BxC, positions_BxN, mask: AttentionMask, *, train: bool,
+               kv_prefix=None, return_kv: bool = False):
+    """kv_prefix: per layer, cached (k, v) put before the layer's own keys; return_kv: also
+    return every layer's own (k, v) (the block PGM's encoder cache)."""
     # Rematerialise only where there is a backward pass (training).
     block_cls = maybe_remat(DiTBlock, self.config, static_argnums=(5, 6)) if train else DiTBlock
+    if kv_prefix is None and not return_kv:
+      for i in range(self.config.enc_layers):
+        x_BxNxH = block_cls(self.config, name=f"blocks_{i}")(x_BxNxH, cond_BxC, positions_BxN,
+                                                            mask, train, False)
+      return x_BxNxH
+    kvs = []
     for i in range(self.config.enc_layers):
-      x_BxNxH = block_cls(self.config, name=f"blocks_{i}")(x_BxNxH, cond_BxC, positions_BxN,
-                                                          mask, train, False)
-    return x_BxNxH
+      x_BxNxH, kv = DiTBlock(self.config, name=f"blocks_{i}")(
+          x_BxNxH, cond_BxC, positions_BxN, mask, train, False,
+          kv_prefix=None if kv_prefix is None else kv_prefix[i], return_kv=True)
+      kvs.append(kv)
+    return (x_BxNxH, tuple(kvs)) if return_kv else x_BxNxH
 
 
 class Decoder(nn.Module):
@@ -144,15 +175,33 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, enc_BxKxH, cond_BxC, kv_pos_BxK, query_pos_BxQ, mask: AttentionMask, *,
-               train: bool):
-    x_BxQxH = GroupSwap(self.config, name="group_swap")(enc_BxKxH, kv_pos_BxK, query_pos_BxQ,
-                                                        mask)
-    x_BxQxH = self.config.constrain(x_BxQxH)
-    block_cls = (maybe_remat(DecoderBlock, self.config, static_argnums=(7,)) if train
-                 else DecoderBlock)
-    for j in range(self.config.dec_layers):
-      x_BxQxH = block_cls(self.config, name=f"layers_{j}")(
-          x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK, mask, train)
+               train: bool, kv_prefix=None, kv_only: bool = False):
+    """kv_only: the (k, v) of `enc_BxKxH` of GroupSwap and of every layer (a tuple of
+    dec_layers + 1 pairs, the block PGM's decoder cache); kv_prefix: such a tuple of cached
+    pairs, put before the keys of `enc_BxKxH` (`mask` covers both)."""
+    cfg = self.config
+    if kv_only:
+      pairs = [GroupSwap(cfg, name="group_swap")(enc_BxKxH, kv_pos_BxK, None, mask,
+                                                 kv_only=True)]
+      pairs += [DecoderBlock(cfg, name=f"layers_{j}")(None, enc_BxKxH, cond_BxC, None, kv_pos_BxK,
+                                                      mask, train, kv_only=True)
+                for j in range(cfg.dec_layers)]
+      return tuple(pairs)
+    prefix = (lambda i: None) if kv_prefix is None else (lambda i: kv_prefix[i])
+    x_BxQxH = GroupSwap(cfg, name="group_swap")(enc_BxKxH, kv_pos_BxK, query_pos_BxQ, mask,
+                                                kv_prefix=prefix(0))
+    x_BxQxH = cfg.constrain(x_BxQxH)
+    if kv_prefix is None:
+      block_cls = (maybe_remat(DecoderBlock, cfg, static_argnums=(7,)) if train
+                   else DecoderBlock)
+      for j in range(cfg.dec_layers):
+        x_BxQxH = block_cls(cfg, name=f"layers_{j}")(
+            x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK, mask, train)
+      return x_BxQxH
+    for j in range(cfg.dec_layers):
+      x_BxQxH = DecoderBlock(cfg, name=f"layers_{j}")(
+          x_BxQxH, enc_BxKxH, cond_BxC, query_pos_BxQ, kv_pos_BxK, mask, train,
+          kv_prefix=prefix(j + 1))
     return x_BxQxH
 
 

@@ -32,7 +32,7 @@ from flax import struct
 
 MASK_KINDS = ("full", "same_group", "other_group", "causal", "block_causal", "block_same_group",
               "block_other_group")
-BLOCK_KINDS = ("block_causal", "block_same_group", "block_other_group")
+BLOCK_MASKS = ("block_causal", "block_same_group", "block_other_group")
 CLEAN_GROUP = 2  # group id of a clean-stream token in the block kinds
 
 
@@ -73,7 +73,7 @@ class AttentionMask:
     if self.kind in ("same_group", "other_group") and (
         self.q_group is None or self.kv_group is None):
       raise ValueError(f"AttentionMask kind {self.kind!r} needs q_group and kv_group")
-    if self.kind in BLOCK_KINDS and (self.q_block is None or self.kv_block is None):
+    if self.kind in BLOCK_MASKS and (self.q_block is None or self.kv_block is None):
       raise ValueError(f"AttentionMask kind {self.kind!r} needs q_block and kv_block")
     if self.kind in ("block_same_group", "block_other_group") and (
         self.q_group is None or self.kv_group is None):
@@ -100,7 +100,7 @@ class AttentionMask:
       allowed = self.q_group[:, :, None] == self.kv_group[:, None, :]
     elif self.kind == "other_group":
       allowed = self.q_group[:, :, None] != self.kv_group[:, None, :]
-    elif self.kind in BLOCK_KINDS:
+    elif self.kind in BLOCK_MASKS:
       allowed = block_allowed(self.kind, self.q_block[:, :, None], self.kv_block[:, None, :],
                               None if self.q_group is None else self.q_group[:, :, None],
                               None if self.kv_group is None else self.kv_group[:, None, :])

@@ -236,6 +236,7 @@ class SampleResult:
   flops_per_seq: Optional[float] = None        # XLA cost analysis, as executed
   exact_flops_per_seq: Optional[float] = None  # same, without any padding
   seconds: float = 0.0
+  lengths: Optional[np.ndarray] = None         # int [B]: tokens to keep (variable length)
 
 
 def measure_sampler(run: Callable[[bool], "SampleResult"], *, warmup: int, repeats: int,
