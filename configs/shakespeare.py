@@ -16,6 +16,8 @@ Presets (comma separated after the colon):
   pgm_block  the block PGM (docs/method.md, "Block PGM"): the PGM's 2 + 2 layers and
              parameters, blocks of b = 16 tokens generated left to right with a KV cache;
              b=N sets the block length (b=4 is the other preset of the README's table).
+  speeches   one document per speech (config.data.documents="speech"), so that EOS ends
+             every speech: what the block PGM's variable-length samples are trained on.
   tiny       a 2-layer, 64-wide model and 20 steps, for smoke tests.
   steps=N    number of training steps.
   distill_pgm, distill_mdlm
@@ -32,7 +34,7 @@ from pgm_jax.core import config_lib
 
 
 def get_config(arg=None):
-  preset = config_lib.parse_arg(arg, pgm=False, mdlm=False, ar=False, pgm_block=False, b=0,
+  preset = config_lib.parse_arg(arg, pgm=False, mdlm=False, ar=False, pgm_block=False, b=0, speeches=False,
                                 tiny=False, steps=0, distill_pgm=False, distill_mdlm=False)
   if preset.distill_pgm or preset.distill_mdlm:
     preset.pgm, preset.mdlm = preset.pgm or preset.distill_pgm, preset.mdlm or preset.distill_mdlm
@@ -84,6 +86,8 @@ def get_config(arg=None):
 
   if preset.distill_pgm or preset.distill_mdlm:
     _distill(c, "workdirs/pgm" if preset.distill_pgm else "workdirs/mdlm")
+  if preset.speeches:
+    c.data.documents = "speech"
   if preset.tiny:
     config_lib.apply_runlocal(c, hidden=64, cond_dim=32, seq_len=32, eval_batch_size=16,
                               eval_max_batches=4)

