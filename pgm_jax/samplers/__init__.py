@@ -4,6 +4,7 @@ common.py    prompts, categorical draws, device placement, SampleResult (shared)
 pgm.py       PGM: efficient-uniform, efficient-non-uniform, naive
 mdlm.py      MDLM: ddpm_cache, ddpm
 ar.py        AR baseline: left to right with a KV cache
+pgm_block.py block PGM: blocks left to right with a KV cache, PGM steps inside a block
 image.py     images (PGM image model, MaskGIT): halton, confidence; classifier-free guidance
 """
 from pgm_jax.samplers.ar import AR_SAMPLERS, ar_sample
@@ -13,10 +14,11 @@ from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, filtere
                                      unconditional_prompt)
 from pgm_jax.samplers.image import IMAGE_SAMPLERS, image_sample
 from pgm_jax.samplers.mdlm import MDLM_SAMPLERS, mdlm_passes, mdlm_sample
+from pgm_jax.samplers.pgm_block import BLOCK_SAMPLERS, block_sample
 from pgm_jax.samplers.pgm import (PGM_SAMPLERS, SCHEDULES, make_schedule, pgm_plan, pgm_sample,
                                   random_orders)
 
-__all__ = ["AR_SAMPLERS", "IMAGE_SAMPLERS", "MDLM_SAMPLERS", "PGM_SAMPLERS",
+__all__ = ["AR_SAMPLERS", "BLOCK_SAMPLERS", "block_sample", "IMAGE_SAMPLERS", "MDLM_SAMPLERS", "PGM_SAMPLERS",
            "SCHEDULES", "TRACE_COUNTS", "Prompt", "SampleResult", "ar_sample",
            "filtered_log_probs", "image_sample", "keyed_gumbel", "keyed_gumbel_argmax",
            "make_prompt", "make_schedule", "mdlm_passes", "mdlm_sample",

@@ -35,7 +35,7 @@ import numpy as np
 from pgm_jax.core import sharding
 from pgm_jax.ops.masks import CLEAN_GROUP
 from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, device_put_fn,
-                                     filtered_log_probs, keyed_gumbel_argmax,
+                                     filtered_log_probs, keyed_gumbel_argmax, lowered_flops,
                                      params_mesh_context)
 from pgm_jax.samplers.pgm import make_schedule, random_orders
 
@@ -161,9 +161,12 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
 def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed: int,
                  mask_id: int, eos_id: Optional[int] = None, top_p: float = 1.0,
                  temperature: float = 1.0, bucket_size: int = 0,
-                 progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 measure_flops: bool = False, execute: bool = True) -> SampleResult:
   """Runs a block PGM sampler (module docstring) on `prompt` ([B, max_len]; position 0 is a
-  known BOS). `steps` is the budget for the whole sequence (`steps_per_block` per block)."""
+  known BOS). `steps` is the budget for the whole sequence (`steps_per_block` per block).
+  measure_flops: XLA cost analysis of every program as executed (the bench); execute=False
+  only counts (abstract params are then enough; no EOS stop)."""
   if sampler not in BLOCK_SAMPLERS:
     raise ValueError(f"config.sample.sampler must be one of {BLOCK_SAMPLERS} for the block "
                      f"PGM, got {sampler!r}")
@@ -200,6 +203,18 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
     canvas = put(tokens0)
   done = np.zeros((batch,), bool)
   canvas_host = tokens0.copy()
+  flops = 0.0 if measure_flops else None
+  cost: dict = {}
+
+  def count(name, jitted, *args, **kw):
+    """Adds the lowered cost of one program call (cached per static shape)."""
+    nonlocal flops
+    if measure_flops:
+      key_ = (name,) + tuple(sorted((k, v) for k, v in kw.items() if isinstance(v, int)))
+      if key_ not in cost:
+        cost[key_] = lowered_flops(jitted, params, *args, **kw)
+      flops += cost[key_]
+
   passes, step_index = 0, 0
   start_time = time.perf_counter()
   with params_mesh_context(params):
@@ -233,22 +248,27 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
         q_valid = (j < counts_k[:, None]) & ~done[:, None]
         step_key = jax.random.fold_in(key, step_index)
         if efficient:
-          st = _efficient_step_jit(params, st, put(q_pos), put(q_valid), step_key, block_dev,
-                                   n_cache=n_cache, **static)
+          args = (st, put(q_pos), put(q_valid), step_key, block_dev)
+          count("step", _efficient_step_jit, *args, n_cache=n_cache, **static)
+          if execute:
+            st = _efficient_step_jit(params, *args, n_cache=n_cache, **static)
         else:
-          canvas = _naive_step_jit(params, canvas, put(q_pos), put(q_valid), step_key,
-                                   block_dev, block_len=b, **static)
+          args = (canvas, put(q_pos), put(q_valid), step_key, block_dev)
+          count("naive", _naive_step_jit, *args, block_len=b, **static)
+          if execute:
+            canvas = _naive_step_jit(params, *args, block_len=b, **static)
         cursor += counts_k
         passes += 1
         step_index += 1
         if progress is not None:
           progress(min(step_index, num_blocks * per_block), num_blocks * per_block)
-      if efficient:
-        if block + 1 < num_blocks:
+      if efficient and block + 1 < num_blocks:
+        count("commit", _commit_jit, st, block_dev, model=model, n_cache=n_cache)
+        if execute:
           st = _commit_jit(params, st, block_dev, model=model, n_cache=n_cache)
-        canvas_block = sharding.host_value(st.canvas[:, lo:hi])
-      else:
-        canvas_block = sharding.host_value(canvas[:, lo:hi])
+      if not execute:
+        continue
+      canvas_block = sharding.host_value((st.canvas if efficient else canvas)[:, lo:hi])
       canvas_host[:, lo:hi] = np.where(done[:, None], canvas_host[:, lo:hi], canvas_block)
       if eos_id is not None:  # position 0 holds BOS, which may be the EOS id (GPT-2)
         done |= (canvas_block[:, 1 if block == 0 else 0:] == eos_id).any(1)
@@ -263,4 +283,5 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
         lengths[r] = hits[0] + 2  # through the first EOS after BOS
   return SampleResult(tokens=tokens, sampler=sampler, steps=steps, passes=passes,
                       compiles=TRACE_COUNTS["pgm_block"] - traces_before,
-                      seconds=time.perf_counter() - start_time, lengths=lengths)
+                      seconds=time.perf_counter() - start_time, lengths=lengths,
+                      flops_per_seq=None if flops is None else flops / batch)

@@ -1,5 +1,6 @@
-"""--mode=bench: sampling throughput and FLOPs, PGM (efficient-uniform) vs MDLM (ddpm_cache).
-(Image configs: PGM vs MaskGIT, see bench_images.py.)
+"""--mode=bench: sampling throughput and FLOPs, PGM (efficient-uniform) vs MDLM (ddpm_cache),
+and, when `bench.ar` / `bench.pgm_block` are set, AR with its KV cache and the block PGM
+(block-efficient, its KV cache). (Image configs: PGM vs MaskGIT, see bench_images.py.)
 
 Everything is measured in one process and one run, with the same batch, steps and
 length for every model:
@@ -49,6 +50,9 @@ def config_defaults(images: bool = False) -> ml_collections.ConfigDict:
   c.exact_flops = True              # also count the unpadded FLOPs (padding overhead)
   c.mdlm = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))
   c.pgm = (dict(name="pgm_2_2", hidden=128, num_heads=2, enc_layers=2, dec_layers=2),)
+  c.ar = ml_collections.ConfigDict(dict(hidden=128, num_heads=2, num_layers=4))  # {} = no row
+  c.pgm_block = (dict(name="pgm_block_2_2_b16", hidden=128, num_heads=2, enc_layers=2,
+                      dec_layers=2, block_len=16),)   # () = no block PGM rows
   c.pgm_workdir = placeholder(str)         # restore the PGM's EMA weights from here
   c.mdlm_workdir = placeholder(str)        # restore the MDLM's EMA weights from here
   if images:
@@ -59,13 +63,18 @@ def config_defaults(images: bool = False) -> ml_collections.ConfigDict:
 
 
 def _model(kind, dims, tokenizer, config):
-  cfg = ModelConfig(kind=kind, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
-                    hidden=dims["hidden"], num_heads=dims["num_heads"],
-                    cond_dim=dims.get("cond_dim", config.model.cond_dim),
-                    num_layers=dims.get("num_layers", 12),
-                    enc_layers=dims.get("enc_layers", 6), dec_layers=dims.get("dec_layers", 6),
-                    query_mode=dims.get("query_mode", config.model.query_mode), dropout=0.0,
-                    dtype=config.model.dtype, attn_impl=config.attn.impl)
+  family_config = copy.deepcopy(config)  # the family's own fields (AR: causal; block_len)
+  family_config.model.block_len = int(dims.get("block_len", 0))
+  fields = dict(hidden=dims["hidden"], num_heads=dims["num_heads"],
+                cond_dim=dims.get("cond_dim", config.model.cond_dim),
+                num_layers=dims.get("num_layers", 12),
+                enc_layers=dims.get("enc_layers", 6), dec_layers=dims.get("dec_layers", 6),
+                query_mode=dims.get("query_mode", config.model.query_mode), dropout=0.0,
+                dtype=config.model.dtype, attn_impl=config.attn.impl)
+  fields.update(families.get(kind).model_config_fields(
+      family_config, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id))
+  fields["cond_dim"] = dims.get("cond_dim", config.model.cond_dim)
+  cfg = ModelConfig(kind=kind, mask_id=tokenizer.mask_id, **fields)
   return families.build_model(cfg)
 
 
@@ -279,6 +288,40 @@ def run_sample_bench(config) -> dict:
                                     else pgm["tokens_per_s"] / rows["mdlm"]["tokens_per_s"])}
     variants.append(variant)
 
+  ar_dims = dict(b.get("ar", {}) or {})
+  if ar_dims:
+    ar = _model("ar", ar_dims, tokenizer, config)
+    ar_params = _params(ar, "ar", None, abstract=b.flops_only, seed=2)
+    logging.info("bench: AR with its KV cache")
+    result, seconds = sampler_common.measure_sampler(
+        lambda m: samplers.ar_sample(ar_params, prompt, model=ar, measure_flops=m,
+                                     execute=not b.flops_only, **common),
+        warmup=b.warmup, repeats=b.repeats, flops_only=b.flops_only)
+    rows["ar"] = entry(result, seconds)
+  block_variants = []
+  for dims in b.get("pgm_block", ()) or ():
+    dims = dict(dims)
+    name = dims.pop("name", "pgm_block")
+    model = _model("pgm_block", dims, tokenizer, config)
+    params = _params(model, "pgm_block", None, abstract=b.flops_only, seed=3)
+    logging.info("bench: block PGM %s block-efficient (b=%d)", name, dims["block_len"])
+    result, seconds = sampler_common.measure_sampler(
+        lambda m: samplers.block_sample(params, prompt, model=model, sampler="block-efficient",
+                                        bucket_size=config.sample.bucket_size,
+                                        measure_flops=m, execute=not b.flops_only, **common),
+        warmup=b.warmup, repeats=b.repeats, flops_only=b.flops_only)
+    e = entry(result, seconds)
+    ratios = {}
+    for ref, ref_entry in (("mdlm", rows["mdlm"]), ("pgm", variants[0]["pgm"]),
+                           ("ar", rows.get("ar"))):
+      if ref_entry is None:
+        continue
+      ratios[f"flop_ratio_vs_{ref}"] = ref_entry["flops_per_seq"] / e["flops_per_seq"]
+      ratios[f"throughput_ratio_vs_{ref}"] = (
+          None if seconds is None else e["tokens_per_s"] / ref_entry["tokens_per_s"])
+    block_variants.append({"name": name, "block_len": dims["block_len"], "pgm_block": e,
+                           **ratios})
+
   setting = _setting(config)
   setting.update({"vocab_size": tokenizer.vocab_size,
                   "bucket_size": config.sample.bucket_size or max(8, length // 16),
@@ -291,6 +334,8 @@ def run_sample_bench(config) -> dict:
       "throughput_ratio": variants[0]["throughput_ratio"],
       "flop_ratio": variants[0]["flop_ratio"],
       "variants": variants,
+      **({"ar": rows["ar"]} if "ar" in rows else {}),
+      **({"block_variants": block_variants} if block_variants else {}),
   }
 
 
@@ -338,5 +383,20 @@ def _sample_table(report: dict) -> str:
         v["exact_flop_ratio"])
   lines.append("thru x = PGM tokens/s / MDLM tokens/s;  FLOP x = MDLM FLOPs / PGM FLOPs "
                "(as executed);  exact x = the same without PGM padding")
+  if "ar" in report or "block_variants" in report:
+    lines.append(f"{'model':<18}{'tokens/s':>12}{'GFLOP/seq':>12}{'compiles':>9}{'passes':>8}"
+                 f"{'thru/AR':>9}{'thru/PGM':>9}{'thru/MDLM':>10}{'FLOP AR/x':>10}")
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"
+    entries = ([("ar (KV cache)", report["ar"], {})] if "ar" in report else []) + [
+        (v["name"], v["pgm_block"], v) for v in report.get("block_variants", ())]
+    for name, e, v in entries:
+      tps = "-" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:.1f}"
+      lines.append(f"{name:<18}{tps:>12}{e['flops_per_seq'] / 1e9:>12.2f}{e['compiles']:>9}"
+                   f"{e['passes']:>8}{fmt(v.get('throughput_ratio_vs_ar')):>9}"
+                   f"{fmt(v.get('throughput_ratio_vs_pgm')):>9}"
+                   f"{fmt(v.get('throughput_ratio_vs_mdlm')):>10}"
+                   f"{fmt(v.get('flop_ratio_vs_ar')):>10}")
+    lines.append("thru/X = block PGM tokens/s / X tokens/s;  FLOP AR/x = AR FLOPs / block PGM "
+                 "FLOPs (as executed)")
   return "\n".join(lines)
 
