@@ -188,3 +188,48 @@ def test_prompt_parsing():
   assert known[6 + n_head] and not known[-1]
   with pytest.raises(ValueError, match="config.sample.prompt"):
     samplers.parse_prompt("x[[40]]", tok, 32)
+
+
+# ----------------------------------------------------------------------------
+# confidence-threshold (Fast-dLLM's threshold parallel decoding), PGM and MDLM.
+# ----------------------------------------------------------------------------
+
+THRESHOLD = common.THRESHOLD_SAMPLER
+
+
+def test_threshold_reveal_rule():
+  """The shared rule: >= threshold, at least the most confident (ties: lowest position),
+  force_all, never off the candidates; the draw is keyed by (row, position) only."""
+  # Draws are token 0 (probability 1 under logp); confidences are read from conf_logp.
+  logp = np.full((2, 4, 3), -np.inf, np.float32)
+  logp[..., 0] = 0.0
+  conf_logp = logp.copy()
+  conf_logp[..., 0] = np.log([[0.5, 0.7, 0.7, 0.2]] * 2)
+  candidate = np.array([[True, True, True, True], [True, False, True, False]])
+  positions = np.array([[3, 9, 5, 1]] * 2, np.int32)
+  key, rows = jax.random.key(0), np.arange(2, dtype=np.int32)
+  rule = jax.jit(common.threshold_reveal)  # one program: force_all is always [B]
+  reveal_at = lambda thr, force=(False, False), cand=candidate: np.asarray(rule(
+      logp, cand, key, rows, positions, np.float32(thr), np.array(force), conf_logp)[1])
+  # Above every confidence: one each, the most confident (0.7 twice: position 5 < 9).
+  np.testing.assert_array_equal(reveal_at(0.95), [[0, 0, 1, 0], [0, 0, 1, 0]])
+  np.testing.assert_array_equal(reveal_at(0.5), [[1, 1, 1, 0], [1, 0, 1, 0]])
+  np.testing.assert_array_equal(reveal_at(0.0), candidate)
+  np.testing.assert_array_equal(reveal_at(0.95, (True, True)), candidate)
+  np.testing.assert_array_equal(reveal_at(0.95, (False, True)), [[0, 0, 1, 0], [1, 0, 1, 0]])
+  assert not reveal_at(0.0, (True, True), np.zeros((2, 4), bool)).any()
+  # The same (row, position) gets the same draw wherever its slot is.
+  logp_r = np.log(np.random.default_rng(0).dirichlet(np.ones(3), (2, 4))).astype(np.float32)
+  draw = lambda perm: np.asarray(rule(logp_r[:, perm], candidate[:, perm], key, rows,
+                                      positions[:, perm], np.float32(0.5),
+                                      np.array((False, False)), logp_r[:, perm])[0])
+  np.testing.assert_array_equal(draw([0, 1, 2, 3]), draw([3, 2, 1, 0])[:, ::-1])
+
+
+def test_threshold_greedy_confidence_is_the_temperature_one_probability():
+  logits = jnp.log(jnp.array([[0.6, 0.3, 0.1, 0.0]]) + 1e-20)
+  logp, conf = common.threshold_log_probs(logits, mask_id=3, temperature=0.0)
+  np.testing.assert_allclose(np.exp(np.asarray(logp))[0], [1, 0, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(np.exp(np.asarray(conf))[0, 0], 0.6, rtol=1e-5)
+  logp, conf = common.threshold_log_probs(logits, mask_id=3, temperature=0.5)
+  assert conf is logp

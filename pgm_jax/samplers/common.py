@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import statistics
 from typing import Callable, Optional, Sequence
@@ -167,6 +168,72 @@ def keyed_gumbel(key, seq_ids_B, positions_BxQ):
 
 
 # ----------------------------------------------------------------------------
+# Confidence-threshold decoding (Fast-dLLM's threshold rule), shared by its samplers.
+# ----------------------------------------------------------------------------
+
+THRESHOLD_SAMPLER = "confidence-threshold"
+
+
+def threshold_log_probs(logits, mask_id: int, *, top_p: float = 1.0, temperature: float = 1.0):
+  """(logp, confidence_logp) of a confidence-threshold step: the draw's filtered log-probs
+  (`filtered_log_probs`) and those its confidence is read from.
+
+  They are the same array, except at temperature 0: there the filtered distribution puts
+  all its mass on the argmax, every confidence would be 1 and every position would be
+  revealed in the first pass. Greedy threshold decoding (Fast-dLLM's) draws the argmax and
+  scores it by its probability at temperature 1 (top_p filtered), as here.
+  """
+  logp = filtered_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
+  if temperature != 0.0:
+    return logp, logp
+  return logp, filtered_log_probs(logits, mask_id, top_p=top_p, temperature=1.0)
+
+
+def threshold_reveal(logp_BxQxV, candidate_BxQ, key, rows, positions, threshold, force_all,
+                     confidence_logp_BxQxV=None):
+  """One step of confidence-threshold decoding: which candidates to reveal, with what.
+
+  logp_BxQxV:     float32 filtered log-probs at each query slot (`threshold_log_probs`);
+  candidate_BxQ:  bool, the slots that hold a still-unknown position (others: padding);
+  key, rows [B], positions [B, Q]: the draw at slot (b, q) is the Gumbel-max draw keyed by
+                  (key, rows[b], positions[b, q]) (`keyed_gumbel_argmax`), so it does not
+                  depend on the slot layout (the efficient and full-length executions agree);
+  threshold:      float in [0, 1] (may be traced);
+  force_all:      bool, scalar or [B] (may be traced): reveal every candidate of the row
+                  (the step cap's last step);
+  confidence_logp_BxQxV: where the confidence is read (default `logp_BxQxV`).
+  The confidence of a draw is its probability. A candidate is revealed iff its confidence
+  is >= threshold, or force_all, or it is the row's most confident candidate (ties: the
+  lowest position), so every row that has a candidate reveals at least one.
+  Returns (draw int32 [B, Q], reveal bool [B, Q]); reveal is False off the candidates.
+  """
+  draw = keyed_gumbel_argmax(key, logp_BxQxV, rows, positions)
+  conf_logp = logp_BxQxV if confidence_logp_BxQxV is None else confidence_logp_BxQxV
+  conf = jnp.exp(jnp.take_along_axis(conf_logp, draw[..., None], axis=-1)[..., 0])
+  conf = jnp.where(candidate_BxQ, conf, -1.0)
+  best = jnp.max(conf, axis=1, keepdims=True)
+  at_best = candidate_BxQ & (conf == best)
+  first = jnp.min(jnp.where(at_best, positions, jnp.iinfo(jnp.int32).max), axis=1,
+                  keepdims=True)
+  force = jnp.asarray(force_all, bool)
+  force = force[:, None] if force.ndim == 1 else force
+  reveal = candidate_BxQ & ((conf >= threshold) | force | (at_best & (positions == first)))
+  return draw, reveal
+
+
+def check_threshold(threshold, key: str = "config.sample.threshold") -> float:
+  """`threshold` as a float, or a one-line error naming `key` unless it is a finite
+  number in [0, 1]."""
+  ok = isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(
+      threshold, bool)
+  if not (ok and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+    raise ValueError(f"{key}={threshold!r} must be a finite number in [0, 1] (the "
+                     f"{THRESHOLD_SAMPLER} sampler reveals every position whose draw has at "
+                     f"least this probability; 0 reveals everything in one pass)")
+  return float(threshold)
+
+
+# ----------------------------------------------------------------------------
 # Devices, results, cost.
 # ----------------------------------------------------------------------------
 
@@ -237,6 +304,15 @@ class SampleResult:
   exact_flops_per_seq: Optional[float] = None  # same, without any padding
   seconds: float = 0.0
   lengths: Optional[np.ndarray] = None         # int [B]: tokens to keep (variable length)
+  # int [B]: the passes run until each sequence was complete (confidence-threshold, where
+  # sequences finish at different steps); None: every sequence took all `passes`.
+  seq_passes: Optional[np.ndarray] = None
+
+  def passes_per_sequence(self) -> np.ndarray:
+    """int [B]: `seq_passes`, or `passes` for every sequence."""
+    if self.seq_passes is not None:
+      return np.asarray(self.seq_passes)
+    return np.full((len(self.tokens),), self.passes, np.int64)
 
 
 def measure_sampler(run: Callable[[bool], "SampleResult"], *, warmup: int, repeats: int,
