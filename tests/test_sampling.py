@@ -1,5 +1,6 @@
 """Samplers: naive == efficient, non-uniform == uniform when forced, conditioning is kept,
-bounded compilation and MDLM cache exactness (the sample / bench CLI modes: test_train.py)."""
+bounded compilation and MDLM cache exactness (the sample / bench CLI modes: test_train.py);
+confidence-threshold: its reveal rule, efficient == naive, its extremes and step cap."""
 
 import jax
 import jax.numpy as jnp
@@ -82,11 +83,12 @@ def test_non_uniform_forced_to_uniform_schedule_equals_uniform(pgm):
   np.testing.assert_array_equal(uni.tokens, non.tokens)
 
 
-@pytest.mark.parametrize("sampler", samplers.PGM_SAMPLERS + samplers.MDLM_SAMPLERS)
+@pytest.mark.parametrize("family,sampler", [("pgm", s) for s in samplers.PGM_SAMPLERS]
+                         + [("mdlm", s) for s in samplers.MDLM_SAMPLERS])
 @pytest.mark.slow
-def test_known_tokens_kept_and_no_mask_in_output(pgm, mdlm, sampler):
+def test_known_tokens_kept_and_no_mask_in_output(pgm, mdlm, family, sampler):
   prompt = _infill_prompt()
-  if sampler in samplers.PGM_SAMPLERS:
+  if family == "pgm":
     model, params = pgm
     res = samplers.pgm_sample(params, prompt, model=model, sampler=sampler, steps=7, seed=2,
                               mask_id=MASK, bucket_size=8)
@@ -197,6 +199,19 @@ def test_prompt_parsing():
 THRESHOLD = common.THRESHOLD_SAMPLER
 
 
+class _CharTokenizer:
+  """Just enough of a tokenizer for `make_prompt`: one id in [1, 20] per character."""
+  bos_id = BOS
+
+  def encode(self, text):
+    return [1 + ord(c) % 20 for c in text]
+
+
+def _gap_prompt():
+  """Two different `[[N]]` infill prompts (different known counts per sequence)."""
+  return samplers.make_prompt(["ab[[5]]cde[[3]]f", "x[[9]]yz"], 2, _CharTokenizer(), L)
+
+
 def test_threshold_reveal_rule():
   """The shared rule: >= threshold, at least the most confident (ties: lowest position),
   force_all, never off the candidates; the draw is keyed by (row, position) only."""
@@ -233,3 +248,98 @@ def test_threshold_greedy_confidence_is_the_temperature_one_probability():
   np.testing.assert_allclose(np.exp(np.asarray(conf))[0, 0], 0.6, rtol=1e-5)
   logp, conf = common.threshold_log_probs(logits, mask_id=3, temperature=0.5)
   assert conf is logp
+
+
+@pytest.mark.slow
+def test_pgm_threshold_efficient_equals_naive(pgm):
+  """The efficient execution (packed encoder, every unknown position queried, padded) gives
+  the naive full-length execution's tokens, token for token, for the same seed."""
+  model, params = pgm
+  prompt = _gap_prompt()
+  kw = dict(model=model, sampler=THRESHOLD, steps=L, seed=7, mask_id=MASK, threshold=0.15,
+            top_p=0.95)
+  eff = samplers.pgm_sample(params, prompt, bucket_size=8, **kw)
+  naive = samplers.pgm_sample(params, prompt, execution="naive", **kw)
+  np.testing.assert_array_equal(eff.tokens, naive.tokens)
+  assert eff.passes == naive.passes and eff.passes == eff.seq_passes.max()
+  np.testing.assert_array_equal(eff.seq_passes, naive.seq_passes)
+  unknown = (~prompt.known).sum(1)
+  assert (eff.seq_passes < unknown).all()  # several positions revealed in some steps
+  np.testing.assert_array_equal(eff.tokens[prompt.known], prompt.tokens[prompt.known])
+  assert not np.any(eff.tokens == MASK) and len(np.unique(eff.tokens[~prompt.known])) > 1
+  # Compilation: the encoder length only grows and the query count only shrinks.
+  assert eff.compiles <= 2 * -(-L // 8)
+  again = samplers.pgm_sample(params, prompt, bucket_size=8, **kw)
+  assert again.compiles == 0
+  np.testing.assert_array_equal(again.tokens, eff.tokens)
+
+
+@pytest.mark.slow
+def test_pgm_threshold_zero_one_and_steps_cap(pgm):
+  """threshold 0: everything in one pass; threshold 1 (above every probability): one
+  position per step per sequence; `steps` caps the passes, the last one reveals the rest."""
+  model, params = pgm
+  prompt = _gap_prompt()
+  unknown = (~prompt.known).sum(1)
+  assert unknown[0] != unknown[1]
+  # bucket_size = L: one program for the whole test.
+  run = lambda thr, steps: samplers.pgm_sample(params, prompt, model=model, sampler=THRESHOLD,
+                                               steps=steps, seed=3, mask_id=MASK,
+                                               bucket_size=L, threshold=thr)
+  results = {(thr, steps): run(thr, steps) for thr, steps in ((0.0, L), (1.0, L), (1.0, 5))}
+  for res in results.values():
+    np.testing.assert_array_equal(res.tokens[prompt.known], prompt.tokens[prompt.known])
+    assert not np.any(res.tokens == MASK)
+  assert results[0.0, L].passes == 1 and list(results[0.0, L].seq_passes) == [1, 1]
+  one = results[1.0, L]
+  np.testing.assert_array_equal(one.seq_passes, unknown)
+  assert one.passes == unknown.max()
+  capped = results[1.0, 5]
+  assert capped.passes == 5 and list(capped.seq_passes) == [5, 5]
+  # Threshold and cap are not compile-time constants: one program serves every run.
+  assert [r.compiles for r in list(results.values())[1:]] == [0, 0]
+
+
+def _mdlm_threshold_trace(model, params, prompt, *, threshold, steps, seed):
+  """The canvases of an MDLM confidence-threshold run, one step at a time."""
+  from pgm_jax.samplers import mdlm as mdlm_samplers
+  x = jnp.asarray(np.where(prompt.known, prompt.tokens, MASK).astype(np.int32))
+  key, canvases = jax.random.key(seed), [np.asarray(x)]
+  for k in range(steps):
+    if not (canvases[-1] == MASK).any():
+      break
+    x = mdlm_samplers._mdlm_threshold_step_jit(params, x, key, k, threshold, k + 1 >= steps,
+                                               model=model, mask_id=MASK, top_p=1.0,
+                                               temperature=1.0)
+    canvases.append(np.asarray(x))
+  return canvases
+
+
+@pytest.mark.slow
+def test_mdlm_threshold_keeps_known_and_revealed_tokens(mdlm):
+  """MDLM confidence-threshold: every step reveals at least one position per unfinished
+  sequence and never changes a known or revealed token; the one-program run gives the
+  step-by-step canvas and counts its passes."""
+  model, params = mdlm
+  prompt = _gap_prompt()
+  steps = 12
+  res = samplers.mdlm_sample(params, prompt, model=model, sampler=THRESHOLD, steps=steps,
+                             seed=5, mask_id=MASK, threshold=0.06)
+  canvases = _mdlm_threshold_trace(model, params, prompt, threshold=0.06, steps=steps, seed=5)
+  np.testing.assert_array_equal(res.tokens, canvases[-1])
+  assert res.passes == len(canvases) - 1 <= steps
+  np.testing.assert_array_equal(
+      res.seq_passes, [sum((c[b] == MASK).any() for c in canvases[:-1]) for b in range(2)])
+  for before, after in zip(canvases, canvases[1:]):
+    kept = before != MASK
+    np.testing.assert_array_equal(after[kept], before[kept])
+    for b in range(2):
+      if (before[b] == MASK).any():
+        assert ((before[b] == MASK) & (after[b] != MASK)).sum() >= 1
+  assert any(((b == MASK) & (a != MASK)).sum(1).max() > 1 for b, a in zip(canvases, canvases[1:]))
+  np.testing.assert_array_equal(res.tokens[prompt.known], prompt.tokens[prompt.known])
+  assert not np.any(res.tokens == MASK)
+  # A cap of 2 passes: the second reveals everything left.
+  capped = samplers.mdlm_sample(params, prompt, model=model, sampler=THRESHOLD, steps=2,
+                                seed=5, mask_id=MASK, threshold=1.0)
+  assert capped.passes == 2 and not np.any(capped.tokens == MASK) and capped.compiles == 0

@@ -1,9 +1,15 @@
-"""MDLM samplers (method §1): `ddpm` and `ddpm_cache`.
+"""MDLM samplers (method §1): `ddpm`, `ddpm_cache` and `confidence-threshold`.
 
 `ddpm` runs the denoiser every step. `ddpm_cache` reuses the previous step's p(x0) when
 nothing changed (no time conditioning). Both take S ancestral steps on
 linspace(1, eps, S+1) and then a final reveal step. The whole run is one
 `lax.fori_loop` program, and the number of denoiser passes is counted on device.
+
+`confidence-threshold` (Fast-dLLM's threshold parallel decoding): each step runs the
+denoiser on the whole sequence and reveals, by `common.threshold_reveal`, every masked
+position whose draw has probability >= threshold, at least the most confident one per
+sequence; step S reveals all that remain. One `lax.while_loop` program that stops when
+every sequence is complete (a time-conditioned denoiser gets t = the masked fraction).
 """
 from __future__ import annotations
 
@@ -15,10 +21,12 @@ import numpy as np
 
 from pgm_jax import objectives
 from pgm_jax.core import sharding
-from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, device_put_fn,
-                                     filtered_log_probs, lowered_flops, params_mesh_context)
+from pgm_jax.samplers.common import (THRESHOLD_SAMPLER, TRACE_COUNTS, Prompt, SampleResult,
+                                     check_threshold, device_put_fn, filtered_log_probs,
+                                     lowered_flops, params_mesh_context, threshold_log_probs,
+                                     threshold_reveal)
 
-MDLM_SAMPLERS = ("ddpm_cache", "ddpm")
+MDLM_SAMPLERS = ("ddpm_cache", "ddpm", THRESHOLD_SAMPLER)
 
 
 def _mdlm_logits(params, x, t=None, *, model):
@@ -99,18 +107,75 @@ _mdlm_update_jit = jax.jit(_mdlm_update, static_argnames=("mask_id", "top_p", "t
 _mdlm_logits_jit = jax.jit(_mdlm_logits, static_argnames=("model",))
 
 
+def _mdlm_threshold_step(params, x, key, k, threshold, force_all, *, model, mask_id: int,
+                         top_p: float, temperature: float):
+  """One confidence-threshold step: a denoiser pass on the whole sequence, then the shared
+  reveal rule over its masked positions, one sequence at a time (`lax.map`: [L, V], not
+  [B, L, V], float32 temporaries). Draws are keyed by (step, sequence, position)."""
+  batch, length = x.shape
+  t_B = jnp.mean((x == mask_id).astype(jnp.float32), axis=1)  # read only if time conditioned
+  logits = _mdlm_logits(params, x, t_B, model=model)
+  step_key = jax.random.fold_in(key, k)
+  positions = jnp.arange(length)[None, :]
+
+  def one(args):
+    b, x_L, logits_LxV = args
+    logp, conf_logp = threshold_log_probs(logits_LxV[None], mask_id, top_p=top_p,
+                                          temperature=temperature)
+    draw, reveal = threshold_reveal(logp, (x_L == mask_id)[None], step_key, b[None],
+                                    positions, threshold, force_all, conf_logp)
+    return jnp.where(reveal[0], draw[0], x_L)
+
+  return jax.lax.map(one, (jnp.arange(batch), x, logits))
+
+
+def _mdlm_threshold_run(params, x0, key, threshold, steps, *, model, mask_id: int,
+                        top_p: float, temperature: float):
+  """The whole confidence-threshold run: at most `steps` passes (the last one reveals all
+  that remain), stopping when no sequence has a MASK left. Returns (tokens, passes,
+  passes per sequence)."""
+  TRACE_COUNTS["mdlm"] += 1
+  step = lambda x, k: _mdlm_threshold_step(params, x, key, k, threshold, k + 1 >= steps,
+                                           model=model, mask_id=mask_id, top_p=top_p,
+                                           temperature=temperature)
+
+  def cond(carry):
+    x, k, _ = carry
+    return (k < steps) & jnp.any(x == mask_id)
+
+  def body(carry):
+    x, k, seq_passes = carry
+    seq_passes = seq_passes + jnp.any(x == mask_id, axis=1).astype(jnp.int32)
+    return step(x, k), k + 1, seq_passes
+
+  init = (x0, jnp.array(0, jnp.int32), jnp.zeros((x0.shape[0],), jnp.int32))
+  return jax.lax.while_loop(cond, body, init)
+
+
+_THRESHOLD_STATIC = ("model", "mask_id", "top_p", "temperature")
+_mdlm_threshold_run_jit = jax.jit(_mdlm_threshold_run, static_argnames=_THRESHOLD_STATIC)
+_mdlm_threshold_step_jit = jax.jit(_mdlm_threshold_step, static_argnames=_THRESHOLD_STATIC)
+
+
 def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed: int,
                 mask_id: int, top_p: float = 1.0, temperature: float = 1.0, eps: float = 1e-5,
-                measure_flops: bool = False, execute: bool = True) -> SampleResult:
-  """MDLM `ddpm` / `ddpm_cache`; known prompt tokens start unmasked and never change.
+                measure_flops: bool = False, execute: bool = True,
+                threshold: float = 0.9) -> SampleResult:
+  """MDLM `ddpm` / `ddpm_cache` / `confidence-threshold` (reads `threshold`); known prompt
+  tokens start unmasked and never change.
 
   With execute=False nothing runs: the pass count comes from `mdlm_passes` (the
   reveal process alone) and FLOPs from lowering, so paper-size costs can be
-  computed on a CPU.
+  computed on a CPU (not for `confidence-threshold`, whose passes depend on the model).
   """
   if sampler not in MDLM_SAMPLERS:
     raise ValueError(f"config.sample.sampler must be one of {MDLM_SAMPLERS} for MDLM, "
                      f"got {sampler!r}")
+  if sampler == THRESHOLD_SAMPLER:
+    return _mdlm_threshold_sample(params, prompt, model=model, steps=steps, seed=seed,
+                                  mask_id=mask_id, top_p=top_p, temperature=temperature,
+                                  threshold=check_threshold(threshold),
+                                  measure_flops=measure_flops, execute=execute)
   batch = prompt.known.shape[0]
   put = device_put_fn(params, batch)
   x0 = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
@@ -141,6 +206,38 @@ def mdlm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed
   return SampleResult(tokens=np.asarray(tokens), sampler=sampler, steps=steps,
                       passes=int(passes), compiles=TRACE_COUNTS["mdlm"] - traces_before,
                       flops_per_seq=flops, seconds=seconds)
+
+
+def _mdlm_threshold_sample(params, prompt: Prompt, *, model, steps, seed, mask_id, top_p,
+                           temperature, threshold, measure_flops, execute) -> SampleResult:
+  if not execute:
+    raise ValueError(f"mdlm_sample: {THRESHOLD_SAMPLER!r} reveals data-dependent counts: its "
+                     f"passes are known only by running it (execute=True)")
+  if steps < 1:
+    raise ValueError(f"config.sample.steps={steps} must be >= 1")
+  batch = prompt.known.shape[0]
+  put = device_put_fn(params, batch)
+  x0 = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
+  key, thr = put(jax.random.key(seed)), put(np.float32(threshold))
+  static = dict(model=model, mask_id=mask_id, top_p=top_p, temperature=temperature)
+  traces_before = TRACE_COUNTS["mdlm"]
+  start = time.perf_counter()
+  with params_mesh_context(params):
+    x, passes, seq_passes = _mdlm_threshold_run_jit(params, x0, key, thr,
+                                                    put(np.int32(steps)), **static)
+    tokens = sharding.host_value(x)
+    passes, seq_passes = int(sharding.host_value(passes)), sharding.host_value(seq_passes)
+  seconds = time.perf_counter() - start
+  flops = None
+  if measure_flops:
+    # XLA costs a loop body once, and the reveal loops over sequences: cost one step
+    # (denoiser pass + reveal) of one sequence, times the passes.
+    flops = passes * lowered_flops(_mdlm_threshold_step_jit, params, x0[:1], key, 0, thr,
+                                   False, **static)
+  return SampleResult(tokens=np.asarray(tokens), sampler=THRESHOLD_SAMPLER, steps=steps,
+                      passes=passes, compiles=TRACE_COUNTS["mdlm"] - traces_before,
+                      flops_per_seq=flops, seconds=seconds,
+                      seq_passes=np.asarray(seq_passes, np.int64))
 
 
 def mdlm_passes(prompt_known: np.ndarray, steps: int, seed: int, cache: bool,

@@ -17,12 +17,23 @@ PGM. Every PGM sampler is "a reveal order + a count schedule + an execution":
 Both executions give the same tokens for the same order, schedule and key: noise is
 keyed by (sequence, position, step). Tests check this.
 
+`confidence-threshold` (Fast-dLLM's threshold parallel decoding) has no order and no
+schedule: each step the decoder queries EVERY unknown position, draws a token at each and
+reveals those whose draw has probability >= threshold, at least the most confident one
+per sequence (`common.threshold_reveal`); step `steps` reveals all that remain, and the
+run stops when every sequence is complete. Its counts are data-dependent, so the host
+reads the remaining counts after each step to pick the next shapes. Its naive execution
+(`execution="naive"`, the training layout at full length) is the oracle the efficient one
+is tested against, token for token.
+
 Compilation. The efficient encoder's input grows every step. We pad it to the next
 multiple of `bucket_size` tokens and hide the padding with a valid-length mask. The
 query count is padded the same way: exactly for the uniform schedule, to a power of
 two otherwise. So a whole run compiles at most (L / bucket_size) x (#query sizes)
 programs, however many steps it takes. Padding costs a few percent of the FLOPs (XLA
-cost analysis; see `bench.py`).
+cost analysis; see `bench.py`). `confidence-threshold` pads its query count (every unknown
+position) to a multiple of `bucket_size` too: along a run the encoder length only grows and
+the query count only shrinks, so a run compiles at most about 2 L / bucket_size programs.
 """
 from __future__ import annotations
 
@@ -37,11 +48,13 @@ import numpy as np
 from pgm_jax import objectives
 from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask
-from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, device_put_fn,
-                                     filtered_log_probs, keyed_gumbel_argmax, lowered_flops,
-                                     params_mesh_context)
+from pgm_jax.samplers.common import (THRESHOLD_SAMPLER, TRACE_COUNTS, Prompt, SampleResult,
+                                     check_threshold, device_put_fn, filtered_log_probs,
+                                     keyed_gumbel_argmax, lowered_flops, params_mesh_context,
+                                     threshold_log_probs, threshold_reveal)
 
-PGM_SAMPLERS = ("efficient-uniform", "efficient-non-uniform", "naive")
+PGM_SAMPLERS = ("efficient-uniform", "efficient-non-uniform", "naive", THRESHOLD_SAMPLER)
+THRESHOLD_EXECUTIONS = ("efficient", "naive")
 SCHEDULES = ("uniform", "binomial", "ancestral")
 
 
@@ -177,13 +190,27 @@ def pgm_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed:
                bucket_size: int = 0, schedule: Optional[np.ndarray] = None,
                order: Optional[np.ndarray] = None, measure_flops: bool = False,
                exact_flops: bool = False, execute: bool = True,
-               progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
-  """Runs a PGM sampler (see module docstring). Returns tokens and accounting."""
+               progress: Optional[Callable[[int, int], None]] = None,
+               threshold: float = 0.9, execution: Optional[str] = None) -> SampleResult:
+  """Runs a PGM sampler (see module docstring). Returns tokens and accounting.
+
+  `threshold` and `execution` ("efficient", the default, or "naive") are read by
+  `confidence-threshold` only."""
   if sampler not in PGM_SAMPLERS:
     raise ValueError(f"config.sample.sampler must be one of {PGM_SAMPLERS} for a PGM, "
                      f"got {sampler!r}")
   batch, length = prompt.known.shape
   bucket = bucket_size or max(8, length // 16)
+  if sampler == THRESHOLD_SAMPLER:
+    return _pgm_threshold_sample(
+        params, prompt, model=model, steps=steps, seed=seed, mask_id=mask_id, top_p=top_p,
+        temperature=temperature, bucket=bucket, threshold=check_threshold(threshold),
+        execution=execution or "efficient", schedule=schedule, order=order,
+        measure_flops=measure_flops, exact_flops=exact_flops, execute=execute,
+        progress=progress)
+  if execution is not None:
+    raise ValueError(f"pgm_sample: execution={execution!r} is for {THRESHOLD_SAMPLER!r}; "
+                     f"the {sampler!r} sampler names its execution itself")
   order, counts = pgm_plan(sampler, prompt, steps, seed, schedule=schedule, order=order)
   key = jax.random.key(seed)
   traces_before = dict(TRACE_COUNTS)
@@ -331,3 +358,166 @@ def _pgm_naive_run(params, prompt, order, counts, key, *, model, mask_id, top_p,
     if progress is not None:
       progress(k + 1, len(counts))
   return sharding.host_value(canvas), flops, None, passes
+
+
+# ----------------------------------------------------------------------------
+# PGM: confidence-threshold decoding (efficient, and naive as its oracle).
+# ----------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ThresholdState:
+  canvas: jax.Array     # [B, L] output tokens (MASK where unknown)
+  clean_tok: jax.Array  # [B, L] packed known tokens (first clean_len valid)
+  clean_pos: jax.Array  # [B, L] their original positions
+  clean_len: jax.Array  # [B]
+  rem_pos: jax.Array    # [B, L] unknown positions, ascending (first rem_len valid)
+  rem_len: jax.Array    # [B]
+
+
+def _threshold_state(prompt: Prompt, mask_id: int, put: Callable) -> ThresholdState:
+  batch, length = prompt.known.shape
+  clean_tok = np.zeros((batch, length), np.int32)
+  clean_pos = np.zeros((batch, length), np.int32)
+  rem_pos = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    pos = np.flatnonzero(prompt.known[b])
+    clean_tok[b, :len(pos)] = prompt.tokens[b, pos]
+    clean_pos[b, :len(pos)] = pos
+    unknown = np.flatnonzero(~prompt.known[b])
+    rem_pos[b, :len(unknown)] = unknown
+  canvas = np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32)
+  return ThresholdState(canvas=put(canvas), clean_tok=put(clean_tok), clean_pos=put(clean_pos),
+                        clean_len=put(prompt.known.sum(1).astype(np.int32)),
+                        rem_pos=put(rem_pos),
+                        rem_len=put((~prompt.known).sum(1).astype(np.int32)))
+
+
+def _threshold_commit(st: ThresholdState, q_pos, draw, reveal) -> ThresholdState:
+  """Writes the revealed draws into the canvas, appends them to the packed known tokens and
+  removes them from the unknown positions (the others keep their order)."""
+  batch, length = st.canvas.shape
+  n_query = q_pos.shape[1]
+  rows = jnp.arange(batch)[:, None]
+  sel = reveal.astype(jnp.int32)
+  n_sel = sel.sum(axis=1)
+  canvas = st.canvas.at[rows, jnp.where(reveal, q_pos, length)].set(draw, mode="drop")
+  write = jnp.where(reveal, st.clean_len[:, None] + jnp.cumsum(sel, axis=1) - 1, length)
+  clean_tok = st.clean_tok.at[rows, write].set(draw, mode="drop")
+  clean_pos = st.clean_pos.at[rows, write].set(q_pos, mode="drop")
+  revealed = jnp.pad(reveal, ((0, 0), (0, length - n_query)))
+  keep = (jnp.arange(length)[None, :] < st.rem_len[:, None]) & ~revealed
+  perm = jnp.argsort(~keep, axis=1, stable=True)
+  return ThresholdState(canvas=canvas, clean_tok=clean_tok, clean_pos=clean_pos,
+                        clean_len=st.clean_len + n_sel,
+                        rem_pos=jnp.take_along_axis(st.rem_pos, perm, axis=1),
+                        rem_len=st.rem_len - n_sel)
+
+
+def _pgm_threshold_step(params, st: ThresholdState, key, threshold, force_all, *, model,
+                        n_enc: int, n_query: int, mask_id: int, top_p: float,
+                        temperature: float):
+  """Efficient: the encoder on the packed known tokens, the decoder on every unknown
+  position (the first n_query of rem_pos; the slots past rem_len are padding)."""
+  TRACE_COUNTS["pgm_efficient"] += 1
+  batch = st.canvas.shape[0]
+  enc_tok, enc_pos = st.clean_tok[:, :n_enc], st.clean_pos[:, :n_enc]
+  mask = AttentionMask.packed(st.clean_len, n_enc)
+  enc = model.apply({"params": params}, enc_tok, enc_pos, mask, method="encode")
+  q_pos = st.rem_pos[:, :n_query]
+  candidate = jnp.arange(n_query)[None, :] < st.rem_len[:, None]
+  logits = model.apply({"params": params}, enc, enc_pos, q_pos, mask, method="decode")
+  logp, conf_logp = threshold_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
+  draw, reveal = threshold_reveal(logp, candidate, key, jnp.arange(batch), q_pos, threshold,
+                                  force_all, conf_logp)
+  return _threshold_commit(st, q_pos, draw, reveal)
+
+
+_THRESHOLD_STATIC = ("model", "n_enc", "n_query", "mask_id", "top_p", "temperature")
+_pgm_threshold_step_jit = jax.jit(_pgm_threshold_step, static_argnames=_THRESHOLD_STATIC,
+                                  donate_argnames=("st",))
+
+
+def _pgm_threshold_naive_step(params, canvas, key, threshold, force_all, *, model,
+                              mask_id: int, top_p: float, temperature: float):
+  """Naive: the training layout at full length, the unknown positions as group 1."""
+  TRACE_COUNTS["pgm_naive"] += 1
+  batch, length = canvas.shape
+  group = canvas == mask_id
+  logits = model.apply({"params": params}, canvas, group.astype(jnp.int32), train=False)
+  logp, conf_logp = threshold_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
+  positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+  draw, reveal = threshold_reveal(logp, group, key, jnp.arange(batch), positions, threshold,
+                                  force_all, conf_logp)
+  canvas = jnp.where(reveal, draw, canvas)
+  return canvas, (canvas == mask_id).sum(axis=1).astype(jnp.int32)
+
+
+_pgm_threshold_naive_step_jit = jax.jit(
+    _pgm_threshold_naive_step, static_argnames=("model", "mask_id", "top_p", "temperature"),
+    donate_argnames=("canvas",))
+
+
+def _pgm_threshold_sample(params, prompt: Prompt, *, model, steps, seed, mask_id, top_p,
+                          temperature, bucket, threshold, execution, schedule, order,
+                          measure_flops, exact_flops, execute, progress) -> SampleResult:
+  """confidence-threshold: at most `steps` passes, fewer when every sequence is complete
+  earlier; step `steps` (the cap) reveals everything that remains."""
+  if execution not in THRESHOLD_EXECUTIONS:
+    raise ValueError(f"pgm_sample: execution={execution!r} must be one of "
+                     f"{THRESHOLD_EXECUTIONS}")
+  if schedule is not None or order is not None:
+    raise ValueError(f"pgm_sample: {THRESHOLD_SAMPLER!r} has no order or schedule to set")
+  if not execute or exact_flops:
+    raise ValueError(f"pgm_sample: {THRESHOLD_SAMPLER!r} reveals data-dependent counts: it "
+                     f"must run (execute=True), and has no padding-free FLOP count")
+  if steps < 1:
+    raise ValueError(f"config.sample.steps={steps} must be >= 1")
+  if not prompt.known[:, 0].all():
+    raise ValueError("PGM sampling needs a known BOS at position 0 (the encoder needs a "
+                     "clean token)")
+  batch, length = prompt.known.shape
+  put = device_put_fn(params, batch)
+  key, thr = put(jax.random.key(seed)), put(np.float32(threshold))
+  static = dict(model=model, mask_id=mask_id, top_p=top_p, temperature=temperature)
+  remaining = (~prompt.known).sum(1).astype(np.int64)
+  seq_passes = np.zeros((batch,), np.int64)
+  flops = 0.0 if measure_flops else None
+  cost_cache: dict = {}
+  traces_before = dict(TRACE_COUNTS)
+  start = time.perf_counter()
+  with params_mesh_context(params):
+    if execution == "efficient":
+      st = _threshold_state(prompt, mask_id, put)
+    else:
+      st = put(np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32))
+    k = 0
+    while remaining.max(initial=0) > 0:
+      args = (params, st, jax.random.fold_in(key, k), thr, put(np.bool_(k + 1 >= steps)))
+      if execution == "efficient":
+        shapes = dict(static, n_enc=_round_up(int((length - remaining).max()), bucket, length),
+                      n_query=_round_up(int(remaining.max()), bucket, length))
+        fn = _pgm_threshold_step_jit
+      else:
+        shapes, fn = static, _pgm_threshold_naive_step_jit
+      if measure_flops:
+        cache_key = (shapes.get("n_enc"), shapes.get("n_query"))
+        if cache_key not in cost_cache:
+          cost_cache[cache_key] = lowered_flops(fn, *args, **shapes)
+        flops += cost_cache[cache_key]
+      seq_passes += remaining > 0
+      if execution == "efficient":
+        st = fn(*args, **shapes)
+        remaining = sharding.host_value(st.rem_len).astype(np.int64)
+      else:
+        st, rem_dev = fn(*args, **shapes)
+        remaining = sharding.host_value(rem_dev).astype(np.int64)
+      k += 1
+      if progress is not None:
+        progress(k, steps)
+    tokens = sharding.host_value(st.canvas if execution == "efficient" else st)
+  seconds = time.perf_counter() - start
+  compiles = sum(TRACE_COUNTS[name] - traces_before[name] for name in TRACE_COUNTS)
+  return SampleResult(tokens=tokens, sampler=THRESHOLD_SAMPLER, steps=steps, passes=k,
+                      compiles=compiles, flops_per_seq=None if flops is None else flops / batch,
+                      seconds=seconds, seq_passes=seq_passes)
