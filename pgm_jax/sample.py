@@ -21,7 +21,8 @@ from absl import logging
 from pgm_jax import experiment, families
 from pgm_jax.core import fileio
 from pgm_jax.data import images
-from pgm_jax.samplers.common import make_prompt, parse_prompt, split_prompt
+from pgm_jax.samplers.common import (THRESHOLD_SAMPLER, make_prompt, parse_prompt,
+                                     split_prompt)
 from pgm_jax.samplers.image import image_sample
 
 
@@ -46,8 +47,10 @@ def _stoppable(progress, should_stop):
 def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_steps: int, seed: int,
                      sampler: str | None = None, prompts: tuple[str, ...] = (),
                      progress=None, should_stop=None) -> list[dict]:
-  """Samples as dicts {text, tokens, sampler, steps, seed, prompt}, in batches of
-  config.sample.batch_size (each batch seeded with seed + batch index)."""
+  """Samples as dicts {text, tokens, sampler, steps, seed, index, prompt, known, passes},
+  in batches of config.sample.batch_size (each batch seeded with seed + batch index).
+  `passes`: the model passes run until that sequence was complete (fewer than `steps` for
+  confidence-threshold; `mean_passes` averages them)."""
   cfg = setup.config
   sampler = sampler or families.resolve_sampler(cfg)
   length = setup.family.sample_length(cfg)
@@ -65,15 +68,26 @@ def generate_samples(setup: experiment.Setup, params, *, num_samples: int, num_s
         params, prompt, model=setup.model, sampler=sampler, steps=num_steps, seed=batch_seed,
         mask_id=setup.mask_id, top_p=cfg.sample.top_p, temperature=cfg.sample.temperature,
         bucket_size=cfg.sample.bucket_size, progress=step_progress,
+        threshold=cfg.sample.get("threshold", 0.9),
         **({"eos_id": setup.tokenizer.eos_id} if setup.family.stops_at_eos else {}))
+    passes = result.passes_per_sequence()
     for i, row in enumerate(result.tokens):
       if result.lengths is not None:
         row = row[:int(result.lengths[i])]  # cut after the first EOS (variable length)
       out.append({"text": setup.tokenizer.decode(row.tolist()), "tokens": row.tolist(),
                   "sampler": sampler, "steps": num_steps, "seed": batch_seed,
                   "index": first + i, "prompt": batch_prompts[i] if batch_prompts else "",
-                  "known": np.flatnonzero(prompt.known[i]).tolist()})
+                  "known": np.flatnonzero(prompt.known[i]).tolist(),
+                  "passes": int(passes[i])})
+      if sampler == THRESHOLD_SAMPLER:
+        out[-1]["threshold"] = float(cfg.sample.get("threshold", 0.9))
   return out
+
+
+def mean_passes(samples: list[dict]) -> float | None:
+  """The mean model passes per sequence of `generate_samples` rows (None if none)."""
+  passes = [s["passes"] for s in samples if "passes" in s]
+  return float(np.mean(passes)) if passes else None
 
 
 def read_prompts(config) -> tuple[str, ...]:
@@ -265,6 +279,7 @@ def sample(config, workdir: str):
     path = os.path.join(workdir, "samples.jsonl")
     experiment.write_text(path, "".join(json.dumps(dict(s, checkpoint_step=step)) + "\n"
                               for s in samples))
-    logging.info("%d samples (%s, %d steps) in %.1fs written to %s", len(samples), sampler,
-                 config.sample.steps, seconds, path)
+    logging.info("%d samples (%s, %d steps, %.1f passes per sequence on average) in %.1fs "
+                 "written to %s", len(samples), sampler, config.sample.steps,
+                 mean_passes(samples), seconds, path)
   return samples

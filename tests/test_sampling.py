@@ -1,6 +1,7 @@
 """Samplers: naive == efficient, non-uniform == uniform when forced, conditioning is kept,
 bounded compilation and MDLM cache exactness (the sample / bench CLI modes: test_train.py);
-confidence-threshold: its reveal rule, efficient == naive, its extremes and step cap."""
+confidence-threshold: its reveal rule, efficient == naive, its extremes and step cap, and
+--mode=sample with it."""
 
 import jax
 import jax.numpy as jnp
@@ -343,3 +344,50 @@ def test_mdlm_threshold_keeps_known_and_revealed_tokens(mdlm):
   capped = samplers.mdlm_sample(params, prompt, model=model, sampler=THRESHOLD, steps=2,
                                 seed=5, mask_id=MASK, threshold=1.0)
   assert capped.passes == 2 and not np.any(capped.tokens == MASK) and capped.compiles == 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny,mdlm"])
+def test_threshold_config_validation(preset):
+  from conftest import load_config
+  from pgm_jax import experiment
+  config = load_config("shakespeare", preset)
+  assert config.sample.threshold == 0.9
+  config.sample.sampler = THRESHOLD
+  experiment.validate(config)
+  for bad in (1.5, -0.1, float("nan"), float("inf")):
+    config.sample.threshold = bad
+    with pytest.raises(ValueError, match=r"config\.sample\.threshold") as e:
+      experiment.validate(config)
+    assert "\n" not in str(e.value)
+  config.sample.threshold = 0.5
+  config.sample.sampler = "bogus"
+  with pytest.raises(ValueError, match=f"config.sample.sampler.*'{THRESHOLD}'"):
+    experiment.validate(config)
+  ar = load_config("shakespeare", "tiny,ar")
+  ar.sample.sampler = THRESHOLD
+  with pytest.raises(ValueError, match="is not a ar sampler"):
+    experiment.validate(ar)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny", "tiny,mdlm"])
+def test_threshold_mode_sample_end_to_end(tmp_path, preset):
+  """`--mode=sample --config.sample.sampler=confidence-threshold` from a 1-step checkpoint:
+  samples.jsonl records each sequence's passes and the threshold."""
+  import json
+  import os
+  from conftest import REPO_ROOT
+  from pgm_jax import main
+  workdir = str(tmp_path / "wd")
+  common_args = [f"--config={REPO_ROOT}/configs/shakespeare.py:{preset}", f"--workdir={workdir}"]
+  main.run(common_args + ["--config.train.num_steps=1", "--config.train.num_final_samples=0",
+                          "--config.train.eval_every=1000"])
+  main.run(common_args + ["--mode=sample", f"--config.sample.sampler={THRESHOLD}",
+                          "--config.sample.threshold=0.5", "--config.sample.num_samples=2",
+                          "--config.sample.steps=6", "--config.sample.prompt=ROMEO.[[6]]love"])
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
+  assert len(rows) == 2
+  for row in rows:
+    assert row["sampler"] == THRESHOLD and row["threshold"] == 0.5 and row["steps"] == 6
+    assert 1 <= row["passes"] <= 6
+    assert {"text", "tokens", "seed", "index", "prompt", "known", "checkpoint_step"} <= set(row)

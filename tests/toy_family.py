@@ -63,10 +63,10 @@ class UnigramFamily(Family):
     return model.apply({"params": params}, x_t, valid_BxL, train=train, **kwargs)
 
   def sample_text(self, params, prompt, *, model, sampler, steps, seed, mask_id, top_p,
-                  temperature, bucket_size=0, progress=None):
+                  temperature, bucket_size=0, progress=None, threshold=0.9):
     return mdlm_samplers.mdlm_sample(params, prompt, model=model, sampler=sampler, steps=steps,
                                      seed=seed, mask_id=mask_id, top_p=top_p,
-                                     temperature=temperature)
+                                     temperature=temperature, threshold=threshold)
 
 
 FAMILY = UnigramFamily()

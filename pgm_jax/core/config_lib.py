@@ -181,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- sample: samplers (--mode=sample and end-of-training samples). -------------
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "auto"         # auto | PGM: efficient-uniform, efficient-non-uniform,
-                                    # naive | MDLM: ddpm_cache, ddpm
+                                    # naive | MDLM: ddpm_cache, ddpm | both: confidence-threshold
   c.sample.num_samples = 8
   c.sample.batch_size = 8           # sequences per sampling batch
   c.sample.steps = 128              # S (the reference asserts seq_len % S == 0; we don't)
@@ -191,6 +191,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.bucket_size = 0          # PGM encoder length buckets; 0 = max(8, seq_len // 16)
   c.sample.max_len = 0              # block PGM: longest sample (a multiple of model.block_len;
                                     # 0 = data.seq_len); it stops earlier at EOS
+  c.sample.threshold = 0.9          # confidence-threshold: reveal every position whose draw has
+                                    # probability >= this, at least one per step (0 = all in one
+                                    # pass); config.sample.steps caps the passes
   c.sample.prompt = ""              # prefix, or infill with [[N]] gaps: "To be[[5]]question"
   c.sample.prompt_file = placeholder(str)  # one prompt per line (cycled over samples)
 

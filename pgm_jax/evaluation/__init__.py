@@ -81,7 +81,10 @@ def generation_metrics(setup: experiment.Setup, params, judge_workdir: str) -> d
          "judge_workdir": judge_workdir, "judge_step": judge.step,
          "entropy": judges.mean_entropy([s["tokens"] for s in samples]),
          "throughput": sum(len(s["tokens"]) - 1 for s in samples) / seconds,
-         "throughput_unit": "generated tokens/s (after compilation)"}
+         "throughput_unit": "generated tokens/s (after compilation)",
+         "mean_passes": generate.mean_passes(samples)}  # model passes per sequence
+  if "threshold" in samples[0]:
+    out["threshold"] = samples[0]["threshold"]
   out.update(judge.score_texts(texts))
   if judge.same_tokenizer(setup.tokenizer):
     out.update(judge.score_tokens([s["tokens"] for s in samples]))

@@ -37,8 +37,8 @@ class ARFamily(DiTFamily):
     return valid_mask(batch)[:, 1:].astype(jnp.float32).sum()
 
   def sample_text(self, params, prompt, *, model, sampler, steps, seed, mask_id, top_p,
-                  temperature, bucket_size=0, progress=None):
-    del bucket_size, progress
+                  temperature, bucket_size=0, progress=None, threshold=0.9):
+    del bucket_size, progress, threshold  # left to right: no confidence-threshold sampler
     return ar_samplers.ar_sample(params, prompt, model=model, sampler=sampler, steps=steps,
                                  seed=seed, mask_id=mask_id, top_p=top_p,
                                  temperature=temperature)

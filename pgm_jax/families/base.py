@@ -17,7 +17,9 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   loss_terms(params, batch, t_B, noise_u_BxL, rngs, ...) -> objectives.LossTerms
   loss_token_count(batch, t_B, noise_u_BxL, ...) -> its num_tokens, without the model
                                          (the global-batch denominator of a train step)
-  sample_text(params, prompt, ...)       -> samplers.SampleResult       (text families)
+  sample_text(params, prompt, ...)       -> samplers.SampleResult       (text families;
+                                         `threshold` = config.sample.threshold, read by the
+                                         confidence-threshold sampler only, default 0.9)
   sample_length(config)                  the canvas length of a text sample (config.data.seq_len)
   predict_hidden(params, tokens, hidden, valid, ...)  logits / log p of hidden positions
                                          (masked text families: harness, distillation)
@@ -42,6 +44,7 @@ from pgm_jax.io import torch_names
 from pgm_jax.io.torch_names import flax_path_to_torch_name
 from pgm_jax.models.dit import DiT
 from pgm_jax.models.layers import ModelConfig
+from pgm_jax.samplers import common as sampler_common
 
 # Expected fraction of (query, key) pairs a mask lets through when t ~ U[0, 1] masks each
 # token independently with probability t (the PGM partition): same group t^2 + (1-t)^2,
@@ -92,6 +95,9 @@ class Family:
     if bool(config.get("distill", {}).get("enabled", False)) and not self.distillable:
       raise ValueError(f"config.distill.enabled needs config.model.kind 'pgm' or 'mdlm', "
                        f"got {self.name!r}")
+    if config.sample.get("sampler", "auto") == sampler_common.THRESHOLD_SAMPLER:
+      sampler_common.check_threshold(config.sample.get("threshold", 0.9),
+                                     "config.sample.threshold")
 
   def model_config_fields(self, config, *, vocab_size: int, mask_id: int) -> dict:
     """ModelConfig fields this family decides (vocabulary, conditioning width, ...)."""
@@ -148,9 +154,10 @@ class Family:
   def sample_text(self, params, prompt, *, model, sampler: str, steps: int, seed: int,
                   mask_id: int, top_p: float, temperature: float, bucket_size: int = 0,
                   progress: Optional[Callable[[int, int], None]] = None,
-                  eos_id: Optional[int] = None):
-    """A SampleResult for `prompt` (its length is `sample_length`). `eos_id`: the tokenizer's
-    EOS, for families that stop there (SampleResult.lengths); the others ignore it."""
+                  threshold: float = 0.9):
+    """Samples of `sampler` from `prompt`: a samplers.SampleResult. `threshold` is
+    config.sample.threshold (the confidence-threshold sampler's; others ignore it)."""
+  sample_length(config)                  the canvas length of a text sample (config.data.seq_len)
     raise ValueError(f"config.model.kind={self.name!r} does not sample text")
 
   def sample_length(self, config) -> int:

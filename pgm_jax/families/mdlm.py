@@ -1,5 +1,5 @@
 """MDLM (method §1): the DiT denoiser over the full, partially masked sequence, the SUBS
-loss, the ddpm / ddpm_cache samplers, and the complement-MDLM ablation
+loss, the ddpm / ddpm_cache / confidence-threshold samplers, and the complement-MDLM ablation
 (config.train.objective="complement-mdlm")."""
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ class MDLMFamily(DiTFamily):
                        sigma_B=sigma_B, **kwargs)
 
   def sample_text(self, params, prompt, *, model, sampler, steps, seed, mask_id, top_p,
-                  temperature, bucket_size=0, progress=None):
+                  temperature, bucket_size=0, progress=None, threshold=0.9):
     del bucket_size, progress
     return mdlm_samplers.mdlm_sample(params, prompt, model=model, sampler=sampler, steps=steps,
                                      seed=seed, mask_id=mask_id, top_p=top_p,
-                                     temperature=temperature)
+                                     temperature=temperature, threshold=threshold)
 
   def sampler_program(self, *, model, batch, length, steps, n_query, mask_id, sds, key):
     del n_query

@@ -3,7 +3,8 @@
 Model: `pgm_jax.models.pgm.PartitionDiT` (the training layout, and `encode`/`decode` for
 the samplers). Loss: `objectives.pgm_loss_terms_from_log_probs`: group 1 at time t (weight
 1/t), group 0 at the complement time 1 - t (weight 1/(1 - t)), halved. Samplers:
-`pgm_jax.samplers.pgm` (efficient-uniform, efficient-non-uniform, naive).
+`pgm_jax.samplers.pgm` (efficient-uniform, efficient-non-uniform, naive,
+confidence-threshold).
 """
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ class PGMFamily(Family):
                        train=train, rngs=rngs or {}, **kwargs)
 
   def sample_text(self, params, prompt, *, model, sampler, steps, seed, mask_id, top_p,
-                  temperature, bucket_size=0, progress=None):
+                  temperature, bucket_size=0, progress=None, threshold=0.9):
     return pgm_samplers.pgm_sample(params, prompt, model=model, sampler=sampler, steps=steps,
                                    seed=seed, mask_id=mask_id, top_p=top_p,
                                    temperature=temperature, bucket_size=bucket_size,
-                                   progress=progress)
+                                   progress=progress, threshold=threshold)
 
   def attention_layers(self, model_cfg, seq_len):
     # Encoder self-attention within the group; GroupSwap + every decoder block cross-attend

@@ -13,6 +13,8 @@ length for every model:
 Weights are random unless `bench.pgm_workdir` / `bench.mdlm_workdir` name checkpoints
 (speed does not depend on the weights; MDLM's cache hits depend only on the reveal
 process). With `bench.flops_only` nothing runs: paper-size FLOPs on a CPU.
+`confidence-threshold` is not benched: its passes depend on the weights (random here) and
+it cannot be costed without running; `--mode=sample` / gen PPL report its mean passes.
 """
 import copy
 import json
