@@ -19,6 +19,7 @@ from conftest import load_config
 from pgm_jax import experiment, objectives
 from pgm_jax.models import pgm as pgm_mod
 from pgm_jax.ops import AttentionMask, partition_attention, permute, sort_by_group
+from pgm_jax.ops import masks
 from pgm_jax.ops import pallas_attention as pa
 from pgm_jax.ops.attention import _xla_attention
 
@@ -256,6 +257,42 @@ def test_block_count_report_near_half():
   for kind in ("same_group", "other_group"):
     assert 0.45 <= report[kind]["fraction"] <= 0.65, report[kind]
   assert 0.45 <= report["packed"]["fraction"] <= 0.65   # packed length ~ L / 2
+
+
+# ----------------------------------------------------------------------------
+# Block kinds (the block PGM): training layout [partition; clean] and the sampler's cache.
+# ----------------------------------------------------------------------------
+
+# (query length, key length) of each training-layout mask, in units of L.
+BLOCK_SHAPES = {"encoder": (2, 2), "decoder": (1, 2), "clean": (1, 1)}
+
+
+def test_block_alive_fraction_matches_monte_carlo():
+  """`block_alive_fraction` (closed form) vs the mean of `AttentionMask.dense` over
+  partitions drawn as in training (t ~ U[0, 1], each token in group 1 with probability t),
+  including a block length that does not divide L (5); and its b | L closed forms."""
+  rng = np.random.default_rng(0)
+  n, length = 4000, 16
+  for b in (1, 4, 5, 16):
+    t = rng.random((n, 1))
+    g = jnp.asarray((rng.random((n, length)) < t).astype(np.int32))
+    enc = masks.block_training_masks(g[:2], b)["encoder"]     # the layout [partition; clean]
+    np.testing.assert_array_equal(enc.q_block[1], np.tile(np.arange(length) // b, 2))
+    np.testing.assert_array_equal(enc.kv_group[1], np.r_[g[1], np.full(length, 2)])
+    for name, kind in (("encoder", "block_same_group"), ("decoder", "block_other_group"),
+                       ("clean", "block_causal")):
+      mq, mk = BLOCK_SHAPES[name]
+      dense = masks.block_training_masks(g, b)[name].dense(mq * length, mk * length)
+      mc = float(np.asarray(dense).mean())
+      assert abs(masks.block_alive_fraction(kind, length, b) - mc) < 4e-3, (b, kind)
+  for length, b in ((1024, 16), (64, 1), (64, 64)):
+    f = lambda kind: masks.block_alive_fraction(kind, length, b)
+    assert f("block_same_group") == pytest.approx(0.25 + (2 * b + 1) / (12 * length))
+    assert f("block_other_group") == pytest.approx((length - b) / (4 * length)
+                                                   + (b - 1) / (6 * length))
+    assert f("block_causal") == pytest.approx((length + b) / (2 * length))
+  with pytest.raises(ValueError, match="kind"):
+    masks.block_alive_fraction("same_group", 16, 4)
 
 
 # ----------------------------------------------------------------------------

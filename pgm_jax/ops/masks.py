@@ -125,3 +125,72 @@ def block_allowed(kind: str, q_block, kv_block, q_group=None, kv_group=None):
   same = kv_group == q_group if kind == "block_same_group" else kv_group != q_group
   partition_seen = ~kv_clean & ~q_clean & (kv_block == q_block) & same
   return clean_seen | partition_seen
+
+
+def block_training_masks(group_BxL: jax.Array, block_len: int,
+                         valid_BxL: Optional[jax.Array] = None) -> dict:
+  """The block PGM's training masks over 2L tokens = [partition stream (positions 0..L-1,
+  groups 0/1); clean stream (the same positions, group CLEAN_GROUP)], block = position //
+  block_len in both streams:
+    "encoder": block_same_group, self-attention over the 2L tokens;
+    "decoder": block_other_group, queries the L partition tokens, keys the 2L;
+    "clean":   block_causal over the L clean tokens alone.
+  valid_BxL (padding) marks valid positions; it applies to both copies of a position."""
+  batch, length = group_BxL.shape
+  i32 = jnp.int32
+  block_L = jnp.arange(length, dtype=i32) // block_len
+  block_BxL = jnp.broadcast_to(block_L, (batch, length))
+  block_Bx2L = jnp.concatenate([block_BxL, block_BxL], axis=1)
+  group_Bx2L = jnp.concatenate([group_BxL.astype(i32),
+                                jnp.full((batch, length), CLEAN_GROUP, i32)], axis=1)
+  valid_Bx2L = None if valid_BxL is None else jnp.concatenate([valid_BxL, valid_BxL], axis=1)
+  return {
+      "encoder": AttentionMask("block_same_group", q_group=group_Bx2L, kv_group=group_Bx2L,
+                               kv_valid=valid_Bx2L, q_block=block_Bx2L, kv_block=block_Bx2L),
+      "decoder": AttentionMask("block_other_group", q_group=group_Bx2L[:, :length],
+                               kv_group=group_Bx2L, kv_valid=valid_Bx2L,
+                               q_block=block_BxL, kv_block=block_Bx2L),
+      "clean": AttentionMask("block_causal", kv_valid=valid_BxL, q_block=block_BxL,
+                             kv_block=block_BxL),
+  }
+
+
+def block_alive_fraction(kind: str, seq_len: int, block_len: int) -> float:
+  r"""Expected fraction of (query, key) pairs a block kind lets through in the block PGM's
+  training layouts (`block_training_masks`), each partition token in group 1
+  independently with probability t ~ U[0, 1] (so two distinct tokens share a group with
+  probability E[t^2 + (1-t)^2] = 2/3 and differ with E[2 t (1-t)] = 1/3, as
+  `families.base.ALIVE_FRACTION`), no padding:
+
+    block_same_group  (encoder, 2L x 2L):
+        sum_k s_k [ S_k + 1 + 2/3 (s_k - 1) ]  +  sum_k s_k (S_k + s_k)    over 4 L^2
+    block_other_group (decoder, L x 2L):
+        sum_k s_k [ S_k + 1/3 (s_k - 1) ]                                   over 2 L^2
+    block_causal      (clean stream, L x L):
+        sum_k s_k (S_k + s_k)                                               over L^2
+
+  with L = seq_len, block k = positions [k b, min((k+1) b, L)), s_k its size and
+  S_k = k b the positions before it (b = block_len). A partition query sees the clean
+  stream of earlier blocks (S_k) and its own group of its own block (itself included;
+  the decoder only the other group); a clean query sees the clean stream up to its own
+  block. When b divides L:
+    block_same_group  = 1/4 + (2b + 1) / (12 L)      (b = L: 5/12 + 1/(12 L); b = 1: 1/4 + 1/(4L))
+    block_other_group = (L - b) / (4L) + (b - 1) / (6L)
+    block_causal      = (L + b) / (2L)
+  """
+  if kind not in BLOCK_KINDS:
+    raise ValueError(f"block_alive_fraction: kind must be one of {BLOCK_KINDS}, got {kind!r}")
+  length, b = int(seq_len), int(block_len)
+  if length <= 0 or b <= 0:
+    raise ValueError(f"block_alive_fraction: seq_len and block_len must be positive, "
+                     f"got {seq_len}, {block_len}")
+  starts = range(0, length, b)
+  sizes = [min(b, length - s) for s in starts]
+  clean = sum(n * (s + n) for s, n in zip(starts, sizes))
+  if kind == "block_causal":
+    return clean / length ** 2
+  if kind == "block_same_group":
+    part = sum(n * (s + 1 + 2.0 / 3.0 * (n - 1)) for s, n in zip(starts, sizes))
+    return (part + clean) / (4 * length ** 2)
+  part = sum(n * (s + 1.0 / 3.0 * (n - 1)) for s, n in zip(starts, sizes))
+  return part / (2 * length ** 2)
