@@ -267,6 +267,35 @@ def test_block_count_report_near_half():
 BLOCK_SHAPES = {"encoder": (2, 2), "decoder": (1, 2), "clean": (1, 1)}
 
 
+def _concat_masks(masks):
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *masks)
+
+
+def block_training_batch(length, block_lens, rng, valid=None):
+  """Training-layout masks (`block_training_masks`) for a batch whose example i has block
+  length block_lens[i] and the i-th partition of `partitions` (uniform, all 0, all 1,
+  split off the tiles, mostly 0, mostly 1, then uniform again)."""
+  g = partitions(length, 16, rng)
+  g = np.concatenate([g, rng.integers(0, 2, (len(block_lens), length))])[:len(block_lens)]
+  if valid is None:
+    valid = np.ones(g.shape, bool)
+  per = [masks.block_training_masks(jnp.asarray(g[i:i + 1]), b, jnp.asarray(valid[i:i + 1]))
+         for i, b in enumerate(block_lens)]
+  return {name: _concat_masks([m[name] for m in per]) for name in BLOCK_SHAPES}
+
+
+def check_empty_rows_and_keys(mask, q_len, kv_len, out, grads):
+  """Queries with no allowed key: output and dq exactly 0; keys no query sees: dk, dv 0.
+  Returns the number of empty query rows."""
+  dense = np.asarray(mask.dense(q_len, kv_len))
+  empty_q, dead_k = ~dense.any(axis=2), ~dense.any(axis=1)
+  assert np.all(np.asarray(out)[empty_q] == 0.0)
+  assert np.all(np.asarray(grads[0])[empty_q] == 0.0)
+  for g in grads[1:]:
+    assert np.all(np.asarray(g)[dead_k] == 0.0)
+  return int(empty_q.sum())
+
+
 def test_block_alive_fraction_matches_monte_carlo():
   """`block_alive_fraction` (closed form) vs the mean of `AttentionMask.dense` over
   partitions drawn as in training (t ~ U[0, 1], each token in group 1 with probability t),
@@ -293,6 +322,169 @@ def test_block_alive_fraction_matches_monte_carlo():
     assert f("block_causal") == pytest.approx((length + b) / (2 * length))
   with pytest.raises(ValueError, match="kind"):
     masks.block_alive_fraction("same_group", 16, 4)
+
+
+@pytest.mark.parametrize("backend,name,length,padded", [
+    ("tpu", "encoder", 32, True),      # kv_valid padding in two examples
+    ("tpu", "decoder", 32, False),
+    ("tpu", "clean", 32, True),
+    ("gpu", "encoder", 20, False),     # 2L = 40 -> Triton tiles 16, padded to 48
+    pytest.param("gpu", "decoder", 20, True, marks=pytest.mark.slow),
+])
+def test_block_kinds_training_layout_match_oracle(backend, name, length, padded):
+  """Block kinds in the training layout, one batch covering b in {1, 4, 16, L} and
+  partitions with empty groups: forward and dq/dk/dv == the dense oracle; rows with no
+  allowed key are exactly 0 with zero gradients."""
+  rng = np.random.default_rng(length + len(name))
+  block_lens = [1, 4, 16, length, 4, 16, 1, length]
+  valid = np.ones((len(block_lens), length), bool)
+  if padded:
+    valid[0, length - 5:] = False                  # trailing padding
+    valid[3] = rng.random(length) < 0.8            # scattered
+  mask = block_training_batch(length, block_lens, rng, valid)[name]
+  mq, mk = BLOCK_SHAPES[name]
+  q_len, kv_len = mq * length, mk * length
+  q, k, v, ct = qkv(rng, len(block_lens), q_len, kv_len, 1, 16)
+  out, grads = check_against_oracle(q, k, v, ct, mask, block_q=16, block_kv=16,
+                                    backend=backend, interpret=True)
+  empty = check_empty_rows_and_keys(mask, q_len, kv_len, out, grads)
+  if name == "decoder":     # all-0 / all-1 partitions: nothing of the other group
+    assert empty > 0
+
+
+def sampling_batch(length, b, kind):
+  """Sampler step with a KV cache: keys = [L cache slots (clean, block slot // b);
+  b current-block tokens (group 0, block k)], queries = b tokens. Examples (k, cache):
+    0. k = 2, cache slots < 2b valid via kv_valid (the current tokens valid);
+    1. k = 0, empty cache;
+    2. k = 3, cache of 2b + 3 slots (ragged), kv_valid;
+    3. packed via kv_length: cache slots < 2b, the current tokens right after them
+       (keys 2b .. 3b - 1), kv_length = 3b (later slots junk);
+    4. the clean pass of the just-finished block k = 1 (clean queries), kv_length = 2b.
+  Query groups: 0 (encoder, block_same_group) or 1 (decoder, block_other_group); the
+  clean pass queries are clean (group 2)."""
+  i32 = np.int32
+  kv_len = length + b
+  slot = np.arange(length)
+  q_group = 0 if kind == "block_same_group" else 1
+  rows = []
+  for k, n_cached, packed, clean in ((2, 2 * b, False, False), (0, 0, False, False),
+                                     (3, 2 * b + 3, False, False), (2, 2 * b, True, False),
+                                     (1, 2 * b, False, True)):
+    kv_group = np.concatenate([np.full(length, 2), np.zeros(b)]).astype(i32)
+    kv_block = np.concatenate([slot // b, np.full(b, k)]).astype(i32)
+    valid = np.concatenate([slot < n_cached, np.ones(b, bool)])
+    kv_length = kv_len
+    if packed:    # current tokens at n_cached .. n_cached + b - 1
+      kv_group[n_cached:n_cached + b], kv_block[n_cached:n_cached + b] = 0, k
+      kv_length = n_cached + b
+      valid = np.ones(kv_len, bool)
+    if clean:
+      kv_length = n_cached
+    rows.append((np.full(b, 2 if clean else q_group, i32), kv_group, np.full(b, k, i32),
+                 kv_block, valid, kv_length))
+  qg, kvg, qb, kvb, valid, kvl = (jnp.asarray(np.stack(x)) for x in zip(*rows))
+  return AttentionMask(kind, q_group=qg, kv_group=kvg, kv_valid=valid,
+                       kv_length=kvl.astype(jnp.int32), q_block=qb, kv_block=kvb)
+
+
+@pytest.mark.parametrize("kind", ["block_same_group",
+                                  pytest.param("block_other_group", marks=pytest.mark.slow)])
+def test_block_kinds_sampling_with_cache_match_oracle(kind):
+  """The sampler's cached step (see `sampling_batch`): L = 64 cache slots, b = 8 current
+  tokens (72 keys, padded to 80 by blocks 16): forward and gradients == the dense oracle,
+  and cache tiles beyond the cached slots are skipped."""
+  length, b = 64, 8
+  rng = np.random.default_rng(9)
+  mask = sampling_batch(length, b, kind)
+  q, k, v, ct = qkv(rng, 5, b, length + b, 2, 16)
+  out, grads = check_against_oracle(q, k, v, ct, mask, block_q=16, block_kv=16,
+                                    backend="tpu", interpret=True)
+  check_empty_rows_and_keys(mask, b, length + b, out, grads)
+  live = pa.live_tiles(mask, 5, b, length + b, block_q=16, block_kv=16)
+  # 5 key tiles: cache slots 0-15, 16-31, 32-47, 48-63, current tokens 64-71 (+ padding).
+  np.testing.assert_array_equal(live[:, 0], [[1, 0, 0, 0, 1],     # blocks 0, 1 + current
+                                             [0, 0, 0, 0, 1],     # empty cache
+                                             [1, 1, 0, 0, 1],     # 19 slots
+                                             [1, 1, 0, 0, 0],     # packed in 0..23
+                                             [1, 0, 0, 0, 0]])    # clean pass, block <= 1
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _tiles_and_tables(mask, batch, q_len, kv_len, t):
+  """(tiles holding an allowed pair [B, nq, nk], the kernels' row and column tables)."""
+  nq, nk = q_len // t, kv_len // t
+  allowed = mask.dense(q_len, kv_len).reshape(batch, nq, t, nk, t).any(axis=(2, 4))
+  spec = pa.make_spec(mask, q_len, kv_len, 8, block_q=t, block_kv=t, interpret=True)
+  aux = pa.kernel_operands(mask, batch, q_len, kv_len, spec)
+  return allowed, aux.row_table, aux.col_table
+
+
+def _table_bits(table, n):
+  """Live bits [B, rows, n] of a kernel table (ranges, then 32 bits per word)."""
+  bits = (np.asarray(table)[..., 4:, None] >> np.arange(32)) & 1
+  return bits.reshape(*table.shape[:2], -1)[..., :n] == 1
+
+
+def test_block_kinds_skip_only_empty_tiles():
+  """Training layout, L = 64, tiles 16: the computed tiles (`live_tiles`; the dk/dv
+  table is its transpose; both inside their two fetch ranges) are exactly the tiles
+  holding an allowed pair (never fewer), and fewer than dense for b < L. For b = L the
+  encoder's partition-partition quadrant is one full block (every tile computed), as is
+  the clean quadrant, and no partition-clean or clean-partition tile is computed."""
+  length, t, batch = 64, 16, 6
+  rng = np.random.default_rng(4)
+  for b in (1, 4, 16, 64):
+    for name, mask in block_training_batch(length, [b] * batch, rng).items():
+      mq, mk = BLOCK_SHAPES[name]
+      q_len, kv_len = mq * length, mk * length
+      allowed, rows, cols = map(np.asarray, _tiles_and_tables(mask, batch, q_len, kv_len, t))
+      live = pa.live_tiles(mask, batch, q_len, kv_len, block_q=t, block_kv=t)
+      np.testing.assert_array_equal(live, allowed, err_msg=f"{name} b={b}")
+      for table, want in ((rows, live), (cols, live.swapaxes(1, 2))):
+        n = want.shape[2]
+        np.testing.assert_array_equal(_table_bits(table, n), want)
+        j = np.arange(n)
+        lo1, hi1, lo2, hi2 = (table[..., i, None] for i in range(4))
+        assert np.all(~want | ((j >= lo1) & (j < hi1)) | ((j >= lo2) & (j < hi2)))
+        assert np.all((lo1 <= hi1) & (hi1 <= lo2) & (lo2 <= hi2))
+      counts = pa.block_counts(mask, batch, q_len, kv_len, block_q=t, block_kv=t)
+      assert counts["computed"] == live.sum()
+      assert counts["computed"] < counts["dense"] or b == length, (name, b)
+      if b == length and name == "encoder":
+        h = length // t
+        assert live[:, :h, :h].all() and live[:, h:, h:].all()     # the two full blocks
+        assert not live[:, :h, h:].any() and not live[:, h:, :h].any()
+
+
+def test_block_count_report_of_the_block_pgm():
+  """`block_count_report(..., block_len=16)` at L = 1024, tiles 128: the block kinds in
+  the training layout compute far fewer tiles than dense (encoder 80 of 256 tiles: the
+  partition diagonal + the clean prefix; decoder 44 / 128; clean stream 36 / 64)."""
+  rng = np.random.default_rng(0)
+  g = rng.integers(0, 2, (2, 1024))
+  report = pa.block_count_report(g, block_q=128, block_kv=128, block_len=16)
+  assert report["block_same_group"]["per_example"] == [80, 80]
+  assert report["block_other_group"]["per_example"] == [44, 44]
+  assert report["block_causal"]["per_example"] == [36, 36]
+  for kind in masks.BLOCK_KINDS:
+    assert report[kind]["alive_fraction"] == masks.block_alive_fraction(kind, 1024, 16)
+
+
+def test_block_kernels_lower_for_tpu_and_cuda():
+  """Mosaic TPU and Triton lowering (to MLIR, no hardware) of the block kinds' forward +
+  backward (scalar-prefetch live table, two guarded loops)."""
+  b, length, h, d = 2, 128, 2, 64
+  enc = masks.block_training_masks(jnp.zeros((b, length), jnp.int32), 16)["encoder"]
+  x = jnp.zeros((b, 2 * length, h, d), jnp.bfloat16)
+  for backend, platform, block in (("tpu", "tpu", 128), ("gpu", "cuda", 64)):
+    def loss(q, k, v):
+      out = pa.pallas_attention(q, k, v, enc, block_q=block, block_kv=block, backend=backend,
+                                interpret=False)
+      return jnp.sum(out.astype(jnp.float32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert ("tpu_custom_call" if backend == "tpu" else "triton") in text
 
 
 # ----------------------------------------------------------------------------

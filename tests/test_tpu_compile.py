@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 pytest.importorskip("libtpu")
 
 from pgm_jax.ops import AttentionMask, compile_target, partition_attention  # noqa: E402
+from pgm_jax.ops.masks import block_training_masks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,16 @@ def _compile_grad(mesh, kind, batch, q_len, kv_len, heads=2, head_dim=64):
   q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), jnp.bfloat16, sharding=shard)
   kv = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), jnp.bfloat16, sharding=shard)
   vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
-  grp = jax.ShapeDtypeStruct((batch, q_len), jnp.int32, sharding=rep)
+  # Block PGM layouts ("encoder" / "decoder" / "clean", masks.block_training_masks, b = 16):
+  # the group of the L partition tokens; the others: one group id per query.
+  group_len = kv_len // 2 if kind in ("encoder", "decoder") else q_len
+  grp = jax.ShapeDtypeStruct((batch, group_len), jnp.int32, sharding=rep)
 
   def loss(q, k, v, split, group, length):
     if kind == "packed":
       mask = AttentionMask.packed(length, kv_len)
+    elif kind in ("encoder", "decoder", "clean"):
+      mask = block_training_masks(group, 16)[kind]
     else:
       mask = AttentionMask.sorted_groups(kind, group, split)
     out = partition_attention(q, k, v, mask, impl="pallas", block_q=128, block_kv=128)
@@ -73,6 +79,19 @@ def test_kernels_compile_for_tpu(tpu_devices, kind, length):
   head_dim 64, batch over data and heads over tensor."""
   mesh = Mesh(tpu_devices.reshape(2, 1, 2), ("data", "fsdp", "tensor"))
   text = _compile_grad(mesh, kind, 4, length, length)
+  assert text.count("tpu_custom_call") >= 3
+
+
+@pytest.mark.parametrize("layout,q_len,kv_len", [("encoder", 512, 512), ("decoder", 256, 512),
+                                                ("clean", 192, 192)])
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+def test_block_kernels_compile_for_tpu(tpu_devices, layout, q_len, kv_len):
+  """The block kinds (the block PGM's training layout, L = 256 (clean: 192, padded keys),
+  b = 16): forward + backward with the live-tile table in scalar prefetch, blocks 128/128,
+  bf16, batch over data and heads over tensor."""
+  mesh = Mesh(tpu_devices.reshape(2, 1, 2), ("data", "fsdp", "tensor"))
+  text = _compile_grad(mesh, layout, 4, q_len, kv_len)
   assert text.count("tpu_custom_call") >= 3
 
 

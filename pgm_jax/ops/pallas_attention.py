@@ -47,8 +47,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltr
 
-from pgm_jax.ops import target
-from pgm_jax.ops.masks import AttentionMask
+from pgm_jax.ops import masks, target
+from pgm_jax.ops.masks import BLOCK_KINDS, CLEAN_GROUP, AttentionMask, block_allowed
 from pgm_jax.ops.partition_layout import sort_by_group
 
 BACKENDS = ("tpu", "gpu")
@@ -59,8 +59,8 @@ _NEG = -1e30          # finite "masked" score: exp(_NEG - m) == 0 and never NaN
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
   """Static description of one attention call (hashable: nondiff arg of custom_vjp)."""
-  mode: str            # full | same_group | other_group | causal
-  use_groups: bool     # elementwise group mask from q_group / kv_group
+  mode: str            # a mask kind (masks.MASK_KINDS)
+  use_groups: bool     # elementwise group mask from q_group / kv_group (same/other_group)
   use_kv_valid: bool   # elementwise key-validity mask
   skip_groups: bool    # groups in sorted layout: skip by split point
   block_q: int
@@ -221,6 +221,145 @@ def _clamp(i, lo, hi, n: int):
 
 
 # ----------------------------------------------------------------------------
+# Block kinds: per-tile summaries -> a live-tile table per (example, outer block).
+# ----------------------------------------------------------------------------
+
+_BIG = 1 << 30        # sentinel block / group id of "no such token in this tile"
+
+
+def _is_block(spec: KernelSpec) -> bool:
+  return spec.mode in BLOCK_KINDS
+
+
+def tile_alive(spec: KernelSpec, qg, qb, kvg, kvb, kvv, q_len: Optional[int] = None):
+  """Bool [B, nq, nk]: (query tile, key tile) pairs a block kind may need (conservative).
+
+  Decided from per-tile summaries, never from the pairs themselves: for each query tile,
+  the block range of its partition tokens (group != CLEAN_GROUP), the largest block of its
+  clean tokens and the group-id range of its partition tokens; for each key tile the same
+  over its VALID keys (kv_valid, kv_length, tiling padding) with the smallest clean block.
+  A tile pair is live iff
+    * some clean key may be seen: min clean kv block < max partition q block, or
+      <= max clean q block (block_causal: every token counts as clean); or
+    * partition keys may be seen: the partition block ranges overlap and the group ranges
+      allow it (same: the group-id ranges overlap; other: not both tiles one single,
+      identical group).
+  The diagonal pairs (i, i) are then decided exactly (any allowed (i, j) in the pair).
+  The live set holds every pair with an allowed (i, j) for ANY block / group ids; in the
+  block PGM layouts (monotone blocks, partition stream first) it is exactly that set up
+  to the group test of off-diagonal tiles spanning several blocks (tested). Padded
+  queries (index >= q_len) are ignored.
+  """
+  batch = qg.shape[0]
+  nq, nk, bq, bk = spec.nq, spec.nk, spec.block_q, spec.block_kv
+  q_real = (jnp.arange(spec.q_len) < (spec.q_len if q_len is None else q_len))[None, :]
+  q_clean, kv_ok = qg == CLEAN_GROUP, kvv != 0
+  q_part, kv_part = q_real & ~q_clean, kv_ok & (kvg != CLEAN_GROUP)
+  q_clean, kv_clean = q_real & q_clean, kv_ok & (kvg == CLEAN_GROUP)
+
+  def tmin(x, sel, n, blk):
+    return jnp.min(jnp.where(sel, x, _BIG).reshape(batch, n, blk), axis=2)
+
+  def tmax(x, sel, n, blk):
+    return jnp.max(jnp.where(sel, x, -_BIG).reshape(batch, n, blk), axis=2)
+
+  Q = lambda x: x[:, :, None]
+  K = lambda x: x[:, None, :]
+  kc_lo = K(tmin(kvb, kv_clean, nk, bk))
+  live = (kc_lo < Q(tmax(qb, q_part, nq, bq))) | (kc_lo <= Q(tmax(qb, q_clean, nq, bq)))
+  if spec.mode == "block_causal":
+    return live
+  qp_lo, qp_hi = Q(tmin(qb, q_part, nq, bq)), Q(tmax(qb, q_part, nq, bq))
+  kp_lo, kp_hi = K(tmin(kvb, kv_part, nk, bk)), K(tmax(kvb, kv_part, nk, bk))
+  qg_lo, qg_hi = Q(tmin(qg, q_part, nq, bq)), Q(tmax(qg, q_part, nq, bq))
+  kg_lo, kg_hi = K(tmin(kvg, kv_part, nk, bk)), K(tmax(kvg, kv_part, nk, bk))
+  overlap = jnp.maximum(qp_lo, kp_lo) <= jnp.minimum(qp_hi, kp_hi)
+  if spec.mode == "block_same_group":
+    groups = jnp.maximum(qg_lo, kg_lo) <= jnp.minimum(qg_hi, kg_hi)
+  else:
+    groups = ~((qg_lo == qg_hi) & (kg_lo == kg_hi) & (qg_lo == kg_lo))
+  live = live | (overlap & groups)
+  # The diagonal pairs (i, i), where the PGM layouts put a stream's tile against itself,
+  # are decided exactly (O(Lq x block_kv) work): e.g. the decoder at b = 1 sees no partition
+  # key (the only one of its block is its own copy), which the summaries cannot tell.
+  n = min(nq, nk)
+  qt = lambda x: x[:, :n * bq].reshape(batch, n, bq, 1)
+  kt = lambda x: x[:, :n * bk].reshape(batch, n, 1, bk)
+  exact = (block_allowed(spec.mode, qt(qb), kt(kvb), qt(qg), kt(kvg)) & qt(jnp.broadcast_to(q_real, qg.shape))
+           & kt(kv_ok)).any(axis=(2, 3))
+  i = jnp.arange(n)
+  return live.at[:, i, i].set(live[:, i, i] & exact)
+
+
+def _live_table(alive):
+  """int32 [B, R, 4 + ceil(N / 32)] from bool alive [B, R, N]: per row (lo1, hi1, lo2, hi2)
+  = two block ranges covering every live block (the hull, cut at its longest dead gap;
+  an empty second range is [hi1, hi1), no live block at all is all zeros), then the live
+  bits, 32 per int32 word (bit j % 32 of word j // 32)."""
+  batch, rows, n = alive.shape
+  idx = jnp.arange(n, dtype=jnp.int32)
+  any_live = alive.any(axis=-1)
+  first = jnp.argmax(alive, axis=-1).astype(jnp.int32)
+  last = (n - 1 - jnp.argmax(alive[..., ::-1], axis=-1)).astype(jnp.int32)
+  prev = lax.cummax(jnp.where(alive, idx, -1), axis=2)                # last live <= j
+  nxt = lax.cummin(jnp.where(alive, idx, n), axis=2, reverse=True)    # first live >= j
+  inside = ~alive & (idx > first[..., None]) & (idx < last[..., None])
+  gap = jnp.where(inside, nxt - prev - 1, 0)
+  j = jnp.argmax(gap, axis=-1)[..., None]
+  has_gap = jnp.max(gap, axis=-1) > 0
+  cut_lo = jnp.take_along_axis(prev, j, axis=-1)[..., 0] + 1
+  cut_hi = jnp.take_along_axis(nxt, j, axis=-1)[..., 0]
+  end = last + 1
+  ranges = jnp.stack([first, jnp.where(has_gap, cut_lo, end), jnp.where(has_gap, cut_hi, end),
+                      end], axis=-1)
+  ranges = jnp.where(any_live[..., None], ranges, 0).astype(jnp.int32)
+  words = -(-n // 32)
+  bits = jnp.pad(alive, ((0, 0), (0, 0), (0, words * 32 - n))).reshape(batch, rows, words, 32)
+  packed = jnp.sum(bits.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32), axis=-1,
+                   dtype=jnp.uint32)
+  return jnp.concatenate([ranges, lax.bitcast_convert_type(packed, jnp.int32)], axis=-1)
+
+
+def _tab_bit(tab, base, i):
+  """Live bit of inner block i in the table row starting at `base` (ref, scalar index)."""
+  word = tab[base + 4 + lax.shift_right_logical(i, 5)]
+  return (lax.shift_right_logical(word, jnp.bitwise_and(i, 31)) & 1) == 1
+
+
+def _tab_fetch(tab, base, i, n: int):
+  """Block to fetch at inner step i: i inside a range; in the gap the last block of the
+  first range; before / after them the first / last live block (no new DMA)."""
+  lo1, hi1, lo2, hi2 = tab[base], tab[base + 1], tab[base + 2], tab[base + 3]
+  j = jnp.where(i < lo2, jnp.maximum(jnp.minimum(i, hi1 - 1), lo1), jnp.minimum(i, hi2 - 1))
+  return jnp.minimum(jnp.maximum(j, 0), n - 1)
+
+
+def _inner(spec: KernelSpec, dkv: bool):
+  """(outer blocks, inner blocks, table row width) of a grid: fwd/dq (q outer) or dkv."""
+  n_outer, n_inner = (spec.nk, spec.nq) if dkv else (spec.nq, spec.nk)
+  return n_outer, n_inner, 4 + -(-n_inner // 32)
+
+
+def _tpu_live(spec, sc, b, outer, inner, dkv: bool = False):
+  """Whether the TPU grid step (b, outer block, inner block) computes."""
+  if _is_block(spec):
+    n_outer, _, width = _inner(spec, dkv)
+    return _tab_bit(sc[3], (b * n_outer + outer) * width, inner)
+  lo, hi = (q_block_range if dkv else kv_block_range)(spec, outer, sc[0][b], sc[1][b], sc[2][b])
+  return (inner >= lo) & (inner < hi)
+
+
+def _tpu_fetch(spec, sc, b, outer, inner, dkv: bool = False):
+  """Inner block the TPU index maps fetch at step (b, outer, inner): skipped steps repeat
+  a live block, so the pipeline issues no DMA for them."""
+  n_outer, n_inner, width = _inner(spec, dkv)
+  if _is_block(spec):
+    return _tab_fetch(sc[3], (b * n_outer + outer) * width, inner, n_inner)
+  lo, hi = (q_block_range if dkv else kv_block_range)(spec, outer, sc[0][b], sc[1][b], sc[2][b])
+  return _clamp(inner, lo, hi, n_inner)
+
+
+# ----------------------------------------------------------------------------
 # Elementwise masks.
 # ----------------------------------------------------------------------------
 
@@ -232,10 +371,13 @@ def _combine(*masks):
   return out
 
 
-def _block_mask(spec: KernelSpec, qg, kvg, kvv, row, col):
-  """Boolean [bq, bk] mask (or None = all allowed). qg [bq,1]; kvg, kvv [1,bk]; row/col ints."""
+def _block_mask(spec: KernelSpec, qg, kvg, kvv, row, col, qb=None, kvb=None):
+  """Boolean [bq, bk] mask (or None = all allowed). qg, qb [bq,1]; kvg, kvv, kvb [1,bk];
+  row/col ints."""
   group = None
-  if spec.use_groups:
+  if _is_block(spec):
+    group = block_allowed(spec.mode, qb, kvb, qg, kvg)
+  elif spec.use_groups:
     group = (qg == kvg) if spec.mode == "same_group" else (qg != kvg)
   causal = (col <= row) if spec.mode == "causal" else None
   valid = (kvv != 0) if spec.use_kv_valid else None
@@ -263,22 +405,44 @@ def _finalize(acc, m, l):
 
 
 # ----------------------------------------------------------------------------
+# Kernel operands. Scalars: TPU scalar prefetch (q_split, kv_split, kv_length [B] and,
+# block kinds, the flattened live table); GPU: meta [B, 4] (and the table [B, n, W']).
+# Per-position vectors: qg, kvg, kvv (every kind), then qb, kvb (block kinds).
+# ----------------------------------------------------------------------------
+
+def _num_scalars(spec: KernelSpec, backend: str) -> int:
+  return (4 if backend == "tpu" else 2) if _is_block(spec) else (3 if backend == "tpu" else 1)
+
+
+def _num_vecs(spec: KernelSpec) -> int:
+  return 5 if _is_block(spec) else 3
+
+
+def _split_refs(spec: KernelSpec, refs, n_main: int, backend: str):
+  """Kernel refs -> (scalars, main operands, vectors, outputs + scratch)."""
+  ns, nv = _num_scalars(spec, backend), _num_vecs(spec)
+  return (refs[:ns], refs[ns:ns + n_main], refs[ns + n_main:ns + n_main + nv],
+          refs[ns + n_main + nv:])
+
+
+# ----------------------------------------------------------------------------
 # TPU (Mosaic) kernels: grid with the reduction axis innermost, scalar prefetch.
 # ----------------------------------------------------------------------------
 
-def _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref):
+def _tpu_masks(spec, qi, ki, vecs):
   bq, bk = spec.block_q, spec.block_kv
   row = col = None
   if spec.mode == "causal":
     row = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     col = ki * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  return _block_mask(spec, qg_ref[...], kvg_ref[...], kvv_ref[...], row, col)
+  qg, kvg, kvv, *blocks = (r[...] for r in vecs)
+  return _block_mask(spec, qg, kvg, kvv, row, col, *blocks)
 
 
-def _tpu_fwd_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, qg_ref, kvg_ref,
-                    kvv_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, spec: KernelSpec):
+def _tpu_fwd_kernel(*refs, spec: KernelSpec):
+  sc, (q_ref, k_ref, v_ref), vecs, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(
+      spec, refs, 3, "tpu")
   b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  lo, hi = kv_block_range(spec, qi, qsplit_ref[b], kvsplit_ref[b], kvlen_ref[b])
 
   @pl.when(ki == 0)
   def _init():
@@ -286,11 +450,11 @@ def _tpu_fwd_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, qg_
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  @pl.when((ki >= lo) & (ki < hi))
+  @pl.when(_tpu_live(spec, sc, b, qi, ki))
   def _compute():
     v = v_ref[...]
     s = _dot_nt(q_ref[...], k_ref[...]) * spec.scale
-    mask = _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref)
+    mask = _tpu_masks(spec, qi, ki, vecs)
     s = _where(mask, s, _NEG)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -307,20 +471,20 @@ def _tpu_fwd_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, qg_
     lse_ref[...] = lse
 
 
-def _tpu_dq_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                   delta_ref, qg_ref, kvg_ref, kvv_ref, dq_ref, dq_sc, *, spec: KernelSpec):
+def _tpu_dq_kernel(*refs, spec: KernelSpec):
+  sc, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), vecs, (dq_ref, dq_sc) = _split_refs(
+      spec, refs, 6, "tpu")
   b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  lo, hi = kv_block_range(spec, qi, qsplit_ref[b], kvsplit_ref[b], kvlen_ref[b])
 
   @pl.when(ki == 0)
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  @pl.when((ki >= lo) & (ki < hi))
+  @pl.when(_tpu_live(spec, sc, b, qi, ki))
   def _compute():
     k = k_ref[...]
     s = _dot_nt(q_ref[...], k) * spec.scale
-    mask = _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref)
+    mask = _tpu_masks(spec, qi, ki, vecs)
     p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse_ref[...]), 0.0)
     dp = _dot_nt(do_ref[...], v_ref[...])
     ds = p * (dp - delta_ref[...])
@@ -331,22 +495,22 @@ def _tpu_dq_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, do_r
     dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _tpu_dkv_kernel(qsplit_ref, kvsplit_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                    delta_ref, qg_ref, kvg_ref, kvv_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
-                    spec: KernelSpec):
+def _tpu_dkv_kernel(*refs, spec: KernelSpec):
+  sc, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), vecs, rest = _split_refs(
+      spec, refs, 6, "tpu")
+  dk_ref, dv_ref, dk_sc, dv_sc = rest
   b, ki, qi = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  lo, hi = q_block_range(spec, ki, qsplit_ref[b], kvsplit_ref[b], kvlen_ref[b])
 
   @pl.when(qi == 0)
   def _init():
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-  @pl.when((qi >= lo) & (qi < hi))
+  @pl.when(_tpu_live(spec, sc, b, ki, qi, dkv=True))
   def _compute():
     q, do = q_ref[...], do_ref[...]
     s = _dot_nt(q, k_ref[...]) * spec.scale
-    mask = _tpu_masks(spec, qi, ki, qg_ref, kvg_ref, kvv_ref)
+    mask = _tpu_masks(spec, qi, ki, vecs)
     p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse_ref[...]), 0.0)
     dv_sc[...] += _dot(p.astype(do.dtype).T, do)
     dp = _dot_nt(do, v_ref[...])
@@ -364,25 +528,44 @@ def _tpu_params():
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _tpu_forward(spec, q, k, v, qg, kvg, kvv, meta):
+def _tpu_scalars(spec, aux, dkv: bool = False):
+  meta = aux.meta
+  scalars = (meta[:, 0], meta[:, 1], meta[:, 2])
+  if _is_block(spec):
+    scalars += ((aux.col_table if dkv else aux.row_table).reshape(-1),)
+  return scalars
+
+
+def _tpu_vecs(spec, aux):
+  vecs = (aux.qg[:, :, None], aux.kvg[:, None, :], aux.kvv[:, None, :])
+  if _is_block(spec):
+    vecs += (aux.qb[:, :, None], aux.kvb[:, None, :])
+  return vecs
+
+
+def _tpu_vec_specs(spec, qvec_spec, kvec_spec):
+  specs = [qvec_spec, kvec_spec, kvec_spec]
+  if _is_block(spec):
+    specs += [qvec_spec, kvec_spec]
+  return specs
+
+
+def _tpu_forward(spec, q, k, v, aux):
   B, H = q.shape[:2]
   bq, bk, D = spec.block_q, spec.block_kv, spec.head_dim
-  scalars = (meta[:, 0], meta[:, 1], meta[:, 2])
-
-  def kv_index(b, h, qi, ki, qs, ks, kl):
-    lo, hi = kv_block_range(spec, qi, qs[b], ks[b], kl[b])
-    return _clamp(ki, lo, hi, spec.nk)
+  scalars = _tpu_scalars(spec, aux)
+  kv_index = lambda b, qi, ki, s: _tpu_fetch(spec, s, b, qi, ki)
 
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, qi, ki, *_: (b, h, qi, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D),
-                         lambda b, h, qi, ki, *s: (b, h, kv_index(b, h, qi, ki, *s), 0))
+                         lambda b, h, qi, ki, *s: (b, h, kv_index(b, qi, ki, s), 0))
   qvec_spec = pl.BlockSpec((None, bq, 1), lambda b, h, qi, ki, *_: (b, qi, 0))
   kvec_spec = pl.BlockSpec((None, 1, bk),
-                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, h, qi, ki, *s)))
+                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, qi, ki, s)))
   lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, qi, ki, *_: (b, h, qi, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(B, H, spec.nq, spec.nk),
-      in_specs=[q_spec, kv_spec, kv_spec, qvec_spec, kvec_spec, kvec_spec],
+      num_scalar_prefetch=len(scalars), grid=(B, H, spec.nq, spec.nk),
+      in_specs=[q_spec, kv_spec, kv_spec] + _tpu_vec_specs(spec, qvec_spec, kvec_spec),
       out_specs=[q_spec, lse_spec],
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, D), jnp.float32)])
@@ -391,65 +574,59 @@ def _tpu_forward(spec, q, k, v, qg, kvg, kvv, meta):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, spec.q_len, 1), jnp.float32)],
       compiler_params=_tpu_params(), interpret=spec.interpret_arg,
-      name="partition_attention_fwd")(
-          *scalars, q, k, v, qg[:, :, None], kvg[:, None, :], kvv[:, None, :])
+      name="partition_attention_fwd")(*scalars, q, k, v, *_tpu_vecs(spec, aux))
   return o, lse[..., 0]
 
 
-def _tpu_backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do):
+def _tpu_backward(spec, q, k, v, aux, lse, delta, do):
   B, H = q.shape[:2]
   bq, bk, D = spec.block_q, spec.block_kv, spec.head_dim
-  scalars = (meta[:, 0], meta[:, 1], meta[:, 2])
-  qg3, kvg3, kvv3 = qg[:, :, None], kvg[:, None, :], kvv[:, None, :]
+  vecs = _tpu_vecs(spec, aux)
   lse4, delta4 = lse[..., None], delta[..., None]
   scratch = lambda n: pltpu.VMEM((n, D), jnp.float32)
 
   # dq: grid (B, H, q blocks, kv blocks), kv innermost.
-  def kv_index(b, h, qi, ki, qs, ks, kl):
-    lo, hi = kv_block_range(spec, qi, qs[b], ks[b], kl[b])
-    return _clamp(ki, lo, hi, spec.nk)
-
+  scalars = _tpu_scalars(spec, aux)
+  kv_index = lambda b, qi, ki, s: _tpu_fetch(spec, s, b, qi, ki)
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, qi, ki, *_: (b, h, qi, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D),
-                         lambda b, h, qi, ki, *s: (b, h, kv_index(b, h, qi, ki, *s), 0))
+                         lambda b, h, qi, ki, *s: (b, h, kv_index(b, qi, ki, s), 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, qi, ki, *_: (b, h, qi, 0))
   qvec_spec = pl.BlockSpec((None, bq, 1), lambda b, h, qi, ki, *_: (b, qi, 0))
   kvec_spec = pl.BlockSpec((None, 1, bk),
-                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, h, qi, ki, *s)))
+                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, qi, ki, s)))
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(B, H, spec.nq, spec.nk),
-          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, qvec_spec,
-                    kvec_spec, kvec_spec],
+          num_scalar_prefetch=len(scalars), grid=(B, H, spec.nq, spec.nk),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+          + _tpu_vec_specs(spec, qvec_spec, kvec_spec),
           out_specs=q_spec, scratch_shapes=[scratch(bq)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_tpu_params(), interpret=spec.interpret_arg,
-      name="partition_attention_dq")(*scalars, q, k, v, do, lse4, delta4, qg3, kvg3, kvv3)
+      name="partition_attention_dq")(*scalars, q, k, v, do, lse4, delta4, *vecs)
 
   # dk, dv: grid (B, H, kv blocks, q blocks), q innermost.
-  def q_index(b, h, ki, qi, qs, ks, kl):
-    lo, hi = q_block_range(spec, ki, qs[b], ks[b], kl[b])
-    return _clamp(qi, lo, hi, spec.nq)
-
+  scalars = _tpu_scalars(spec, aux, dkv=True)
+  q_index = lambda b, ki, qi, s: _tpu_fetch(spec, s, b, ki, qi, dkv=True)
   q_spec2 = pl.BlockSpec((None, None, bq, D),
-                         lambda b, h, ki, qi, *s: (b, h, q_index(b, h, ki, qi, *s), 0))
+                         lambda b, h, ki, qi, *s: (b, h, q_index(b, ki, qi, s), 0))
   kv_spec2 = pl.BlockSpec((None, None, bk, D), lambda b, h, ki, qi, *_: (b, h, ki, 0))
   row_spec2 = pl.BlockSpec((None, None, bq, 1),
-                           lambda b, h, ki, qi, *s: (b, h, q_index(b, h, ki, qi, *s), 0))
+                           lambda b, h, ki, qi, *s: (b, h, q_index(b, ki, qi, s), 0))
   qvec_spec2 = pl.BlockSpec((None, bq, 1),
-                            lambda b, h, ki, qi, *s: (b, q_index(b, h, ki, qi, *s), 0))
+                            lambda b, h, ki, qi, *s: (b, q_index(b, ki, qi, s), 0))
   kvec_spec2 = pl.BlockSpec((None, 1, bk), lambda b, h, ki, qi, *_: (b, 0, ki))
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(B, H, spec.nk, spec.nq),
-          in_specs=[q_spec2, kv_spec2, kv_spec2, q_spec2, row_spec2, row_spec2, qvec_spec2,
-                    kvec_spec2, kvec_spec2],
+          num_scalar_prefetch=len(scalars), grid=(B, H, spec.nk, spec.nq),
+          in_specs=[q_spec2, kv_spec2, kv_spec2, q_spec2, row_spec2, row_spec2]
+          + _tpu_vec_specs(spec, qvec_spec2, kvec_spec2),
           out_specs=[kv_spec2, kv_spec2], scratch_shapes=[scratch(bk), scratch(bk)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_tpu_params(), interpret=spec.interpret_arg,
-      name="partition_attention_dkv")(*scalars, q, k, v, do, lse4, delta4, qg3, kvg3, kvv3)
+      name="partition_attention_dkv")(*scalars, q, k, v, do, lse4, delta4, *vecs)
   return dq, dk, dv
 
 
@@ -457,20 +634,39 @@ def _tpu_backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do):
 # GPU (Triton) kernels: one program per (b, h, block), fori_loop over live blocks.
 # ----------------------------------------------------------------------------
 
-def _gpu_masks(spec, qs, ks, qg, kvg, kvv):
+def _gpu_masks(spec, qs, ks, qg, kvg, kvv, qb=None, kvb=None):
   row = col = None
   if spec.mode == "causal":
     row = (qs + jnp.arange(spec.block_q, dtype=jnp.int32))[:, None]
     col = (ks + jnp.arange(spec.block_kv, dtype=jnp.int32))[None, :]
-  return _block_mask(spec, qg[:, None], kvg[None, :], kvv[None, :], row, col)
+  blocks = () if qb is None else (qb[:, None], kvb[None, :])
+  return _block_mask(spec, qg[:, None], kvg[None, :], kvv[None, :], row, col, *blocks)
 
 
-def _gpu_fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qg_ref, kvg_ref, kvv_ref, o_ref, lse_ref, *,
-                    spec: KernelSpec):
+def _gpu_loop(spec, sc, outer, body, init, dkv: bool = False):
+  """fori_loop of body(inner, carry) over the live inner blocks of `outer`: the range of
+  `kv_block_range` / `q_block_range`, or (block kinds) the table row's two ranges, each
+  step guarded by its live bit."""
+  if _is_block(spec):
+    tab = sc[1]
+
+    def guarded(i, carry):
+      return lax.cond(_tab_bit(tab, 0, i), lambda c: body(i, c), lambda c: c, carry)
+
+    carry = lax.fori_loop(tab[0], tab[1], guarded, init)
+    return lax.fori_loop(tab[2], tab[3], guarded, carry)
+  meta = sc[0]
+  lo, hi = (q_block_range if dkv else kv_block_range)(spec, outer, meta[0], meta[1], meta[2])
+  return lax.fori_loop(lo, hi, body, init)
+
+
+def _gpu_fwd_kernel(*refs, spec: KernelSpec):
+  sc, (q_ref, k_ref, v_ref), vecs, (o_ref, lse_ref) = _split_refs(spec, refs, 3, "gpu")
+  qg_ref, kvg_ref, kvv_ref, *b_refs = vecs
   bq, bk = spec.block_q, spec.block_kv
   qi = pl.program_id(2)
-  lo, hi = kv_block_range(spec, qi, meta_ref[0], meta_ref[1], meta_ref[2])
   q, qg = q_ref[...], qg_ref[...]
+  qb = b_refs[0][...] if b_refs else None
 
   def body(ki, carry):
     acc, m_prev, l_prev = carry
@@ -478,7 +674,8 @@ def _gpu_fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qg_ref, kvg_ref, kvv_ref, o_r
     sl = pl.ds(pl.multiple_of(ks, bk), bk)
     v = v_ref[sl, :]
     s = _dot_nt(q, k_ref[sl, :]) * spec.scale
-    mask = _gpu_masks(spec, qi * bq, ks, qg, kvg_ref[sl], kvv_ref[sl])
+    kvb = b_refs[1][sl] if b_refs else None
+    mask = _gpu_masks(spec, qi * bq, ks, qg, kvg_ref[sl], kvv_ref[sl], qb, kvb)
     s = _where(mask, s, _NEG)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     p = _where(mask, jnp.exp(s - m_new[:, None]), 0.0)
@@ -489,18 +686,20 @@ def _gpu_fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qg_ref, kvg_ref, kvv_ref, o_r
 
   init = (jnp.zeros((bq, spec.head_dim), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = lax.fori_loop(lo, hi, body, init)
+  acc, m, l = _gpu_loop(spec, sc, qi, body, init)
   out, lse = _finalize(acc, m[:, None], l[:, None])
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
 
 
-def _gpu_dq_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qg_ref, kvg_ref,
-                   kvv_ref, dq_ref, *, spec: KernelSpec):
+def _gpu_dq_kernel(*refs, spec: KernelSpec):
+  sc, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), vecs, (dq_ref,) = _split_refs(
+      spec, refs, 6, "gpu")
+  qg_ref, kvg_ref, kvv_ref, *b_refs = vecs
   bq, bk = spec.block_q, spec.block_kv
   qi = pl.program_id(2)
-  lo, hi = kv_block_range(spec, qi, meta_ref[0], meta_ref[1], meta_ref[2])
   q, do, qg = q_ref[...], do_ref[...], qg_ref[...]
+  qb = b_refs[0][...] if b_refs else None
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
 
   def body(ki, dq):
@@ -508,22 +707,25 @@ def _gpu_dq_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qg
     sl = pl.ds(pl.multiple_of(ks, bk), bk)
     k = k_ref[sl, :]
     s = _dot_nt(q, k) * spec.scale
-    mask = _gpu_masks(spec, qi * bq, ks, qg, kvg_ref[sl], kvv_ref[sl])
+    kvb = b_refs[1][sl] if b_refs else None
+    mask = _gpu_masks(spec, qi * bq, ks, qg, kvg_ref[sl], kvv_ref[sl], qb, kvb)
     p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse), 0.0)
     dp = _dot_nt(do, v_ref[sl, :])
     ds = p * (dp - delta)
     return dq + _dot(ds.astype(k.dtype), k) * spec.scale
 
-  dq = lax.fori_loop(lo, hi, body, jnp.zeros((bq, spec.head_dim), jnp.float32))
+  dq = _gpu_loop(spec, sc, qi, body, jnp.zeros((bq, spec.head_dim), jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _gpu_dkv_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qg_ref, kvg_ref,
-                    kvv_ref, dk_ref, dv_ref, *, spec: KernelSpec):
+def _gpu_dkv_kernel(*refs, spec: KernelSpec):
+  sc, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), vecs, (dk_ref, dv_ref) = _split_refs(
+      spec, refs, 6, "gpu")
+  qg_ref, kvg_ref, kvv_ref, *b_refs = vecs
   bq, bk = spec.block_q, spec.block_kv
   ki = pl.program_id(2)
-  lo, hi = q_block_range(spec, ki, meta_ref[0], meta_ref[1], meta_ref[2])
   k, v, kvg, kvv = k_ref[...], v_ref[...], kvg_ref[...], kvv_ref[...]
+  kvb = b_refs[1][...] if b_refs else None
 
   def body(qi, carry):
     dk, dv = carry
@@ -531,7 +733,8 @@ def _gpu_dkv_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q
     sl = pl.ds(pl.multiple_of(qs, bq), bq)
     q, do = q_ref[sl, :], do_ref[sl, :]
     s = _dot_nt(q, k) * spec.scale
-    mask = _gpu_masks(spec, qs, ki * bk, qg_ref[sl], kvg, kvv)
+    qb = b_refs[0][sl] if b_refs else None
+    mask = _gpu_masks(spec, qs, ki * bk, qg_ref[sl], kvg, kvv, qb, kvb)
     p = _where(mask, jnp.exp(_where(mask, s, _NEG) - lse_ref[sl][:, None]), 0.0)
     dv = dv + _dot(p.astype(do.dtype).T, do)
     dp = _dot_nt(do, v)
@@ -540,7 +743,7 @@ def _gpu_dkv_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q
     return dk, dv
 
   zeros = jnp.zeros((bk, spec.head_dim), jnp.float32)
-  dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk, dv = _gpu_loop(spec, sc, ki, body, (zeros, zeros), dkv=True)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -549,60 +752,87 @@ def _gpu_params(spec):
   return pltr.CompilerParams(num_warps=4 if spec.head_dim <= 64 else 8, num_stages=2)
 
 
-def _gpu_forward(spec, q, k, v, qg, kvg, kvv, meta):
+def _gpu_table(table):
+  """[B, n, W] -> [B, n, W'] with W' a power of two (Triton block shapes)."""
+  width = table.shape[-1]
+  return jnp.pad(table, ((0, 0), (0, 0), (0, (1 << (width - 1).bit_length()) - width)))
+
+
+def _gpu_scalars(spec, aux, dkv: bool = False):
+  """(operands, BlockSpecs) of the GPU scalars: meta [B, 4] (+ the live table row)."""
+  ops = [aux.meta]
+  specs = [pl.BlockSpec((None, 4), lambda b, h, i: (b, 0))]
+  if _is_block(spec):
+    table = _gpu_table(aux.col_table if dkv else aux.row_table)
+    ops.append(table)
+    specs.append(pl.BlockSpec((None, None, table.shape[-1]), lambda b, h, i: (b, i, 0)))
+  return ops, specs
+
+
+def _gpu_vecs(spec, aux):
+  vecs = [aux.qg, aux.kvg, aux.kvv]
+  if _is_block(spec):
+    vecs += [aux.qb, aux.kvb]
+  return vecs
+
+
+def _gpu_forward(spec, q, k, v, aux):
   B, H = q.shape[:2]
   bq, D, Lq, Lk = spec.block_q, spec.head_dim, spec.q_len, spec.kv_len
+  sc_ops, sc_specs = _gpu_scalars(spec, aux)
+  qvec = pl.BlockSpec((None, bq), lambda b, h, i: (b, i))
+  kvec = pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0))
+  vec_specs = [qvec, kvec, kvec] + ([qvec, kvec] if _is_block(spec) else [])
   o, lse = pl.pallas_call(
       functools.partial(_gpu_fwd_kernel, spec=spec), grid=(B, H, spec.nq),
-      in_specs=[pl.BlockSpec((None, 4), lambda b, h, i: (b, 0)),
-                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0)),
-                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0))],
+      in_specs=sc_specs + [pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+                           pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
+                           pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0))]
+      + vec_specs,
       out_specs=[pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
                  pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, Lq), jnp.float32)],
       compiler_params=_gpu_params(spec), interpret=spec.interpret_arg,
-      name="partition_attention_fwd")(meta, q, k, v, qg, kvg, kvv)
+      name="partition_attention_fwd")(*sc_ops, q, k, v, *_gpu_vecs(spec, aux))
   return o, lse
 
 
-def _gpu_backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do):
+def _gpu_backward(spec, q, k, v, aux, lse, delta, do):
   B, H = q.shape[:2]
   bq, bk, D, Lq, Lk = spec.block_q, spec.block_kv, spec.head_dim, spec.q_len, spec.kv_len
-  meta_spec = pl.BlockSpec((None, 4), lambda b, h, i: (b, 0))
+  vecs = _gpu_vecs(spec, aux)
+  sc_ops, sc_specs = _gpu_scalars(spec, aux)
+  qvec = pl.BlockSpec((None, bq), lambda b, h, i: (b, i))
+  kvec = pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0))
   dq = pl.pallas_call(
       functools.partial(_gpu_dq_kernel, spec=spec), grid=(B, H, spec.nq),
-      in_specs=[meta_spec,
-                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
-                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
-                pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0)),
-                pl.BlockSpec((None, Lk), lambda b, h, i: (b, 0))],
+      in_specs=sc_specs + [
+          pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+          pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
+          pl.BlockSpec((None, None, Lk, D), lambda b, h, i: (b, h, 0, 0)),
+          pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+          pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+          pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+          qvec, kvec, kvec] + ([qvec, kvec] if _is_block(spec) else []),
       out_specs=pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_gpu_params(spec), interpret=spec.interpret_arg,
-      name="partition_attention_dq")(meta, q, k, v, do, lse, delta, qg, kvg, kvv)
+      name="partition_attention_dq")(*sc_ops, q, k, v, do, lse, delta, *vecs)
+  sc_ops, sc_specs = _gpu_scalars(spec, aux, dkv=True)
   full_q = pl.BlockSpec((None, None, Lq, D), lambda b, h, j: (b, h, 0, 0))
   blk_kv = pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, h, j, 0))
   full_row = pl.BlockSpec((None, None, Lq), lambda b, h, j: (b, h, 0))
+  qvec2 = pl.BlockSpec((None, Lq), lambda b, h, j: (b, 0))
+  kvec2 = pl.BlockSpec((None, bk), lambda b, h, j: (b, j))
   dk, dv = pl.pallas_call(
       functools.partial(_gpu_dkv_kernel, spec=spec), grid=(B, H, spec.nk),
-      in_specs=[meta_spec, full_q, blk_kv, blk_kv, full_q, full_row, full_row,
-                pl.BlockSpec((None, Lq), lambda b, h, j: (b, 0)),
-                pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
-                pl.BlockSpec((None, bk), lambda b, h, j: (b, j))],
+      in_specs=sc_specs + [full_q, blk_kv, blk_kv, full_q, full_row, full_row, qvec2, kvec2,
+                           kvec2] + ([qvec2, kvec2] if _is_block(spec) else []),
       out_specs=[blk_kv, blk_kv],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_gpu_params(spec), interpret=spec.interpret_arg,
-      name="partition_attention_dkv")(meta, q, k, v, do, lse, delta, qg, kvg, kvv)
+      name="partition_attention_dkv")(*sc_ops, q, k, v, do, lse, delta, *vecs)
   return dq, dk, dv
 
 
@@ -610,27 +840,39 @@ def _gpu_backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do):
 # custom_vjp over the kernels (layout [B, H, L, D]).
 # ----------------------------------------------------------------------------
 
-def _forward(spec, *args):
-  return (_tpu_forward if spec.backend == "tpu" else _gpu_forward)(spec, *args)
+class KernelAux(NamedTuple):
+  """Integer operands of one call (see `kernel_operands`); None where a kind needs none."""
+  qg: jax.Array              # [B, Lq'] query group ids
+  kvg: jax.Array             # [B, Lk'] key group ids
+  kvv: jax.Array             # [B, Lk'] key validity (0/1)
+  meta: jax.Array            # [B, 4] (q_split, kv_split, kv_length, 0)
+  qb: Optional[jax.Array] = None          # [B, Lq'] query block ids (block kinds)
+  kvb: Optional[jax.Array] = None         # [B, Lk'] key block ids (block kinds)
+  row_table: Optional[jax.Array] = None   # [B, nq, W] live key blocks per query block
+  col_table: Optional[jax.Array] = None   # [B, nk, W] live query blocks per key block
+
+
+def _forward(spec, q, k, v, aux):
+  return (_tpu_forward if spec.backend == "tpu" else _gpu_forward)(spec, q, k, v, aux)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_attention(spec, q, k, v, qg, kvg, kvv, meta):
-  return _forward(spec, q, k, v, qg, kvg, kvv, meta)[0]
+def _flash_attention(spec, q, k, v, aux):
+  return _forward(spec, q, k, v, aux)[0]
 
 
-def _flash_attention_fwd(spec, q, k, v, qg, kvg, kvv, meta):
-  o, lse = _forward(spec, q, k, v, qg, kvg, kvv, meta)
-  return o, (q, k, v, qg, kvg, kvv, meta, o, lse)
+def _flash_attention_fwd(spec, q, k, v, aux):
+  o, lse = _forward(spec, q, k, v, aux)
+  return o, (q, k, v, aux, o, lse)
 
 
 def _flash_attention_bwd(spec, res, do):
-  q, k, v, qg, kvg, kvv, meta, o, lse = res
+  q, k, v, aux, o, lse = res
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)   # [B, H, Lq]
   backward = _tpu_backward if spec.backend == "tpu" else _gpu_backward
-  dq, dk, dv = backward(spec, q, k, v, qg, kvg, kvv, meta, lse, delta, do)
+  dq, dk, dv = backward(spec, q, k, v, aux, lse, delta, do)
   int_zero = lambda x: np.zeros(x.shape, dtype=jax.dtypes.float0)
-  return dq, dk, dv, int_zero(qg), int_zero(kvg), int_zero(kvv), int_zero(meta)
+  return dq, dk, dv, jax.tree.map(int_zero, aux)
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
@@ -686,13 +928,17 @@ def _operands(mask, batch: int, q_len: int, kv_len: int, q_pad: Optional[int] = 
   kv_length, 0), padded to Lq' = q_pad, Lk' = kv_pad. Padded queries and keys get
   group 1 (consistent with the sorted layout: positions >= the split), padded keys are
   invalid, and kv_length is clamped to the real kv_len (so all-padding key blocks are
-  skipped)."""
+  skipped). block_causal reads no groups: every token gets CLEAN_GROUP (the rule of a
+  clean query and key), so the block kinds share one tile summary (`tile_alive`)."""
   i32 = jnp.int32
   q_pad = q_len if q_pad is None else q_pad
   kv_pad = kv_len if kv_pad is None else kv_pad
-  if mask.kind in ("same_group", "other_group"):
+  if mask.kind in ("same_group", "other_group", "block_same_group", "block_other_group"):
     qg = jnp.broadcast_to(mask.q_group.astype(i32), (batch, q_len))
     kvg = jnp.broadcast_to(mask.kv_group.astype(i32), (batch, kv_len))
+  elif mask.kind == "block_causal":     # the clean stream alone: every token clean
+    qg = jnp.full((batch, q_len), CLEAN_GROUP, i32)
+    kvg = jnp.full((batch, kv_len), CLEAN_GROUP, i32)
   else:
     qg, kvg = jnp.zeros((batch, q_len), i32), jnp.zeros((batch, kv_len), i32)
   kvv = jnp.ones((batch, kv_len), bool)
@@ -718,6 +964,23 @@ def _operands(mask, batch: int, q_len: int, kv_len: int, q_pad: Optional[int] = 
   return qg, kvg, kvv, meta
 
 
+def kernel_operands(mask, batch: int, q_len: int, kv_len: int, spec: KernelSpec) -> KernelAux:
+  """The integer operands of one call, padded to the spec's tiling; for the block kinds
+  also the block ids (padded with 0) and the live-tile tables (`tile_alive`,
+  `_live_table`) of the forward/dq grid (rows = query blocks) and the dk/dv grid
+  (rows = key blocks)."""
+  qg, kvg, kvv, meta = _operands(mask, batch, q_len, kv_len, spec.q_len, spec.kv_len)
+  if not _is_block(spec):
+    return KernelAux(qg, kvg, kvv, meta)
+  i32 = jnp.int32
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+  qb = pad(jnp.broadcast_to(mask.q_block.astype(i32), (batch, q_len)), spec.q_len)
+  kvb = pad(jnp.broadcast_to(mask.kv_block.astype(i32), (batch, kv_len)), spec.kv_len)
+  alive = tile_alive(spec, qg, qb, kvg, kvb, kvv, q_len)
+  return KernelAux(qg, kvg, kvv, meta, qb, kvb, _live_table(alive),
+                   _live_table(jnp.swapaxes(alive, 1, 2)))
+
+
 def pallas_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask, *, block_q: int = 128,
                      block_kv: int = 128, backend: Optional[str] = None, interpret=None):
   """Flash attention with block skipping; same contract as `partition_attention`.
@@ -735,30 +998,50 @@ def pallas_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask, *, block_q: int = 12
   kv_len = k_BxKxHxD.shape[1]
   spec = make_spec(mask, q_len, kv_len, head_dim, block_q=block_q, block_kv=block_kv,
                    backend=backend, interpret=interpret)
-  qg, kvg, kvv, meta = _operands(mask, batch, q_len, kv_len, spec.q_len, spec.kv_len)
+  aux = kernel_operands(mask, batch, q_len, kv_len, spec)
   pad = lambda x, n: x if n == x.shape[1] else jnp.pad(
       x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   to_bhld = lambda x: jnp.swapaxes(x, 1, 2)
   out = _flash_attention(spec, to_bhld(pad(q_BxQxHxD, spec.q_len)),
                          to_bhld(pad(k_BxKxHxD, spec.kv_len)),
-                         to_bhld(pad(v_BxKxHxD, spec.kv_len)), qg, kvg, kvv, meta)
+                         to_bhld(pad(v_BxKxHxD, spec.kv_len)), aux)
   return to_bhld(out)[:, :q_len]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _live_tiles(mask, batch: int, q_len: int, kv_len: int, spec: KernelSpec):
+  aux = kernel_operands(mask, batch, q_len, kv_len, spec)
+  if _is_block(spec):
+    ki = jnp.arange(spec.nk, dtype=jnp.int32)
+    word = jnp.take(aux.row_table[..., 4:], ki // 32, axis=-1)
+    return (jnp.right_shift(word, ki % 32) & 1) == 1
+  qi = jnp.arange(spec.nq, dtype=jnp.int32)
+  lo, hi = jax.vmap(lambda m: jax.vmap(lambda i: kv_block_range(spec, i, m[0], m[1], m[2]))(
+      qi))(aux.meta)
+  ki = jnp.arange(spec.nk)
+  return (ki >= lo[..., None]) & (ki < hi[..., None])
+
+
+def live_tiles(mask, batch: int, q_len: int, kv_len: int, *, block_q: int, block_kv: int,
+               backend: str = "tpu", interpret=True) -> np.ndarray:
+  """Bool [B, nq, nk]: the (query block, key block) pairs the kernels compute (forward
+  and dq; dk/dv visit the same pairs). Blocks as `tiling` gives them for the backend
+  and interpret mode (default: the generic interpreter's, i.e. block_q / block_kv
+  rounded to 8)."""
+  spec = make_spec(mask, q_len, kv_len, 8, block_q=block_q, block_kv=block_kv,
+                   backend=backend, interpret=interpret)
+  return np.asarray(_live_tiles(mask, batch, q_len, kv_len, spec))
 
 
 def block_counts(mask, batch: int, q_len: int, kv_len: int, *, block_q: int,
                  block_kv: int) -> dict:
   """Key blocks the kernels compute vs the dense count (per forward pass; dq and dk/dv
-  visit exactly the same (query block, key block) pairs)."""
+  visit exactly the same (query block, key block) pairs). Every mask kind, the block
+  kinds included (`live_tiles`)."""
   spec = make_spec(mask, q_len, kv_len, 8, block_q=block_q, block_kv=block_kv,
                    backend="tpu", interpret=True)
-  _, _, _, meta = _operands(mask, batch, q_len, kv_len, spec.q_len, spec.kv_len)
-
-  def per_example(m):
-    qi = jnp.arange(spec.nq, dtype=jnp.int32)
-    lo, hi = jax.vmap(lambda i: kv_block_range(spec, i, m[0], m[1], m[2]))(qi)
-    return jnp.sum(jnp.maximum(hi - lo, 0))
-
-  per_b = np.asarray(jax.jit(jax.vmap(per_example))(meta))
+  per_b = live_tiles(mask, batch, q_len, kv_len, block_q=block_q,
+                     block_kv=block_kv).sum(axis=(1, 2))
   dense = spec.nq * spec.nk
   computed = int(per_b.sum())
   return {"kind": mask.kind, "block_q": spec.block_q, "block_kv": spec.block_kv,
@@ -766,12 +1049,17 @@ def block_counts(mask, batch: int, q_len: int, kv_len: int, *, block_q: int,
           "fraction": computed / (dense * batch), "per_example": per_b.tolist()}
 
 
-def block_count_report(group_BxL, *, block_q: int, block_kv: int, kv_length_B=None) -> dict:
+def block_count_report(group_BxL, *, block_q: int, block_kv: int, kv_length_B=None,
+                       block_len: Optional[int] = None) -> dict:
   """Computed / dense block counts for each mask kind of one partition (sorted layout).
 
   same_group / other_group: the training masks of `group_BxL` after `sort_by_group`.
   packed: inference, keys valid below kv_length_B (default: the group-0 count, i.e. the
   clean tokens packed first).
+  block_len (the block PGM): also the block kinds in their training layout
+  (`masks.block_training_masks`): block_same_group (encoder, 2L x 2L), block_other_group
+  (decoder, L x 2L) and block_causal (clean stream, L x L), each with the expected alive
+  fraction of its pairs (`masks.block_alive_fraction`) next to the computed tiles.
   """
   group_BxL = jnp.asarray(group_BxL, jnp.int32)
   batch, length = group_BxL.shape
@@ -787,9 +1075,17 @@ def block_count_report(group_BxL, *, block_q: int, block_kv: int, kv_length_B=No
                                   block_q=block_q, block_kv=block_kv)
   report["full"] = block_counts(AttentionMask(), batch, length, length, block_q=block_q,
                                 block_kv=block_kv)
+  if block_len is not None:
+    block_masks = masks.block_training_masks(group_BxL, block_len)
+    for name, (mq, mk) in (("encoder", (2, 2)), ("decoder", (1, 2)), ("clean", (1, 1))):
+      mask = block_masks[name]
+      counts = block_counts(mask, batch, mq * length, mk * length, block_q=block_q,
+                            block_kv=block_kv)
+      counts["alive_fraction"] = masks.block_alive_fraction(mask.kind, length, block_len)
+      report[mask.kind] = counts
   return report
 
 
 __all__ = ["KernelSpec", "Tiling", "tiling", "check_block_sizes", "pallas_attention", "block_counts",
            "block_count_report", "kv_block_range", "q_block_range", "default_backend",
-           "BACKENDS"]
+           "BACKENDS", "live_tiles", "tile_alive", "kernel_operands", "KernelAux"]
