@@ -1,7 +1,10 @@
 """Benchmark `partition_attention`: xla (dense) vs pallas (block-skipping kernels).
 
-For each mask kind (same_group / other_group in the sorted layout, packed) it
-  * reports computed vs dense key blocks (the work the kernels skip),
+For each mask kind (same_group / other_group in the sorted layout, packed, and with
+--block_len the block PGM's block_same_group / block_other_group / block_causal in their
+training layout: encoder 2L x 2L, decoder L x 2L, clean stream L x L) it
+  * reports computed vs dense key blocks (the work the kernels skip) and the alive
+    fraction of the (query, key) pairs in this batch,
   * checks the pallas output and dq/dk/dv against the dense oracle (relative error),
   * times forward and forward+backward of each impl (jitted, median of --repeats),
 and optionally times a whole PGM train step (`--train_step`) with each impl.
@@ -10,7 +13,8 @@ On CPU the kernels run in Pallas interpret mode: the timings say NOTHING about k
 speed there (only correctness is meaningful). On a GPU/TPU the kernels are compiled.
 
   python scripts/bench_attention.py --seq_len=1024 --batch=8 --heads=12 --head_dim=64
-  python scripts/bench_attention.py --seq_len=256 --batch=2 --heads=2 --block=64   # CPU
+  python scripts/bench_attention.py --seq_len=256 --batch=2 --heads=2 --block_q=64   # CPU
+  python scripts/bench_attention.py --seq_len=128 --batch=2 --block_len=16 --repeats=1
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from pgm_jax.ops import AttentionMask, partition_attention, permute, sort_by_group  # noqa: E402
 from pgm_jax.ops import pallas_attention as pa  # noqa: E402
+from pgm_jax.ops.masks import block_training_masks  # noqa: E402
 
 
 def timeit(fn, *args, repeats: int):
@@ -56,6 +61,16 @@ def masks(groups_BxL, length):
   }
 
 
+def block_masks(groups_BxL, block_len: int) -> dict:
+  """The block PGM's training masks (`masks.block_training_masks`) as {kind: (mask, q_len,
+  kv_len)}: block_same_group (encoder, 2L x 2L), block_other_group (decoder, L x 2L),
+  block_causal (clean stream, L x L)."""
+  length = groups_BxL.shape[1]
+  shapes = {"encoder": (2, 2), "decoder": (1, 2), "clean": (1, 1)}
+  return {m.kind: (m, shapes[name][0] * length, shapes[name][1] * length)
+          for name, m in block_training_masks(groups_BxL, block_len).items()}
+
+
 def bench_op(args):
   rng = np.random.default_rng(args.seed)
   b, length, h, d = args.batch, args.seq_len, args.heads, args.head_dim
@@ -63,24 +78,32 @@ def bench_op(args):
   # Partition at t ~ U(0, 1): each token in group 1 with probability t (per example).
   t_B = rng.random(b) if args.split == "uniform_t" else np.full(b, 0.5)
   groups = jnp.asarray((rng.random((b, length)) < t_B[:, None]).astype(np.int32))
-  q, k, v = (jnp.asarray(rng.normal(size=(b, length, h, d)), dtype) for _ in range(3))
-  ct = jnp.asarray(rng.normal(size=(b, length, h, d)), dtype)
+  cases = {kind: (mask, length, length) for kind, mask in masks(groups, length).items()}
+  if args.block_len:
+    cases.update(block_masks(groups, args.block_len))
   print(f"backend={jax.default_backend()} B={b} L={length} H={h} D={d} dtype={args.dtype} "
-        f"block_q={args.block_q} block_kv={args.block_kv} split={args.split}")
+        f"block_q={args.block_q} block_kv={args.block_kv} split={args.split}"
+        + (f" block_len={args.block_len}" if args.block_len else ""))
   if jax.default_backend() == "cpu":
     print("NOTE: CPU -> Pallas interpret mode. Timings below say nothing about kernel speed; "
           "only the errors and block counts are meaningful.")
-  print(f"{'kind':12s} {'blocks':>14s} {'frac':>6s} {'fwd err':>9s} {'grad err':>9s} "
-        f"{'xla fwd':>9s} {'pl fwd':>9s} {'xla f+b':>9s} {'pl f+b':>9s} {'speedup f+b':>11s}")
-  for kind, mask in masks(groups, length).items():
-    counts = pa.block_counts(mask, b, length, length, block_q=args.block_q,
+  print(f"{'kind':17s} {'q x kv':>11s} {'blocks':>14s} {'frac':>6s} {'alive':>6s} "
+        f"{'fwd err':>9s} {'grad err':>9s} {'xla fwd':>9s} {'pl fwd':>9s} {'xla f+b':>9s} "
+        f"{'pl f+b':>9s} {'speedup f+b':>11s}")
+  for kind, (mask, q_len, kv_len) in cases.items():
+    q = jnp.asarray(rng.normal(size=(b, q_len, h, d)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(b, kv_len, h, d)), dtype) for _ in range(2))
+    ct = jnp.asarray(rng.normal(size=(b, q_len, h, d)), dtype)
+    counts = pa.block_counts(mask, b, q_len, kv_len, block_q=args.block_q,
                              block_kv=args.block_kv)
+    alive = float(np.asarray(mask.dense(q_len, kv_len)).mean())
     fns = {}
     for impl in ("xla", "pallas"):
       op = functools.partial(partition_attention, impl=impl, block_q=args.block_q,
                              block_kv=args.block_kv)
-      fwd = jax.jit(lambda q, k, v, op=op: op(q, k, v, mask))
-      loss = lambda q, k, v, op=op: jnp.sum(op(q, k, v, mask).astype(jnp.float32) * ct)
+      fwd = jax.jit(lambda q, k, v, op=op, mask=mask: op(q, k, v, mask))
+      loss = lambda q, k, v, op=op, mask=mask, ct=ct: jnp.sum(
+          op(q, k, v, mask).astype(jnp.float32) * ct)
       fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
       fns[impl] = (fwd, fb)
     out = {impl: fns[impl][0](q, k, v) for impl in fns}
@@ -89,8 +112,8 @@ def bench_op(args):
     grad_err = max(rel_err(a, r) for a, r in zip(grads["pallas"], grads["xla"]))
     t = {(impl, i): timeit(fns[impl][i], q, k, v, repeats=args.repeats)
          for impl in fns for i in (0, 1)}
-    print(f"{kind:12s} {counts['computed']:>6d}/{counts['dense']:<7d} "
-          f"{counts['fraction']:6.3f} {fwd_err:9.2e} {grad_err:9.2e} "
+    print(f"{kind:17s} {q_len:>5d}x{kv_len:<5d} {counts['computed']:>6d}/{counts['dense']:<7d} "
+          f"{counts['fraction']:6.3f} {alive:6.3f} {fwd_err:9.2e} {grad_err:9.2e} "
           f"{t['xla', 0] * 1e3:7.2f}ms {t['pallas', 0] * 1e3:7.2f}ms "
           f"{t['xla', 1] * 1e3:7.2f}ms {t['pallas', 1] * 1e3:7.2f}ms "
           f"{t['xla', 1] / t['pallas', 1]:10.2f}x")
@@ -160,6 +183,8 @@ def main():
   parser.add_argument("--split", choices=("uniform_t", "half"), default="uniform_t",
                       help="uniform_t: group-1 probability t ~ U(0,1) per example (training); "
                            "half: every token in group 1 with p = 1/2")
+  parser.add_argument("--block_len", type=int, default=0,
+                      help="also the block PGM's kinds (training layout) at this block length")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--train_step", action="store_true",

@@ -12,7 +12,8 @@ online softmax in float32 and exist in two lowerings:
     previous step -> the pipeline issues no DMA).
   * "gpu": Triton. Grid (batch, heads, q blocks) (or kv blocks for dk/dv); each
     program loops (`fori_loop`) over exactly the live blocks [lo, hi) of the other
-    axis. The split points travel as a tiny int32 [B, 4] operand.
+    axis. The split points travel as a tiny int32 [B, 4] operand (block kinds: also
+    the table row; two loops over its ranges, each step guarded by its live bit).
 
 Masking inside a block is always computed ELEMENTWISE from the group ids, the key
 validity and (causal) the indices, so the kernels are correct for ANY group ids.
@@ -23,9 +24,18 @@ Block skipping is an optimisation on top, driven by the scalars:
     Without `group_sorted` nothing is skipped for group kinds (still correct).
   * every kind: key blocks at or beyond `mask.kv_length[b]` (packed inference).
   * causal: key blocks above the diagonal.
-The live set is always one contiguous range, and it is exactly the set of blocks that
-hold at least one allowed (query, key) pair when the mask is in sorted/packed form
+For these kinds the live set is one contiguous range, and it is exactly the set of blocks
+that hold at least one allowed (query, key) pair when the mask is in sorted/packed form
 (tested), so the count in `block_counts` is both safe and tight.
+  * block kinds (block_causal / block_same_group / block_other_group, the block PGM):
+    the live set is not one range (a partition query tile needs its own partition tile
+    and a prefix of the clean stream). The wrapper decides the live tile pairs from
+    per-tile summaries (`tile_alive`: block / group ranges of partition tokens, the
+    extreme clean block; the diagonal pairs exactly) and passes a table per row (query
+    block; for dk/dv key block): two fetch ranges covering every live block and the live
+    bits. Kernels compute a step iff its bit is set; TPU index maps fetch inside the
+    ranges only (the gap repeats the last block: no DMA). In the block PGM's layouts the
+    live set is exactly the tiles holding an allowed pair (tested).
 
 Rows with no valid key return 0 and get zero gradients (as the dense oracle).
 
