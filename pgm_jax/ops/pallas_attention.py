@@ -32,8 +32,8 @@ that hold at least one allowed (query, key) pair when the mask is in sorted/pack
     and a prefix of the clean stream). The wrapper decides the live tile pairs from
     per-tile summaries (`tile_alive`: block / group ranges of partition tokens, the
     extreme clean block; the diagonal pairs exactly) and passes a table per row (query
-    block; for dk/dv key block): two fetch ranges covering every live block and the live
-    bits. Kernels compute a step iff its bit is set; TPU index maps fetch inside the
+    block; for dk/dv key block): two fetch ranges covering every live block (the first
+    run, then the rest) and the live bits. Kernels compute a step iff its bit is set; TPU index maps fetch inside the
     ranges only (the gap repeats the last block: no DMA). In the block PGM's layouts the
     live set is exactly the tiles holding an allowed pair (tested).
 
@@ -301,33 +301,32 @@ def tile_alive(spec: KernelSpec, qg, qb, kvg, kvb, kvv, q_len: Optional[int] = N
   return live.at[:, i, i].set(live[:, i, i] & exact)
 
 
+def _first(x, n: int):
+  """Index of the first True along the last axis, n if none."""
+  return jnp.min(jnp.where(x, jnp.arange(n, dtype=jnp.int32), jnp.int32(n)), axis=-1)
+
+
 def _live_table(alive):
   """int32 [B, R, 4 + ceil(N / 32)] from bool alive [B, R, N]: per row (lo1, hi1, lo2, hi2)
-  = two block ranges covering every live block (the hull, cut at its longest dead gap;
-  an empty second range is [hi1, hi1), no live block at all is all zeros), then the live
-  bits, 32 per int32 word (bit j % 32 of word j // 32)."""
+  = two block ranges covering every live block (the first run of live blocks, then the
+  rest of the hull; an empty second range is [hi1, hi1), no live block at all is all
+  zeros), then the live bits, 32 per int32 word (bit j % 32 of word j // 32).
+  Min/max reductions only (cumulative ops and argmax compile several times slower for
+  TPU). In the block PGM's layouts a row's live blocks are at most two runs (a diagonal
+  tile, a clean prefix; the cache prefix, the current block), so the ranges are exact."""
   batch, rows, n = alive.shape
   idx = jnp.arange(n, dtype=jnp.int32)
-  any_live = alive.any(axis=-1)
-  first = jnp.argmax(alive, axis=-1).astype(jnp.int32)
-  last = (n - 1 - jnp.argmax(alive[..., ::-1], axis=-1)).astype(jnp.int32)
-  prev = lax.cummax(jnp.where(alive, idx, -1), axis=2)                # last live <= j
-  nxt = lax.cummin(jnp.where(alive, idx, n), axis=2, reverse=True)    # first live >= j
-  inside = ~alive & (idx > first[..., None]) & (idx < last[..., None])
-  gap = jnp.where(inside, nxt - prev - 1, 0)
-  j = jnp.argmax(gap, axis=-1)[..., None]
-  has_gap = jnp.max(gap, axis=-1) > 0
-  cut_lo = jnp.take_along_axis(prev, j, axis=-1)[..., 0] + 1
-  cut_hi = jnp.take_along_axis(nxt, j, axis=-1)[..., 0]
-  end = last + 1
-  ranges = jnp.stack([first, jnp.where(has_gap, cut_lo, end), jnp.where(has_gap, cut_hi, end),
-                      end], axis=-1)
-  ranges = jnp.where(any_live[..., None], ranges, 0).astype(jnp.int32)
+  first = _first(alive, n)
+  end = jnp.max(jnp.where(alive, idx, -1), axis=-1) + 1                # 0 if none
+  hi1 = jnp.minimum(_first(~alive & (idx > first[..., None]), n), end)
+  lo2 = jnp.minimum(_first(alive & (idx >= hi1[..., None]), n), end)
+  ranges = jnp.stack([first, hi1, lo2, end], axis=-1)
+  ranges = jnp.where((end > 0)[..., None], ranges, 0)
   words = -(-n // 32)
   bits = jnp.pad(alive, ((0, 0), (0, 0), (0, words * 32 - n))).reshape(batch, rows, words, 32)
-  packed = jnp.sum(bits.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32), axis=-1,
-                   dtype=jnp.uint32)
-  return jnp.concatenate([ranges, lax.bitcast_convert_type(packed, jnp.int32)], axis=-1)
+  one = jnp.left_shift(jnp.int32(1), jnp.arange(32, dtype=jnp.int32))   # bit 31: INT32_MIN
+  packed = jnp.sum(jnp.where(bits, one, 0), axis=-1, dtype=jnp.int32)
+  return jnp.concatenate([ranges, packed], axis=-1)
 
 
 def _tab_bit(tab, base, i):
