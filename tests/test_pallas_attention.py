@@ -166,18 +166,24 @@ def test_causal_and_full_kernels_match_oracle():
                        backend="gpu", interpret=True)
 
 
-@pytest.mark.parametrize("kind", ["other_group", "packed"])
+@pytest.mark.parametrize("kind", ["other_group", "packed", "block_other_group"])
 @pytest.mark.slow
 def test_tpu_interpreter(kind):
   """The Mosaic kernels under the stricter TPU interpreter (scalar prefetch in SMEM,
-  VMEM scratch, uninitialised memory = NaN)."""
+  VMEM scratch, uninitialised memory = NaN). block_other_group: the block PGM decoder
+  (32 queries, 64 keys padded to 128, b = 4; the live table in SMEM, stacked vectors)."""
   rng = np.random.default_rng(11)
   length = 64
+  q_len = length
   if kind == "packed":
     mask = AttentionMask.packed(jnp.asarray([0, 40], jnp.int32), length)
+  elif kind == "block_other_group":
+    q_len = length // 2
+    mask = masks.block_training_masks(jnp.asarray(partitions(q_len, 4, rng)[[0, 1]]),
+                                      4)["decoder"]
   else:
     mask = sorted_mask(kind, partitions(length, 16, rng)[[0, 3]])
-  q, k, v, ct = qkv(rng, 2, length, length, 1, 32)
+  q, k, v, ct = qkv(rng, 2, q_len, length, 1, 32)
   check_against_oracle(q, k, v, ct, mask, block_q=16, block_kv=32, backend="tpu",
                        interpret=pltpu.InterpretParams())
 

@@ -416,20 +416,24 @@ def _finalize(acc, m, l):
 # ----------------------------------------------------------------------------
 # Kernel operands. Scalars: TPU scalar prefetch (q_split, kv_split, kv_length [B] and,
 # block kinds, the flattened live table); GPU: meta [B, 4] (and the table [B, n, W']).
-# Per-position vectors: qg, kvg, kvv (every kind), then qb, kvb (block kinds).
+# Per-position vectors: qg, kvg, kvv (every kind), then qb, kvb (block kinds; on TPU
+# stacked as [B, Lq, 2] = (qg, qb) and [B, 3, Lk] = (kvg, kvv, kvb): a [B, Lq, 1] operand
+# is padded to 128 lanes in HBM, so a separate qb would cost as much as qg again).
 # ----------------------------------------------------------------------------
 
 def _num_scalars(spec: KernelSpec, backend: str) -> int:
   return (4 if backend == "tpu" else 2) if _is_block(spec) else (3 if backend == "tpu" else 1)
 
 
-def _num_vecs(spec: KernelSpec) -> int:
-  return 5 if _is_block(spec) else 3
+def _num_vecs(spec: KernelSpec, backend: str) -> int:
+  if not _is_block(spec):
+    return 3
+  return 2 if backend == "tpu" else 5     # TPU: (qg, qb) and (kvg, kvv, kvb) stacked
 
 
 def _split_refs(spec: KernelSpec, refs, n_main: int, backend: str):
   """Kernel refs -> (scalars, main operands, vectors, outputs + scratch)."""
-  ns, nv = _num_scalars(spec, backend), _num_vecs(spec)
+  ns, nv = _num_scalars(spec, backend), _num_vecs(spec, backend)
   return (refs[:ns], refs[ns:ns + n_main], refs[ns + n_main:ns + n_main + nv],
           refs[ns + n_main + nv:])
 
@@ -444,8 +448,12 @@ def _tpu_masks(spec, qi, ki, vecs):
   if spec.mode == "causal":
     row = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     col = ki * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  qg, kvg, kvv, *blocks = (r[...] for r in vecs)
-  return _block_mask(spec, qg, kvg, kvv, row, col, *blocks)
+  if _is_block(spec):
+    qv, kv = vecs[0][...], vecs[1][...]                 # [bq, 2], [3, bk]
+    return _block_mask(spec, qv[:, 0:1], kv[0:1, :], kv[1:2, :], row, col, qv[:, 1:2],
+                       kv[2:3, :])
+  qg, kvg, kvv = (r[...] for r in vecs)
+  return _block_mask(spec, qg, kvg, kvv, row, col)
 
 
 def _tpu_fwd_kernel(*refs, spec: KernelSpec):
@@ -546,17 +554,18 @@ def _tpu_scalars(spec, aux, dkv: bool = False):
 
 
 def _tpu_vecs(spec, aux):
-  vecs = (aux.qg[:, :, None], aux.kvg[:, None, :], aux.kvv[:, None, :])
   if _is_block(spec):
-    vecs += (aux.qb[:, :, None], aux.kvb[:, None, :])
-  return vecs
+    return (jnp.stack([aux.qg, aux.qb], axis=-1), jnp.stack([aux.kvg, aux.kvv, aux.kvb], axis=1))
+  return (aux.qg[:, :, None], aux.kvg[:, None, :], aux.kvv[:, None, :])
 
 
-def _tpu_vec_specs(spec, qvec_spec, kvec_spec):
-  specs = [qvec_spec, kvec_spec, kvec_spec]
+def _tpu_vec_specs(spec, q_map, kv_map):
+  """BlockSpecs of `_tpu_vecs` from the index maps of a query / key block."""
+  bq, bk = spec.block_q, spec.block_kv
   if _is_block(spec):
-    specs += [qvec_spec, kvec_spec]
-  return specs
+    return [pl.BlockSpec((None, bq, 2), q_map), pl.BlockSpec((None, 3, bk), kv_map)]
+  kvec = pl.BlockSpec((None, 1, bk), kv_map)
+  return [pl.BlockSpec((None, bq, 1), q_map), kvec, kvec]
 
 
 def _tpu_forward(spec, q, k, v, aux):
@@ -568,13 +577,12 @@ def _tpu_forward(spec, q, k, v, aux):
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, qi, ki, *_: (b, h, qi, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D),
                          lambda b, h, qi, ki, *s: (b, h, kv_index(b, qi, ki, s), 0))
-  qvec_spec = pl.BlockSpec((None, bq, 1), lambda b, h, qi, ki, *_: (b, qi, 0))
-  kvec_spec = pl.BlockSpec((None, 1, bk),
-                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, qi, ki, s)))
+  qvec_map = lambda b, h, qi, ki, *_: (b, qi, 0)
+  kvec_map = lambda b, h, qi, ki, *s: (b, 0, kv_index(b, qi, ki, s))
   lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, qi, ki, *_: (b, h, qi, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=len(scalars), grid=(B, H, spec.nq, spec.nk),
-      in_specs=[q_spec, kv_spec, kv_spec] + _tpu_vec_specs(spec, qvec_spec, kvec_spec),
+      in_specs=[q_spec, kv_spec, kv_spec] + _tpu_vec_specs(spec, qvec_map, kvec_map),
       out_specs=[q_spec, lse_spec],
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, D), jnp.float32)])
@@ -601,15 +609,14 @@ def _tpu_backward(spec, q, k, v, aux, lse, delta, do):
   kv_spec = pl.BlockSpec((None, None, bk, D),
                          lambda b, h, qi, ki, *s: (b, h, kv_index(b, qi, ki, s), 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, qi, ki, *_: (b, h, qi, 0))
-  qvec_spec = pl.BlockSpec((None, bq, 1), lambda b, h, qi, ki, *_: (b, qi, 0))
-  kvec_spec = pl.BlockSpec((None, 1, bk),
-                           lambda b, h, qi, ki, *s: (b, 0, kv_index(b, qi, ki, s)))
+  qvec_map = lambda b, h, qi, ki, *_: (b, qi, 0)
+  kvec_map = lambda b, h, qi, ki, *s: (b, 0, kv_index(b, qi, ki, s))
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(scalars), grid=(B, H, spec.nq, spec.nk),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-          + _tpu_vec_specs(spec, qvec_spec, kvec_spec),
+          + _tpu_vec_specs(spec, qvec_map, kvec_map),
           out_specs=q_spec, scratch_shapes=[scratch(bq)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_tpu_params(), interpret=spec.interpret_arg,
@@ -623,15 +630,14 @@ def _tpu_backward(spec, q, k, v, aux, lse, delta, do):
   kv_spec2 = pl.BlockSpec((None, None, bk, D), lambda b, h, ki, qi, *_: (b, h, ki, 0))
   row_spec2 = pl.BlockSpec((None, None, bq, 1),
                            lambda b, h, ki, qi, *s: (b, h, q_index(b, ki, qi, s), 0))
-  qvec_spec2 = pl.BlockSpec((None, bq, 1),
-                            lambda b, h, ki, qi, *s: (b, q_index(b, ki, qi, s), 0))
-  kvec_spec2 = pl.BlockSpec((None, 1, bk), lambda b, h, ki, qi, *_: (b, 0, ki))
+  qvec_map2 = lambda b, h, ki, qi, *s: (b, q_index(b, ki, qi, s), 0)
+  kvec_map2 = lambda b, h, ki, qi, *_: (b, 0, ki)
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(scalars), grid=(B, H, spec.nk, spec.nq),
           in_specs=[q_spec2, kv_spec2, kv_spec2, q_spec2, row_spec2, row_spec2]
-          + _tpu_vec_specs(spec, qvec_spec2, kvec_spec2),
+          + _tpu_vec_specs(spec, qvec_map2, kvec_map2),
           out_specs=[kv_spec2, kv_spec2], scratch_shapes=[scratch(bk), scratch(bk)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_tpu_params(), interpret=spec.interpret_arg,
