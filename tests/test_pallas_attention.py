@@ -473,7 +473,7 @@ def test_block_count_report_of_the_block_pgm():
   assert report["block_same_group"]["per_example"] == [80, 80]
   assert report["block_other_group"]["per_example"] == [44, 44]
   assert report["block_causal"]["per_example"] == [36, 36]
-  for kind in masks.BLOCK_KINDS:
+  for kind in masks.BLOCK_MASKS:
     assert report[kind]["alive_fraction"] == masks.block_alive_fraction(kind, 1024, 16)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pgm_jax import objectives
 from pgm_jax.families.base import Family, dummy_tokens, stratified_times
 from pgm_jax.models.pgm_block import BLOCK_QUERY_MODES, BlockPartitionDiT
+from pgm_jax.ops import masks
 from pgm_jax.samplers import pgm_block as block_samplers
 
 
@@ -101,14 +102,11 @@ class BlockPGMFamily(Family):
     return int(config.sample.get("max_len", 0) or 0) or int(config.data.seq_len)
 
   def attention_layers(self, model_cfg, seq_len):
-    # Expected alive (query, key) pairs per layer in units of L^2 (so above 1 for the
-    # encoder, whose layout is 2L x 2L). With K = L / b blocks and t ~ U[0, 1] per block:
-    # encoder: same group in the block 2/3 L b + earlier clean blocks L (L - b) / 2 + the
-    # clean stream's block-causal L (L + b) / 2 = L^2 + 2/3 L b; decoder (L x 2L): other
-    # group in the block 1/3 L b + earlier clean blocks L (L - b) / 2.
+    # Expected alive (query, key) pairs per layer in units of L^2 (`block_alive_fraction` is
+    # over the 2L x 2L encoder layout and the L x 2L decoder layout, one t per block).
     b = model_cfg.block_len or seq_len
-    enc = 1.0 + 2.0 * b / (3.0 * seq_len)
-    dec = b / (3.0 * seq_len) + (seq_len - b) / (2.0 * seq_len)
+    enc = 4.0 * masks.block_alive_fraction("block_same_group", seq_len, b)
+    dec = 2.0 * masks.block_alive_fraction("block_other_group", seq_len, b)
     return ([("block_same_group", enc)] * model_cfg.enc_layers
             + [("block_other_group", dec)] * (model_cfg.dec_layers + 1))
 

@@ -178,8 +178,8 @@ def block_alive_fraction(kind: str, seq_len: int, block_len: int) -> float:
     block_other_group = (L - b) / (4L) + (b - 1) / (6L)
     block_causal      = (L + b) / (2L)
   """
-  if kind not in BLOCK_KINDS:
-    raise ValueError(f"block_alive_fraction: kind must be one of {BLOCK_KINDS}, got {kind!r}")
+  if kind not in BLOCK_MASKS:
+    raise ValueError(f"block_alive_fraction: kind must be one of {BLOCK_MASKS}, got {kind!r}")
   length, b = int(seq_len), int(block_len)
   if length <= 0 or b <= 0:
     raise ValueError(f"block_alive_fraction: seq_len and block_len must be positive, "

@@ -58,7 +58,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltr
 
 from pgm_jax.ops import masks, target
-from pgm_jax.ops.masks import BLOCK_KINDS, CLEAN_GROUP, AttentionMask, block_allowed
+from pgm_jax.ops.masks import BLOCK_MASKS, CLEAN_GROUP, AttentionMask, block_allowed
 from pgm_jax.ops.partition_layout import sort_by_group
 
 BACKENDS = ("tpu", "gpu")
@@ -238,7 +238,7 @@ _BIG = 1 << 30        # sentinel block / group id of "no such token in this tile
 
 
 def _is_block(spec: KernelSpec) -> bool:
-  return spec.mode in BLOCK_KINDS
+  return spec.mode in BLOCK_MASKS
 
 
 def tile_alive(spec: KernelSpec, qg, qb, kvg, kvb, kvv, q_len: Optional[int] = None):
