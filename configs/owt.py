@@ -13,7 +13,8 @@ then train, e.g. on a pod (see launch/):
 
 Presets: mdlm (12 layers, 768), mdlm_complement (the same MDLM trained with the
 complement-MDLM objective, two views per sequence: 2 accumulation steps, as the reference's
-16 GPUs x 16), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16), runlocal
+16 GPUs x 16), pgm_6_6 (default), pgm_8_8, pgm_6_6_dim1024 (1024/16), pgm_block_6_6 (the block PGM,
+docs/method.md §9: 6+6/768, blocks of 16 tokens; remat, its encoder runs on 2L), runlocal
 (shrinks everything for a CPU smoke run; still needs data_dir).
 
 SDTT distillation of a trained model (method §8, pgm_jax/distill.py): presets
@@ -48,6 +49,9 @@ _MODELS = {
     "pgm_8_8": dict(kind="pgm", hidden=768, num_heads=12, enc_layers=8, dec_layers=8),
     "pgm_6_6_dim1024": dict(kind="pgm", hidden=1024, num_heads=16, enc_layers=6,
                             dec_layers=6),
+    # Not in the paper: the block PGM (docs/method.md §9), the PGM 6+6 in blocks of 16.
+    "pgm_block_6_6": dict(kind="pgm_block", hidden=768, num_heads=12, enc_layers=6,
+                          dec_layers=6, block_len=16),
 }
 
 # The paper's distillation runs (method §8): preset -> the model it distils.

@@ -140,6 +140,28 @@ def test_cached_sampler_equals_full_recomputation(pgm_params, block_len, steps):
   assert cached.passes == naive.passes
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 1.0])
+def test_confidence_threshold_cached_equals_full_recomputation(pgm_params, threshold):
+  """confidence-threshold inside each block: cached == naive token for token; threshold 0
+  takes one pass per block, 1.0 one reveal per step (capped by the block's step budget)."""
+  model = BlockPartitionDiT(_cfg(4))
+  prompt = _prompt_with_infill(3, L, bos=0)
+  kw = dict(model=model, sampler="confidence-threshold", steps=8, seed=2, mask_id=MASK,
+            bucket_size=8, threshold=threshold)
+  cached = block_samplers.block_sample(pgm_params, prompt, **kw)
+  naive = block_samplers.block_sample(pgm_params, prompt, execution="naive", **kw)
+  np.testing.assert_array_equal(cached.tokens, naive.tokens)
+  np.testing.assert_array_equal(cached.seq_passes, naive.seq_passes)
+  assert (cached.tokens != MASK).all()
+  np.testing.assert_array_equal(cached.tokens[prompt.known], prompt.tokens[prompt.known])
+  blocks_to_fill = [sum((~prompt.known[r, k * 4:(k + 1) * 4]).any() for k in range(4))
+                    for r in range(3)]
+  if threshold == 0.0:
+    np.testing.assert_array_equal(cached.seq_passes, blocks_to_fill)
+  if threshold == 1.0:  # 2 steps per block (8 steps / 4 blocks): 1 reveal, then the rest
+    np.testing.assert_array_equal(cached.seq_passes, [2 * n for n in blocks_to_fill])
+
+
 def test_generation_stops_at_the_first_block_holding_eos(pgm_params):
   """A model that puts all its mass on EOS after block 0: every sample is cut there, and
   the run stops after block 1 instead of running all blocks."""

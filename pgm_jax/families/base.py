@@ -154,10 +154,11 @@ class Family:
   def sample_text(self, params, prompt, *, model, sampler: str, steps: int, seed: int,
                   mask_id: int, top_p: float, temperature: float, bucket_size: int = 0,
                   progress: Optional[Callable[[int, int], None]] = None,
-                  threshold: float = 0.9):
-    """Samples of `sampler` from `prompt`: a samplers.SampleResult. `threshold` is
-    config.sample.threshold (the confidence-threshold sampler's; others ignore it)."""
-  sample_length(config)                  the canvas length of a text sample (config.data.seq_len)
+                  threshold: float = 0.9, eos_id: Optional[int] = None):
+    """Samples of `sampler` from `prompt` (its length is `sample_length`): a
+    samplers.SampleResult. `threshold` is config.sample.threshold (the confidence-threshold
+    sampler's; others ignore it). `eos_id`: the tokenizer's EOS, for families that stop there
+    (`stops_at_eos`, SampleResult.lengths); the others ignore it."""
     raise ValueError(f"config.model.kind={self.name!r} does not sample text")
 
   def sample_length(self, config) -> int:

@@ -92,11 +92,12 @@ class BlockPGMFamily(Family):
     return objectives.pgm_loss_terms_from_log_probs(logp, group, t_BxL, valid)
 
   def sample_text(self, params, prompt, *, model, sampler, steps, seed, mask_id, top_p,
-                  temperature, bucket_size=0, progress=None, eos_id=None):
+                  temperature, bucket_size=0, progress=None, threshold=0.9, eos_id=None):
     return block_samplers.block_sample(params, prompt, model=model, sampler=sampler,
                                        steps=steps, seed=seed, mask_id=mask_id, eos_id=eos_id,
                                        top_p=top_p, temperature=temperature,
-                                       bucket_size=bucket_size, progress=progress)
+                                       bucket_size=bucket_size, progress=progress,
+                                       threshold=threshold)
 
   def sample_length(self, config) -> int:
     return int(config.sample.get("max_len", 0) or 0) or int(config.data.seq_len)

@@ -2,9 +2,11 @@
 
 For block k (positions k*b .. k*b + b - 1), every sampler runs the same plan: a random
 order of the block's unknown positions and a count schedule (`uniform` over
-`steps_per_block` steps), or, for `confidence-threshold`, as many steps as the threshold
-rule needs (`samplers.common.threshold_reveal`). Draws are keyed by (sequence, position,
-step) as in every PGM sampler, so the executions give the same tokens:
+`steps_per_block` steps), or, with `rule="threshold"` (config.sample.sampler =
+confidence-threshold), every unknown position of the block queried at each step and
+revealed by `samplers.common.threshold_reveal` (at least one per step; the block's last
+allowed step reveals the rest). Draws are keyed by (sequence, position, step) as in every
+PGM sampler, so the executions give the same tokens:
 
   * block-efficient: the cache holds the clean stream of finished blocks (every encoder
     layer's keys and values, and GroupSwap's and every decoder layer's keys and values of
@@ -34,12 +36,17 @@ import numpy as np
 
 from pgm_jax.core import sharding
 from pgm_jax.ops.masks import CLEAN_GROUP
-from pgm_jax.samplers.common import (TRACE_COUNTS, Prompt, SampleResult, device_put_fn,
-                                     filtered_log_probs, keyed_gumbel_argmax, lowered_flops,
-                                     params_mesh_context)
+from pgm_jax.samplers.common import (THRESHOLD_SAMPLER, TRACE_COUNTS, Prompt, SampleResult,
+                                     device_put_fn, filtered_log_probs, keyed_gumbel_argmax,
+                                     lowered_flops, params_mesh_context, threshold_log_probs,
+                                     threshold_reveal)
 from pgm_jax.samplers.pgm import make_schedule, random_orders
 
-BLOCK_SAMPLERS = ("block-efficient", "block-naive")
+BLOCK_SAMPLERS = ("block-efficient", "block-naive", THRESHOLD_SAMPLER)
+# Executions of each sampler: (cached?, reveal rule). confidence-threshold runs cached; its
+# uncached twin (the tests' oracle) is `block_sample(..., execution="naive")`.
+_EXECUTIONS = {"block-efficient": (True, "count"), "block-naive": (False, "count"),
+               THRESHOLD_SAMPLER: (True, "threshold")}
 
 TRACE_COUNTS.setdefault("pgm_block", 0)
 
@@ -65,9 +72,22 @@ def _cache_valid(batch: int, n_cache: int, block: jax.Array, block_len: int):
   return jnp.broadcast_to(jnp.arange(n_cache)[None] < block * block_len, (batch, n_cache))
 
 
-def _draw(params, st: BlockState, q_pos, q_valid, key, *, model, n_cache, mask_id, top_p,
-          temperature, block):
-  """Encoder on the block's known tokens + cache, decoder on q_pos: the draw at q_pos."""
+def _choose(logits, canvas, q_pos, q_valid, key, threshold, force_all, *, rule, mask_id,
+            top_p, temperature):
+  """(draw, reveal) at the query slots: the keyed draw, revealed where q_valid ("count"), or
+  by the threshold rule among the still-unknown positions ("threshold")."""
+  rows = jnp.arange(canvas.shape[0])
+  if rule == "threshold":
+    logp, conf_logp = threshold_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
+    unknown = jnp.take_along_axis(canvas, q_pos, axis=1) == mask_id
+    return threshold_reveal(logp, q_valid & unknown, key, rows, q_pos, threshold, force_all,
+                            conf_logp)
+  logp = filtered_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
+  return keyed_gumbel_argmax(key, logp, rows, q_pos), q_valid
+
+
+def _cached_logits(params, st: BlockState, q_pos, *, model, n_cache, block):
+  """Encoder on the block's known tokens + cache, decoder on q_pos: logits [B, Q, V]."""
   batch, b = st.known_tok.shape
   cache_valid = _cache_valid(batch, n_cache, block, b)
   known_valid = jnp.arange(b)[None] < st.known_len[:, None]
@@ -76,10 +96,8 @@ def _draw(params, st: BlockState, q_pos, q_valid, key, *, model, n_cache, mask_i
   enc, _ = model.apply({"params": params}, st.known_tok, st.known_pos,
                        jnp.zeros_like(st.known_tok), known_valid, enc_cache, cache_valid,
                        method="encode_cached")
-  logits = model.apply({"params": params}, enc, st.known_pos, known_valid, q_pos, dec_cache,
-                       cache_valid, method="decode_cached")
-  logp = filtered_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
-  return keyed_gumbel_argmax(key, logp, jnp.arange(batch), q_pos), logp
+  return model.apply({"params": params}, enc, st.known_pos, known_valid, q_pos, dec_cache,
+                     cache_valid, method="decode_cached")
 
 
 def _reveal(st: BlockState, q_pos, reveal, draw):
@@ -96,12 +114,13 @@ def _reveal(st: BlockState, q_pos, reveal, draw):
       known_len=st.known_len + reveal.sum(1).astype(jnp.int32))
 
 
-def _efficient_step(params, st: BlockState, q_pos, q_valid, key, block, *, model, n_cache,
-                    mask_id, top_p, temperature):
+def _efficient_step(params, st: BlockState, q_pos, q_valid, key, block, threshold, force_all,
+                    *, model, n_cache, rule, mask_id, top_p, temperature):
   TRACE_COUNTS["pgm_block"] += 1
-  draw, _ = _draw(params, st, q_pos, q_valid, key, model=model, n_cache=n_cache,
-                  mask_id=mask_id, top_p=top_p, temperature=temperature, block=block)
-  return _reveal(st, q_pos, q_valid, draw)
+  logits = _cached_logits(params, st, q_pos, model=model, n_cache=n_cache, block=block)
+  draw, reveal = _choose(logits, st.canvas, q_pos, q_valid, key, threshold, force_all,
+                         rule=rule, mask_id=mask_id, top_p=top_p, temperature=temperature)
+  return _reveal(st, q_pos, reveal, draw)
 
 
 def _commit(params, st: BlockState, block, *, model, n_cache):
@@ -129,8 +148,8 @@ def _commit(params, st: BlockState, block, *, model, n_cache):
                              dec_cache=append(st.dec_cache, dec_kv))
 
 
-def _naive_step(params, canvas, q_pos, q_valid, key, block, *, model, block_len, mask_id,
-                top_p, temperature):
+def _naive_step(params, canvas, q_pos, q_valid, key, block, threshold, force_all, *, model,
+                block_len, rule, mask_id, top_p, temperature):
   """The training layout on the whole canvas: the current block's unknown positions are
   group 1, everything else group 0 (only the block's own groups and the clean stream of
   earlier blocks reach its predictions)."""
@@ -140,18 +159,18 @@ def _naive_step(params, canvas, q_pos, q_valid, key, block, *, model, block_len,
   group = (in_block[None] & (canvas == mask_id)).astype(jnp.int32)
   logits = model.apply({"params": params}, canvas, group, train=False)
   logits = jnp.take_along_axis(logits, q_pos[..., None], axis=1)
-  logp = filtered_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
-  draw = keyed_gumbel_argmax(key, logp, jnp.arange(batch), q_pos)
+  draw, reveal = _choose(logits, canvas, q_pos, q_valid, key, threshold, force_all, rule=rule,
+                         mask_id=mask_id, top_p=top_p, temperature=temperature)
   rows = jnp.arange(batch)[:, None]
-  return canvas.at[rows, jnp.where(q_valid, q_pos, length)].set(draw, mode="drop")
+  return canvas.at[rows, jnp.where(reveal, q_pos, length)].set(draw, mode="drop")
 
 
-_STEP_STATIC = ("model", "n_cache", "mask_id", "top_p", "temperature")
+_STEP_STATIC = ("model", "n_cache", "rule", "mask_id", "top_p", "temperature")
 _efficient_step_jit = jax.jit(_efficient_step, static_argnames=_STEP_STATIC,
                               donate_argnames=("st",))
 _commit_jit = jax.jit(_commit, static_argnames=("model", "n_cache"), donate_argnames=("st",))
-_naive_step_jit = jax.jit(_naive_step, static_argnames=("model", "block_len", "mask_id", "top_p",
-                                                        "temperature"))
+_naive_step_jit = jax.jit(_naive_step, static_argnames=("model", "block_len", "rule", "mask_id",
+                                                        "top_p", "temperature"))
 
 
 def _round_up(n: int, multiple: int, cap: int) -> int:
@@ -162,11 +181,14 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
                  mask_id: int, eos_id: Optional[int] = None, top_p: float = 1.0,
                  temperature: float = 1.0, bucket_size: int = 0,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 measure_flops: bool = False, execute: bool = True) -> SampleResult:
+                 measure_flops: bool = False, execute: bool = True, threshold: float = 0.9,
+                 execution: str = "auto") -> SampleResult:
   """Runs a block PGM sampler (module docstring) on `prompt` ([B, max_len]; position 0 is a
   known BOS). `steps` is the budget for the whole sequence (`steps_per_block` per block).
   measure_flops: XLA cost analysis of every program as executed (the bench); execute=False
-  only counts (abstract params are then enough; no EOS stop)."""
+  only counts (abstract params are then enough; no EOS stop). threshold: the
+  confidence-threshold sampler's. execution: "auto" (the sampler's), "cached" or "naive"
+  (the full recomputation, e.g. of confidence-threshold, for tests)."""
   if sampler not in BLOCK_SAMPLERS:
     raise ValueError(f"config.sample.sampler must be one of {BLOCK_SAMPLERS} for the block "
                      f"PGM, got {sampler!r}")
@@ -187,8 +209,16 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
 
   put = device_put_fn(params, batch)
   key = put(jax.random.key(seed))
-  efficient = sampler == "block-efficient"
-  static = dict(model=model, mask_id=mask_id, top_p=top_p, temperature=temperature)
+  efficient, rule = _EXECUTIONS[sampler]
+  if execution not in ("auto", "cached", "naive"):
+    raise ValueError(f"execution must be auto, cached or naive, got {execution!r}")
+  efficient = efficient if execution == "auto" else execution == "cached"
+  if rule == "threshold" and not execute:
+    raise ValueError("the confidence-threshold sampler's passes depend on the weights: "
+                     "it cannot be counted without executing it")
+  static = dict(model=model, rule=rule, mask_id=mask_id, top_p=top_p, temperature=temperature)
+  threshold_dev = put(np.float32(threshold))
+  seq_passes = np.zeros((batch,), np.int64)
   traces_before = TRACE_COUNTS["pgm_block"]
   if efficient:
     head_dim = cfg.hidden // cfg.num_heads
@@ -234,31 +264,43 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
                                  known_len=put(klen))
       n_unknown = (~block_known).sum(1)
       block_order = lo + random_orders(rng, block_known)  # the block's unknown positions
-      counts = make_schedule("uniform", n_unknown, per_block, rng, b)
-      n_query = max(1, -(-b // per_block))
+      if rule == "threshold":  # every position of the block, each step; the rule picks
+        block_order = np.broadcast_to(lo + np.arange(b, dtype=np.int32), (batch, b)).copy()
+        counts = np.full((per_block, batch), b, np.int32) * (n_unknown > 0)[None]
+        n_query = b
+      else:
+        counts = make_schedule("uniform", n_unknown, per_block, rng, b)
+        n_query = max(1, -(-b // per_block))
       cursor = np.zeros((batch,), np.int64)
       n_cache = _round_up(lo, bucket, length)
       block_dev = put(np.int32(block))
-      for counts_k in counts:
-        if int(counts_k.max()) == 0:
+      left = n_unknown.copy()
+      for s, counts_k in enumerate(counts):
+        if int(counts_k.max()) == 0 or (rule == "threshold" and not (left[~done] > 0).any()):
           continue
+        force_all = put(np.bool_(s == len(counts) - 1))
+        seq_passes += (left > 0) & ~done
         j = np.arange(n_query)[None]
         idx = np.minimum(cursor[:, None] + j, b - 1)
         q_pos = np.take_along_axis(block_order, idx, axis=1)
         q_valid = (j < counts_k[:, None]) & ~done[:, None]
         step_key = jax.random.fold_in(key, step_index)
         if efficient:
-          args = (st, put(q_pos), put(q_valid), step_key, block_dev)
+          args = (st, put(q_pos), put(q_valid), step_key, block_dev, threshold_dev, force_all)
           count("step", _efficient_step_jit, *args, n_cache=n_cache, **static)
           if execute:
             st = _efficient_step_jit(params, *args, n_cache=n_cache, **static)
         else:
-          args = (canvas, put(q_pos), put(q_valid), step_key, block_dev)
+          args = (canvas, put(q_pos), put(q_valid), step_key, block_dev, threshold_dev,
+                  force_all)
           count("naive", _naive_step_jit, *args, block_len=b, **static)
           if execute:
             canvas = _naive_step_jit(params, *args, block_len=b, **static)
         cursor += counts_k
         passes += 1
+        if rule == "threshold":  # what is left decides whether the block needs another step
+          block_now = sharding.host_value((st.canvas if efficient else canvas)[:, lo:hi])
+          left = (block_now == mask_id).sum(1)
         step_index += 1
         if progress is not None:
           progress(min(step_index, num_blocks * per_block), num_blocks * per_block)
@@ -284,4 +326,5 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
   return SampleResult(tokens=tokens, sampler=sampler, steps=steps, passes=passes,
                       compiles=TRACE_COUNTS["pgm_block"] - traces_before,
                       seconds=time.perf_counter() - start_time, lengths=lengths,
-                      flops_per_seq=None if flops is None else flops / batch)
+                      flops_per_seq=None if flops is None else flops / batch,
+                      seq_passes=seq_passes)
