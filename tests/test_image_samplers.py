@@ -97,6 +97,18 @@ def test_schedules(n, steps):
     S.halton_counts(n, n + 1)
 
 
+def test_step_shapes_at_the_paper_setting():
+  """ImageNet, S = 32, default bucket max(8, 1025 // 16) = 64: the program shapes a run
+  compiles (what plan mode's what=sample compiles the largest of)."""
+  halton = S.step_shapes("halton", 32, 32, execution="efficient")
+  assert len(halton) == 32 and halton[0] == (64, 64) and halton[-1] == (896, 192)
+  assert max(e for e, _ in halton) == 896 and max(q for _, q in halton) == 192
+  conf = S.step_shapes("confidence", 32, 32, execution="efficient")
+  assert conf[0] == (64, 1024) and conf[-1] == (896, 192)  # queries shrink as n_enc grows
+  assert S.step_shapes("halton", 32, 32, execution="full") == [(0, 1025)] * 32
+  assert S.step_shapes("halton", G, 4, execution="efficient", bucket_size=8)[-1][0] <= L
+
+
 def test_guidance_formula_and_schedules():
   np.testing.assert_allclose(S.cfg_weights(4.0, 5), [0.0, 1.0, 2.0, 3.0, 4.0])
   cond, uncond = jnp.asarray([1.0, -2.0]), jnp.asarray([0.5, 1.0])

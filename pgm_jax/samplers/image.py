@@ -203,6 +203,34 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
   return min(cap, -(-n // multiple) * multiple)
 
 
+def default_bucket(length: int) -> int:
+  """The bucket of config.sample.bucket_size = 0: max(8, L / 16)."""
+  return max(8, length // 16)
+
+
+def step_shapes(sampler: str, grid: int, steps: int, *, execution: str,
+                bucket_size: int = 0) -> list[tuple[int, int]]:
+  """(n_enc, n_query) of every step a run executes (steps that reveal nothing are
+  skipped): the efficient execution's packed encoder length and query count, padded to
+  `bucket_size` (0: `default_bucket`); the full execution's (0, L) at every step. These
+  are the static shapes of the step programs (`image_sample` compiles one per pair)."""
+  n = grid * grid
+  length = n + 1
+  counts = halton_counts(n, steps) if sampler == "halton" else confidence_counts(n, steps)
+  bucket = bucket_size or default_bucket(length)
+  shapes, revealed = [], 0
+  for count in (int(c) for c in counts):
+    if count == 0:
+      continue
+    if execution == "efficient":
+      shapes.append((_round_up(1 + revealed, bucket, length),
+                     _round_up(count if sampler == "halton" else n - revealed, bucket, length)))
+    else:
+      shapes.append((0, length))
+    revealed += count
+  return shapes
+
+
 # ----------------------------------------------------------------------------
 # One step (jitted; bounded number of programs).
 # ----------------------------------------------------------------------------
@@ -401,8 +429,7 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
   if execution not in EXECUTIONS or execution not in available:
     raise ValueError(f"image_sample: execution {execution!r} is not available for {cfg.kind}")
   labels = np.asarray(labels, np.int32).reshape(-1)
-  batch, n = len(labels), grid * grid
-  length = n + 1
+  batch = len(labels)
   if labels.min(initial=0) < 0 or labels.max(initial=0) > cfg.num_classes:
     raise ValueError(f"image_sample: labels must be in [0, {cfg.num_classes}] "
                      f"(config.model.num_classes; {cfg.num_classes} = the null class)")
@@ -411,7 +438,8 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
   plan = image_plan(sampler, batch, grid, steps, cfg_w=cfg_w, temperature=temperature,
                     temperature_min=temperature_min, r_temp=r_temp, order=order)
   mask_id, bos_id = cfg.mask_id, cfg.mask_id + 1
-  bucket = bucket_size or max(8, length // 16)
+  shapes_of_steps = iter(step_shapes(sampler, grid, steps, execution=execution,
+                                     bucket_size=bucket_size))
   put = device_put_fn(params, batch)
   st = _initial_state(plan.order, mask_id, bos_id, put)
   labels_dev, key = put(labels), put(jax.random.key(seed))
@@ -425,18 +453,14 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
   traces_before = TRACE_COUNTS["image"]
   flops = 0.0 if measure_flops else None
   cost_cache: dict = {}
-  revealed, passes = 0, 0
+  passes = 0
   start = time.perf_counter()
   with params_mesh_context(params):
     for k, count in enumerate(plan.counts):
       count = int(count)
       if count == 0:
         continue
-      if execution == "efficient":
-        n_enc = _round_up(1 + revealed, bucket, length)
-        n_query = _round_up(count if sampler == "halton" else n - revealed, bucket, length)
-      else:
-        n_enc, n_query = 0, length
+      n_enc, n_query = next(shapes_of_steps)
       shapes = dict(static, n_enc=n_enc, n_query=n_query)
       args = (params, st, labels_dev, key, put(np.int32(k)), put(np.int32(count)),
               put(plan.w[k]), put(plan.temperature[k]), put(plan.noise[k]))
@@ -446,7 +470,6 @@ def image_sample(params, labels, *, model, sampler: str, steps: int, seed: int, 
         flops += cost_cache[(n_enc, n_query)]
       if execute:
         st = _image_step_jit(*args, **shapes)
-      revealed += count
       passes += 1
       if progress is not None:
         progress(k + 1, len(plan.counts))
@@ -480,5 +503,6 @@ def analytic_flops_per_image(model_cfg, sampler: str, grid: int, steps: int, *, 
 
 __all__ = ["IMAGE_SAMPLERS", "EXECUTIONS", "REFERENCE_QUIRKS", "ImagePlan", "analytic_flops_per_image",
            "cfg_logits", "cfg_weights", "confidence_counts", "confidence_noise",
-           "default_execution", "executions", "halton_counts", "halton_order", "halton_sequence",
-           "halton_temperatures", "image_plan", "image_sample", "parse_reference_compat"]
+           "default_bucket", "default_execution", "executions", "halton_counts", "halton_order", "halton_sequence",
+           "halton_temperatures", "image_plan", "image_sample", "parse_reference_compat",
+           "step_shapes"]
