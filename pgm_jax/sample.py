@@ -159,11 +159,17 @@ def _vq_tokenizer(path: str):
   return vq.load_vq(path)
 
 
+def has_vq_decoder(config) -> bool:
+  """Whether the samples of `config` are VQ codes that `decode_images` turns into pixels
+  with the VQ-8 decoder (not the digits, whose tokens are the pixels)."""
+  return config.data.name != "digits"
+
+
 def image_decoder(config):
   """The VQ-8 tokenizer of config.data.tokenizer_path, checked against the config (None for
   the digits, whose tokens are pixels). Loaded once per path; call it before sampling so that
   a wrong file fails before any work."""
-  if config.data.name == "digits":
+  if not has_vq_decoder(config):
     return None
   path = config.data.get("tokenizer_path") or ""
   if not path:
@@ -202,7 +208,7 @@ def write_image_samples(config, tokens, labels, rows: int, cols: int, prefix: st
   np.savez(buf, codes=codes, labels=np.asarray(labels, np.int32), tokens=np.asarray(tokens))
   fileio.atomic_write_bytes(prefix + ".npz", buf.getvalue())
   paths = {"npz": prefix + ".npz"}
-  if config.data.name != "digits" and not config.data.get("tokenizer_path"):
+  if has_vq_decoder(config) and not config.data.get("tokenizer_path"):
     # No VQ weights: the codes are saved, the picture is not.
     logging.warning("no PNG grid: config.data.tokenizer_path is not set (the VQ-8 weights)")
     return paths

@@ -24,7 +24,7 @@ Hooks (all pure functions of their arguments, jit-able where they touch arrays):
   predict_hidden(params, tokens, hidden, valid, ...)  logits / log p of hidden positions
                                          (masked text families: harness, distillation)
   attention_layers(model_cfg, seq_len)   (mask kind, alive fraction) per attention layer (plan)
-  sampler_program(...)                   one sampler program to compile in plan mode
+  sampler_program(model, setting, sds, key)  one sampler program to compile in plan mode
   torch_name(flax_path)                  the reference state-dict name of a parameter (convert)
   torch_reference                        what its reference checkpoints look like: marker names,
                                          tied entries, description (convert's messages)
@@ -179,10 +179,15 @@ class Family:
     del seq_len
     return [("full", 1.0)] * model_cfg.num_layers
 
-  def sampler_program(self, *, model, batch: int, length: int, steps: int, n_query: int,
-                      mask_id: int, sds: Callable, key) -> dict:
-    """{name, fn, args, static, flops_note}: the sampler's jitted program at the paper's
-    setting, for plan mode to compile as fn(params, *args, **static)."""
+  def sampler_program(self, *, model, setting: dict, sds: Callable, key) -> dict:
+    """{name, fn, args, static, flops_note[, shapes]}: the sampler's jitted program at plan
+    mode's `setting` (plan.json's `setting`), for plan mode to compile on one device as
+    fn(params, *args, **static). `sds(shape, dtype)` is an abstract input on that device,
+    `key` an abstract PRNG key there; `shapes` (optional) are the program's static sizes,
+    reported with it. Text families: setting {batch_size, seq_len, steps, n_query} from
+    config.bench (n_query: the uniform schedule's largest step); image families (ImageFamily):
+    {batch_size, grid, seq_len, steps, sampler, bucket_size, cfg} from config.sample."""
+    del model, setting, sds, key
     raise ValueError(f"config.plan.sample_models: {self.name!r} has no sampler program to "
                      f"plan (use 'pgm' or 'mdlm')")
 
@@ -285,6 +290,47 @@ class ImageFamily(Family):
     return {"vocab_size": vocab_size, "cond_dim": m.hidden,
             "num_classes": int(m.get("num_classes", 0)), "register": int(m.get("register", 0)),
             "num_positions": int(config.data.grid) ** 2}
+
+  def sampler_program(self, *, model, setting: dict, sds: Callable, key) -> dict:
+    """One step of the image sampler (`samplers.image._image_step`) at the largest static
+    shapes a run reaches: the step program of the model's default execution (efficient for
+    the PGM: the packed encoder length n_enc and query count n_query, each the largest of
+    the run's steps, `samplers.image.step_shapes`; full for MaskGIT: the whole canvas), at
+    setting's sampling batch, with classifier-free guidance (the batch doubled inside) when
+    setting["cfg"]. Every other step program of the run is no larger in either size (for
+    Halton the largest pair is the last step; for confidence, whose queries shrink as the
+    encoder grows, it is a bound that no step reaches: `shapes.largest_step_reached`)."""
+    from pgm_jax.samplers import image as image_samplers  # pylint: disable=g-import-not-at-top
+    cfg = model.config
+    execution = image_samplers.default_execution(model)
+    batch, grid = int(setting["batch_size"]), int(setting["grid"])
+    length = grid * grid + 1
+    run = image_samplers.step_shapes(setting["sampler"], grid, int(setting["steps"]),
+                                     execution=execution,
+                                     bucket_size=int(setting["bucket_size"]))
+    n_enc, n_query = max(e for e, _ in run), max(q for _, q in run)
+    # A fresh wrapper, so that no trace cached outside the compile target is reused.
+    # pylint: disable-next=protected-access
+    fn = jax.jit(lambda *a, **k: image_samplers._image_step(*a, **k),
+                 static_argnames=image_samplers._STATIC,  # pylint: disable=protected-access
+                 donate_argnames=("st",))
+    tokens = lambda: sds((batch, length), jnp.int32)
+    st = image_samplers.ImageState(canvas=tokens(), clean_tok=tokens(), clean_pos=tokens(),
+                                   clean_len=sds((batch,), jnp.int32), rem_pos=tokens(),
+                                   rem_len=sds((batch,), jnp.int32))
+    k, count = sds((), jnp.int32), sds((), jnp.int32)
+    w_k, temp_k, noise_k = (sds((), jnp.float32) for _ in range(3))
+    args = (st, sds((batch,), jnp.int32), key, k, count, w_k, temp_k, noise_k)
+    static = dict(model=model, execution=execution, sampler=setting["sampler"], n_enc=n_enc,
+                  n_query=n_query, cfg=bool(setting["cfg"]), mask_id=cfg.mask_id,
+                  bos_id=cfg.mask_id + 1, null_class=cfg.num_classes)
+    return dict(name=f"{self.name}_{execution}_step", fn=fn, args=args, static=static,
+                flops_note="per call (one sampling step; a run calls it once per step, at "
+                           "these shapes or smaller)",
+                shapes=dict(execution=execution, n_enc=n_enc, n_query=n_query,
+                            largest_step_reached=(n_enc, n_query) in run,
+                            programs_in_run=len(set(run)),
+                            model_batch=batch * (2 if setting["cfg"] else 1)))
 
   def train_times(self, rng, batch: dict, config) -> tuple[jax.Array, dict]:
     """r_B ~ U(0, 1) (the "t" slot) and the labels dropped to the null class w.p.

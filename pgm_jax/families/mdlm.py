@@ -61,15 +61,16 @@ class MDLMFamily(DiTFamily):
                                      seed=seed, mask_id=mask_id, top_p=top_p,
                                      temperature=temperature, threshold=threshold)
 
-  def sampler_program(self, *, model, batch, length, steps, n_query, mask_id, sds, key):
-    del n_query
+  def sampler_program(self, *, model, setting, sds, key):
+    batch, length = int(setting["batch_size"]), int(setting["seq_len"])
     # pylint: disable-next=protected-access
     fn = jax.jit(lambda *a, **k: mdlm_samplers._mdlm_run(*a, **k),
                  static_argnames=("model", "steps", "cache", "mask_id", "eps", "top_p",
                                   "temperature"))
     return dict(name="mdlm_ddpm_cache_run", fn=fn, args=(sds((batch, length), jnp.int32), key),
-                static=dict(model=model, steps=steps, cache=True, mask_id=mask_id, eps=1e-5,
-                            top_p=1.0, temperature=1.0),
+                static=dict(model=model, steps=int(setting["steps"]), cache=True,
+                            mask_id=model.config.mask_id, eps=1e-5, top_p=1.0,
+                            temperature=1.0),
                 flops_note="the whole run (loop bodies counted once)")
 
 

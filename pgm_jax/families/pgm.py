@@ -68,8 +68,8 @@ class PGMFamily(Family):
     return ([("same_group", ALIVE_FRACTION["same_group"])] * model_cfg.enc_layers
             + [("other_group", ALIVE_FRACTION["other_group"])] * (model_cfg.dec_layers + 1))
 
-  def sampler_program(self, *, model, batch, length, steps, n_query, mask_id, sds, key):
-    del steps
+  def sampler_program(self, *, model, setting, sds, key):
+    batch, length = int(setting["batch_size"]), int(setting["seq_len"])
     # A fresh wrapper, so that no trace cached outside the compile target is reused.
     # pylint: disable-next=protected-access
     fn = jax.jit(lambda *a, **k: pgm_samplers._pgm_efficient_step(*a, **k),
@@ -82,8 +82,8 @@ class PGMFamily(Family):
                                order=sds((batch, length), jnp.int32),
                                cursor=sds((batch,), jnp.int32))
     return dict(name="pgm_efficient_step", fn=fn, args=(st, sds((batch,), jnp.int32), key),
-                static=dict(model=model, n_enc=length, n_query=n_query, mask_id=mask_id,
-                            top_p=1.0, temperature=1.0),
+                static=dict(model=model, n_enc=length, n_query=int(setting["n_query"]),
+                            mask_id=model.config.mask_id, top_p=1.0, temperature=1.0),
                 flops_note="per call (the PGM run calls it once per step, at growing n_enc)")
 
 

@@ -309,6 +309,12 @@ def _programs(cfg: VQConfig, search_chunk: int):
   return encode, decode
 
 
+def decode_program(cfg: VQConfig = VQConfig(), search_chunk: int = 4096):
+  """The jitted decode(params, codes) that every VQTokenizer of `cfg` runs (plan mode
+  compiles it)."""
+  return _programs(cfg, search_chunk)[1]
+
+
 class VQTokenizer:
   """A VQModel with its parameters and jitted `encode` / `decode` (any batch size)."""
 

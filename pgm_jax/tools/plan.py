@@ -80,8 +80,13 @@ def config_defaults() -> ml_collections.ConfigDict:
   c.what = "train"                       # train: the train step on the mesh | sample: the
                                          # samplers at config.bench.* on ONE chip
   c.max_memory_fraction = 0.9            # fits = peak <= this fraction of device memory
-  c.sample_models = ("pgm", "mdlm")       # what=sample: PGM efficient step, MDLM ddpm_cache
-                                         # (both built from config.model's dimensions)
+  c.sample_models = ("pgm", "mdlm")       # what=sample, text: PGM efficient step, MDLM
+                                         # ddpm_cache (both built from config.model's
+                                         # dimensions); image configs plan their own model
+  c.sample_guidance = True               # what=sample, images: classifier-free guidance on
+                                         # (the batch doubled: the larger program; the
+                                         # paper's FID runs use cfg_w = 2) whatever
+                                         # config.sample.cfg_w; False: as cfg_w says
   return c
 
 
@@ -417,39 +422,98 @@ def compile_plan(config, devices=None, *, compiler: str | None = None) -> dict:
   return result
 
 
-def _sample_programs(config, device, compiler: str) -> dict:
-  """The samplers' programs at config.bench.* on one device (see module docstring)."""
-  from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
-  from pgm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+def _text_sample_setting(config, tok) -> tuple[dict, list]:
+  """Text: config.bench's batch, length and steps; the models of config.plan.sample_models
+  with config.model's dimensions."""
   b = config.bench
   batch, length, steps = int(b.batch_size), int(b.seq_len), int(b.steps)
   if not 1 <= steps <= length - 1:
     raise ValueError(f"config.bench.steps={steps} must be in [1, config.bench.seq_len - 1]")
+  n_query = -(-(length - 1) // steps)  # the uniform schedule's largest step (m = L / S)
+  setting = {"batch_size": batch, "seq_len": length, "steps": steps,
+             "vocab_size": tok.vocab_size, "n_enc": length, "n_query": n_query}
+  base = families.model_config_from(config, vocab_size=tok.vocab_size, mask_id=tok.mask_id)
+  models = []
+  for kind in tuple(config.plan.sample_models):
+    families.get(kind, key="config.plan.sample_models")
+    models.append(dataclasses.replace(base, kind=kind, dropout=0.0))
+  return setting, models
+
+
+def _image_sample_setting(config, tok) -> tuple[dict, list]:
+  """Images: config.sample's batch, steps, sampler and bucket on config.data.grid, the
+  config's own model, guidance as config.plan.sample_guidance says."""
+  from pgm_jax.samplers import image as image_samplers  # pylint: disable=g-import-not-at-top
+  s, grid = config.sample, int(config.data.grid)
+  length = grid * grid + 1
+  setting = {"batch_size": int(s.batch_size), "grid": grid, "seq_len": length,
+             "steps": int(s.steps), "sampler": families.check_sampler(config),
+             "bucket_size": int(s.bucket_size) or image_samplers.default_bucket(length),
+             "cfg": bool(config.plan.get("sample_guidance", True) or float(s.cfg_w) != 0),
+             "cfg_w": float(s.cfg_w), "vocab_size": tok.vocab_size}
+  model_cfg = dataclasses.replace(
+      families.model_config_from(config, vocab_size=tok.vocab_size, mask_id=tok.mask_id),
+      dropout=0.0)
+  return setting, [model_cfg]
+
+
+def _decoder_programs(config, setting: dict, on, compiler: str) -> dict:
+  """The VQ decoder (codes -> pixels) at the batches the sampling paths decode on one
+  device: each sampling batch of the FID evaluation (config.sample.batch_size) and the
+  whole --mode=sample / end-of-training grid at once (`sample.decode_images`). None for a
+  source without one (the digits)."""
+  from pgm_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from pgm_jax.models import vq  # pylint: disable=g-import-not-at-top
+  if not sample_lib.has_vq_decoder(config):
+    return {}
+  vq_cfg = vq.VQConfig(codebook_size=int(config.data.num_codes))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
+                        vq.abstract_params(vq_cfg))
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  grid = setting["grid"]
+  grid_images = len(sample_lib.grid_classes(config)) * int(config.sample.samples_per_class)
+  programs, compiled = {}, {}
+  for name, batch, note in (
+      ("vq_decode_eval_batch", setting["batch_size"], "one sampling batch of the FID eval"),
+      ("vq_decode_sample_grid", grid_images, "the --mode=sample grid, decoded at once")):
+    if batch not in compiled:
+      # The jitted decode VQTokenizer.decode runs (sample.decode_images).
+      codes = jax.ShapeDtypeStruct((batch, grid, grid), jnp.int32, sharding=on)
+      compiled[batch] = compile_program(vq.decode_program(vq_cfg), (params, codes),
+                                        compiler=compiler, impl="xla")
+    programs[name] = dict(compiled[batch], model="vq", num_params=int(n_params),
+                          flops_note="XLA cost analysis", decode_batch=int(batch),
+                          image_size=grid * vq_cfg.downsample, note=note)
+  return programs
+
+
+def _sample_programs(config, device, compiler: str) -> dict:
+  """The samplers' programs on one device (see module docstring)."""
+  from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
+  from pgm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   tok = tokenizers.get_tokenizer(config.data)
+  image = families.of(config).is_image
+  setting, model_cfgs = (_image_sample_setting if image else _text_sample_setting)(config, tok)
   on = SingleDeviceSharding(device)
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=on)
-  n_query = -(-(length - 1) // steps)  # the uniform schedule's largest step (m = L / S)
-  setting = {"batch_size": batch, "seq_len": length, "steps": steps,
-             "vocab_size": tok.vocab_size, "n_enc": length, "n_query": n_query}
   programs = {}
-  for kind in tuple(config.plan.sample_models):
-    family = families.get(kind, key="config.plan.sample_models")
-    model_cfg = dataclasses.replace(
-        families.model_config_from(config, vocab_size=tok.vocab_size, mask_id=tok.mask_id),
-        kind=kind, dropout=0.0)
+  for model_cfg in model_cfgs:
+    family = families.get(model_cfg.kind)
     model = family.build_model(model_cfg)
-    params = jax.eval_shape(lambda r, m=model: family.init_params(m, r), jax.random.key(0))
+    params = jax.eval_shape(lambda r, m=model, f=family: f.init_params(m, r), jax.random.key(0))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
                           params)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    spec = family.sampler_program(model=model, batch=batch, length=length, steps=steps,
-                                  n_query=n_query, mask_id=tok.mask_id, sds=sds, key=key)
+    spec = family.sampler_program(model=model, setting=setting, sds=sds, key=key)
     prog = compile_program(spec["fn"], (params,) + tuple(spec["args"]), spec["static"],
                            compiler=compiler, impl=config.attn.impl)
-    prog.update(model=kind, num_params=int(n_params), flops_note=spec["flops_note"])
+    prog.update(model=model_cfg.kind, num_params=int(n_params), flops_note=spec["flops_note"],
+                **spec.get("shapes", {}))
     programs[spec["name"]] = prog
+  if image:
+    programs.update(_decoder_programs(config, setting, on, compiler))
   return {"setting": setting, "programs": programs}
 
 
@@ -628,13 +692,29 @@ def format_table(result: dict) -> str:
   rows = [("compiler", f"{result['compiler']}  target {where}, {result.get('device_kind')}")]
   if result.get("what") == "sample":
     s = result["setting"]
-    rows.append(("setting", f"B={s['batch_size']} L={s['seq_len']} S={s['steps']} "
-                            f"V={s['vocab_size']}, one chip; PGM n_enc={s['n_enc']} "
-                            f"m={s['n_query']}"))
+    if "grid" in s:  # image samplers (config.sample.*)
+      rows.append(("setting", f"B={s['batch_size']} images{' x2 (guidance)' if s['cfg'] else ''}"
+                              f", grid {s['grid']}x{s['grid']} (L={s['seq_len']}), "
+                              f"S={s['steps']} {s['sampler']}, bucket {s['bucket_size']}, "
+                              f"V={s['vocab_size']}, one chip"))
+    else:
+      rows.append(("setting", f"B={s['batch_size']} L={s['seq_len']} S={s['steps']} "
+                              f"V={s['vocab_size']}, one chip; PGM n_enc={s['n_enc']} "
+                              f"m={s['n_query']}"))
     for name, prog in result["programs"].items():
       rows.append((name, f"{prog['num_params'] / 1e6:.1f}M params, attn={prog['attn_impl']} "
                          f"({prog['mosaic_custom_calls']} Mosaic calls), compile "
                          f"{prog['compile_seconds']:.1f} s"))
+      if "n_query" in prog:
+        rows.append(("  shapes", f"{prog['execution']}: n_enc={prog['n_enc']} "
+                                 f"n_query={prog['n_query']}, model batch "
+                                 f"{prog['model_batch']} (the largest of the run's "
+                                 f"{prog['programs_in_run']} step programs"
+                                 + ("" if prog["largest_step_reached"] else
+                                    "; a bound no step reaches") + ")"))
+      if "decode_batch" in prog:
+        rows.append(("  shapes", f"{prog['decode_batch']} images of {prog['image_size']}px "
+                                 f"({prog['note']})"))
       rows += [("  " + k, v) for k, v in _memory_rows(prog, "")]
       if "flops" in prog:
         rows.append(("  FLOPs (compiled)", f"{prog['flops']:.4g}  ({prog['flops_note']})"))
