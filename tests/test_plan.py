@@ -2,7 +2,9 @@
 
 Tiny models only (configs/shakespeare.py:tiny: H 64, 1 + 1 PGM layers, L 32) on the
 smallest slice, v5e-4 (v5e:2x2, one host, 4 chips): each TPU compile takes a few seconds.
-Every compile happens once per module (module-scoped fixtures). The TPU tests are
+The image samplers: configs/digits.py:tiny (PGM and MaskGIT, H 32, L 65) on the same
+slice, and the VQ decoder branch on a tiny-grid ImageNet config with XLA:CPU. Every compile
+happens once per module (module-scoped fixtures). The TPU tests are
 skipped only when libtpu is not importable (`pip install -e '.[tpu]'`); the cpu-virtual
 fallback is exercised with PGM_JAX_PLAN_NO_LIBTPU=1, through the command line.
 """
@@ -56,6 +58,22 @@ def sample_plan():
   cfg = tiny_config(what="sample")
   cfg.bench.update(dict(batch_size=4, seq_len=32, steps=4))
   return plan.plan(cfg)
+
+
+IMAGE_BUCKET = 8  # several step programs in a 4-step run of 64 codes: plan picks the largest
+
+
+@pytest.fixture(scope="module")
+def image_sample_plans():
+  """what=sample for the digits' tiny PGM and MaskGIT on one v5e chip (config.sample.cfg_w
+  stays 0: guidance is planned anyway, config.plan.sample_guidance)."""
+  out = {}
+  for preset in ("pgm", "maskgit"):
+    cfg = load_config("digits", f"tiny,{preset}")
+    cfg.plan.update(dict(topology=TOPOLOGY, what="sample"))
+    cfg.sample.bucket_size = IMAGE_BUCKET
+    out[preset] = plan.plan(cfg)
+  return out
 
 
 # -- no compiler needed --------------------------------------------------------------------
@@ -197,6 +215,52 @@ def test_sample_plan_on_one_chip(sample_plan):
     assert prog["fits"] is True
   assert sample_plan["fits"] is True
   assert "pgm_efficient_step" in plan.format_table(sample_plan)
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("preset,name,execution", [
+    ("pgm", "pgm_image_efficient_step", "efficient"), ("maskgit", "maskgit_full_step", "full")])
+def test_image_sample_plan_on_one_chip(image_sample_plans, preset, name, execution):
+  from pgm_jax.samplers import image as image_samplers  # pylint: disable=g-import-not-at-top
+  result = image_sample_plans[preset]
+  assert result["what"] == "sample" and result["compiler"] == "tpu"
+  assert result["setting"] == {"batch_size": 20, "grid": 8, "seq_len": 65, "steps": 4,
+                               "sampler": "halton", "bucket_size": IMAGE_BUCKET, "cfg": True,
+                               "cfg_w": 0.0, "vocab_size": 19}
+  assert set(result["programs"]) == {name}  # one step program; the digits have no VQ decoder
+  prog = result["programs"][name]
+  run = image_samplers.step_shapes("halton", 8, 4, execution=execution,
+                                   bucket_size=IMAGE_BUCKET)
+  assert prog["execution"] == execution and prog["programs_in_run"] == len(set(run))
+  assert (prog["n_enc"], prog["n_query"]) == (max(e for e, _ in run), max(q for _, q in run))
+  assert prog["model_batch"] == 40  # guidance: the batch doubled
+  assert prog["memory_per_device"]["peak_bytes"] > 0 and prog["compile_seconds"] > 0
+  assert prog["fits"] is True and result["fits"] is True
+  table = plan.format_table(result)
+  assert name in table and "x2 (guidance)" in table
+
+
+@pytest.mark.slow
+def test_image_sample_plan_includes_the_vq_decoder():
+  """ImageNet (VQ codes) on a 4x4 grid, tiny model, XLA:CPU: the step program and the VQ
+  decoder at the FID eval's sampling batch and at the --mode=sample grid."""
+  cfg = load_config("imagenet", "pgm_12_12")
+  cfg.model.update(dict(hidden=32, num_heads=2, enc_layers=1, dec_layers=1))
+  cfg.data.update(dict(grid=4, seq_len=17))
+  cfg.sample.update(dict(batch_size=2, steps=4, classes=(1, 2, 3), samples_per_class=1))
+  cfg.plan.update(dict(what="sample", compiler="cpu-virtual", device_memory_gib=16.0))
+  result = plan.plan(cfg)
+  programs = result["programs"]
+  assert set(programs) == {"pgm_image_efficient_step", "vq_decode_eval_batch",
+                           "vq_decode_sample_grid"}
+  assert programs["vq_decode_eval_batch"]["decode_batch"] == 2    # config.sample.batch_size
+  assert programs["vq_decode_sample_grid"]["decode_batch"] == 3   # 3 classes x 1
+  for prog in programs.values():
+    assert prog["memory_per_device"]["peak_bytes"] > 0 and prog["fits"] is True
+  assert programs["vq_decode_eval_batch"]["image_size"] == 32      # 4 codes x 8 px
+  assert "vq_decode_sample_grid" in plan.format_table(result)
 
 
 # -- without libtpu -------------------------------------------------------------------------
