@@ -29,7 +29,14 @@ the bench setting (config.bench.batch_size / seq_len / steps; configs/bench.py:p
 B 32, L 1024, S 128) with config.model's dimensions: the PGM efficient step at the
 largest encoder bucket (n_enc = L) with the uniform schedule's query count
 m = ceil((L - 1) / S) (= L / S = 8 at the paper setting), and MDLM's whole `ddpm_cache`
-run (`samplers.mdlm._mdlm_run`, one program).
+run (`samplers.mdlm._mdlm_run`, one program). Image configs (the family's `is_image`)
+compile instead, at config.sample.* (batch_size, steps, sampler, bucket_size) on
+config.data.grid, their own model's sampler step (`ImageFamily.sampler_program`: the image
+PGM's efficient step at the largest encoder length and query count of the run, MaskGIT's
+full-canvas step), with classifier-free guidance (the batch doubled) unless
+config.plan.sample_guidance=False and config.sample.cfg_w=0, and the VQ decoder (codes ->
+pixels, `sample.decode_images`) at the FID eval's sampling batch and at the --mode=sample
+grid, both decoded on one device.
 
 FLOPs. "compiled" FLOPs are XLA's cost analysis of the per-device program (times
 grad_accum_steps: a loop body is counted once). Pallas/Mosaic custom calls are NOT
@@ -706,8 +713,9 @@ def format_table(result: dict) -> str:
                          f"({prog['mosaic_custom_calls']} Mosaic calls), compile "
                          f"{prog['compile_seconds']:.1f} s"))
       if "n_query" in prog:
-        rows.append(("  shapes", f"{prog['execution']}: n_enc={prog['n_enc']} "
-                                 f"n_query={prog['n_query']}, model batch "
+        size = (f"n_enc={prog['n_enc']} n_query={prog['n_query']}" if prog["n_enc"] else
+                f"the whole canvas, L={prog['n_query']}")
+        rows.append(("  shapes", f"{prog['execution']}: {size}, model batch "
                                  f"{prog['model_batch']} (the largest of the run's "
                                  f"{prog['programs_in_run']} step programs"
                                  + ("" if prog["largest_step_reached"] else
