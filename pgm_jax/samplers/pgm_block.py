@@ -296,7 +296,8 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
           count("naive", _naive_step_jit, *args, block_len=b, **static)
           if execute:
             canvas = _naive_step_jit(params, *args, block_len=b, **static)
-        cursor += counts_k
+        if rule == "count":  # the threshold rule queries the whole block every step
+          cursor += counts_k
         passes += 1
         if rule == "threshold":  # what is left decides whether the block needs another step
           block_now = sharding.host_value((st.canvas if efficient else canvas)[:, lo:hi])
