@@ -299,7 +299,7 @@ def run_sample_bench(config) -> dict:
         lambda m: samplers.ar_sample(ar_params, prompt, model=ar, measure_flops=m,
                                      execute=not b.flops_only, **common),
         warmup=b.warmup, repeats=b.repeats, flops_only=b.flops_only)
-    rows["ar"] = entry(result, seconds)
+    rows["ar_kv_cache"] = entry(result, seconds)
   block_variants = []
   for dims in b.get("pgm_block", ()) or ():
     dims = dict(dims)
@@ -315,7 +315,7 @@ def run_sample_bench(config) -> dict:
     e = entry(result, seconds)
     ratios = {}
     for ref, ref_entry in (("mdlm", rows["mdlm"]), ("pgm", variants[0]["pgm"]),
-                           ("ar", rows.get("ar"))):
+                           ("ar", rows.get("ar_kv_cache"))):
       if ref_entry is None:
         continue
       ratios[f"flop_ratio_vs_{ref}"] = ref_entry["flops_per_seq"] / e["flops_per_seq"]
@@ -336,7 +336,7 @@ def run_sample_bench(config) -> dict:
       "throughput_ratio": variants[0]["throughput_ratio"],
       "flop_ratio": variants[0]["flop_ratio"],
       "variants": variants,
-      **({"ar": rows["ar"]} if "ar" in rows else {}),
+      **({"ar_kv_cache": rows["ar_kv_cache"]} if "ar_kv_cache" in rows else {}),
       **({"block_variants": block_variants} if block_variants else {}),
   }
 
@@ -385,11 +385,12 @@ def _sample_table(report: dict) -> str:
         v["exact_flop_ratio"])
   lines.append("thru x = PGM tokens/s / MDLM tokens/s;  FLOP x = MDLM FLOPs / PGM FLOPs "
                "(as executed);  exact x = the same without PGM padding")
-  if "ar" in report or "block_variants" in report:
+  if "ar_kv_cache" in report or "block_variants" in report:
     lines.append(f"{'model':<18}{'tokens/s':>12}{'GFLOP/seq':>12}{'compiles':>9}{'passes':>8}"
                  f"{'thru/AR':>9}{'thru/PGM':>9}{'thru/MDLM':>10}{'FLOP AR/x':>10}")
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
-    entries = ([("ar (KV cache)", report["ar"], {})] if "ar" in report else []) + [
+    entries = ([("ar (KV cache)", report["ar_kv_cache"], {})] if "ar_kv_cache" in report
+               else []) + [
         (v["name"], v["pgm_block"], v) for v in report.get("block_variants", ())]
     for name, e, v in entries:
       tps = "-" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:.1f}"
