@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pgm_jax import objectives
-from pgm_jax.families.base import Family, dummy_tokens, stratified_times
+from pgm_jax.families.base import Family, dummy_tokens, matmul_params, stratified_times
 from pgm_jax.models.pgm_block import BLOCK_QUERY_MODES, BlockPartitionDiT
 from pgm_jax.ops import masks
 from pgm_jax.samplers import pgm_block as block_samplers
@@ -115,7 +115,6 @@ class BlockPGMFamily(Family):
     """As `Family.train_flops`, with the encoder's matmuls over both streams (2L tokens) and
     the decoder's key/value projections over the 2L encoder outputs."""
     out = super().train_flops(model_cfg, params, batch_size, seq_len)
-    from pgm_jax.families.base import matmul_params  # pylint: disable=g-import-not-at-top
     enc_mm = matmul_params(params.get("encoder", {}))
     kv_mm = sum(matmul_params({"k": p}) for p in _decoder_kv_kernels(params.get("decoder", {})))
     extra = 6.0 * (enc_mm + kv_mm) * batch_size * seq_len

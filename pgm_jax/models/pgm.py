@@ -68,6 +68,13 @@ def other_group_aggregate(enc_BxKxH: jax.Array, mask: AttentionMask, mode: str,
   return jnp.broadcast_to(agg_Bx2xH, (batch, num_queries, agg_Bx2xH.shape[-1]))
 
 
+def _rope_heads_kv(cfg, kv_BxKx2H, kv_pos_BxK):
+  """[k | v] projections -> (k with RoPE, v), each [B, K, heads, head_dim]."""
+  k, v = jnp.split(kv_BxKx2H, 2, axis=-1)
+  return (apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base),
+          split_heads(v, cfg.num_heads))
+
+
 def _with_prefix(kv_prefix, k, v):
   """(k, v) with cached keys / values put first (None: unchanged)."""
   if kv_prefix is None:
@@ -87,10 +94,8 @@ class GroupSwap(nn.Module):
     kv_prefix: cached (k, v) put before them (`mask` covers both)."""
     cfg = self.config
     dt = cfg.compute_dtype
-    kv = Linear(2 * cfg.hidden, "embed", "kv", dtype=dt, name="hidden_to_key_value")(enc_BxKxH)
-    k, v = jnp.split(kv, 2, axis=-1)
-    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
-    v = split_heads(v, cfg.num_heads)
+    k, v = _rope_heads_kv(cfg, Linear(2 * cfg.hidden, "embed", "kv", dtype=dt,
+                                      name="hidden_to_key_value")(enc_BxKxH), kv_pos_BxK)
     if kv_only:
       return k, v
     k, v = _with_prefix(kv_prefix, k, v)
@@ -126,11 +131,9 @@ class DecoderBlock(nn.Module):
     """kv_only / kv_prefix: as `GroupSwap` (the block PGM's decoder cache)."""
     cfg = self.config
     dt = cfg.compute_dtype
-    kv = Linear(2 * cfg.hidden, "embed", "kv", use_bias=False, dtype=dt, name="attn_kv")(
-        ScaleLayerNorm(name="kv_norm1")(enc_BxKxH))
-    k, v = jnp.split(kv, 2, axis=-1)
-    k = apply_rope(split_heads(k, cfg.num_heads), kv_pos_BxK, cfg.rope_base)
-    v = split_heads(v, cfg.num_heads)
+    k, v = _rope_heads_kv(cfg, Linear(2 * cfg.hidden, "embed", "kv", use_bias=False, dtype=dt,
+                                      name="attn_kv")(ScaleLayerNorm(name="kv_norm1")(enc_BxKxH)),
+                          kv_pos_BxK)
     if kv_only:
       return k, v
     k, v = _with_prefix(kv_prefix, k, v)

@@ -221,6 +221,46 @@ def threshold_reveal(logp_BxQxV, candidate_BxQ, key, rows, positions, threshold,
   return draw, reveal
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedCanvas:
+  """State of the efficient samplers that reveal a data-dependent set of positions each
+  step (the image samplers, the PGM's confidence-threshold): the canvas, its known tokens
+  packed first (what the encoder reads) and the still-unknown positions in reveal order."""
+  canvas: jax.Array     # [B, L] tokens; MASK where unknown
+  clean_tok: jax.Array  # [B, L] packed known tokens (first clean_len valid)
+  clean_pos: jax.Array  # [B, L] their positions
+  clean_len: jax.Array  # [B]
+  rem_pos: jax.Array    # [B, L] unknown positions, in reveal order (first rem_len valid)
+  rem_len: jax.Array    # [B]
+
+
+def reveal_packed(st: PackedCanvas, q_pos, draw, selected) -> PackedCanvas:
+  """Writes the selected draws into the canvas, appends them to the packed known tokens and
+  removes them from the unknown positions (the others keep their order)."""
+  batch, length = st.canvas.shape
+  n_query = q_pos.shape[1]
+  rows = jnp.arange(batch)[:, None]
+  sel = selected.astype(jnp.int32)
+  n_sel = sel.sum(axis=1)
+  canvas = st.canvas.at[rows, jnp.where(selected, q_pos, length)].set(draw, mode="drop")
+  write = jnp.where(selected, st.clean_len[:, None] + jnp.cumsum(sel, axis=1) - 1, length)
+  clean_tok = st.clean_tok.at[rows, write].set(draw, mode="drop")
+  clean_pos = st.clean_pos.at[rows, write].set(q_pos, mode="drop")
+  sel_full = jnp.pad(selected, ((0, 0), (0, length - n_query)))
+  keep = (jnp.arange(length)[None, :] < st.rem_len[:, None]) & ~sel_full
+  perm = jnp.argsort(~keep, axis=1, stable=True)
+  return PackedCanvas(canvas=canvas, clean_tok=clean_tok, clean_pos=clean_pos,
+                      clean_len=st.clean_len + n_sel,
+                      rem_pos=jnp.take_along_axis(st.rem_pos, perm, axis=1),
+                      rem_len=st.rem_len - n_sel)
+
+
+def round_up(n: int, multiple: int, cap: int) -> int:
+  """n rounded up to a multiple, at most cap (the samplers' shape buckets)."""
+  return min(cap, -(-n // multiple) * multiple)
+
+
 def check_threshold(threshold, key: str = "config.sample.threshold") -> float:
   """`threshold` as a float, or a one-line error naming `key` unless it is a finite
   number in [0, 1]."""

@@ -55,9 +55,9 @@ import numpy as np
 
 from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask
-from pgm_jax.samplers.common import (TRACE_COUNTS, SampleResult, device_put_fn,
+from pgm_jax.samplers.common import (TRACE_COUNTS, PackedCanvas, SampleResult, device_put_fn,
                                      keyed_gumbel, keyed_gumbel_argmax, lowered_flops,
-                                     params_mesh_context)
+                                     params_mesh_context, reveal_packed, round_up)
 
 IMAGE_SAMPLERS = ("halton", "confidence")
 EXECUTIONS = ("efficient", "full")
@@ -199,10 +199,6 @@ def check_reference_compat(quirks: tuple[str, ...], sampler: str, execution: str
                      f"execution (MaskGIT), not of {sampler!r} / {execution!r}")
 
 
-def _round_up(n: int, multiple: int, cap: int) -> int:
-  return min(cap, -(-n // multiple) * multiple)
-
-
 def default_bucket(length: int) -> int:
   """The bucket of config.sample.bucket_size = 0: max(8, L / 16)."""
   return max(8, length // 16)
@@ -223,8 +219,8 @@ def step_shapes(sampler: str, grid: int, steps: int, *, execution: str,
     if count == 0:
       continue
     if execution == "efficient":
-      shapes.append((_round_up(1 + revealed, bucket, length),
-                     _round_up(count if sampler == "halton" else n - revealed, bucket, length)))
+      shapes.append((round_up(1 + revealed, bucket, length),
+                     round_up(count if sampler == "halton" else n - revealed, bucket, length)))
     else:
       shapes.append((0, length))
     revealed += count
@@ -235,15 +231,7 @@ def step_shapes(sampler: str, grid: int, steps: int, *, execution: str,
 # One step (jitted; bounded number of programs).
 # ----------------------------------------------------------------------------
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ImageState:
-  canvas: jax.Array     # [B, L] tokens; MASK where unknown, BOS at 0
-  clean_tok: jax.Array  # [B, L] packed known tokens (first clean_len valid)
-  clean_pos: jax.Array  # [B, L] their positions
-  clean_len: jax.Array  # [B]
-  rem_pos: jax.Array    # [B, L] unknown positions, in candidate order (first rem_len valid)
-  rem_len: jax.Array    # [B]
+ImageState = PackedCanvas  # the efficient image samplers' state (samplers.common)
 
 
 def _query_logits(params, st: ImageState, labels_B, q_pos_BxQ, w_k, *, model,
@@ -297,7 +285,7 @@ def _image_step(params, st: ImageState, labels_B, key, k, count, w_k, temp_k, no
     redrawn = (st.canvas != mask_id) & (jnp.arange(length)[None, :] > 0)
     draw_all = draw
     draw = jnp.take_along_axis(draw_all, q_pos, axis=1)
-    st = _reveal(st, q_pos, draw, q_valid & (j < count))
+    st = reveal_packed(st, q_pos, draw, q_valid & (j < count))
     return dataclasses.replace(st, canvas=jnp.where(redrawn, draw_all, st.canvas))
   if sampler == "halton":  # the first `count` candidates of the Halton order
     selected = q_valid & (j < count)
@@ -309,28 +297,7 @@ def _image_step(params, st: ImageState, labels_B, key, k, count, w_k, temp_k, no
     order = jnp.lexsort((q_pos, -conf), axis=-1)
     rank = jnp.argsort(order, axis=-1)
     selected = q_valid & (rank < count)
-  return _reveal(st, q_pos, draw, selected)
-
-
-def _reveal(st: ImageState, q_pos, draw, selected) -> ImageState:
-  """Writes the selected draws into the canvas, appends them to the packed known tokens and
-  removes them from the candidates (the others keep their order)."""
-  batch, length = st.canvas.shape
-  n_query = q_pos.shape[1]
-  rows = jnp.arange(batch)[:, None]
-  sel = selected.astype(jnp.int32)
-  n_sel = sel.sum(axis=1)
-  canvas = st.canvas.at[rows, jnp.where(selected, q_pos, length)].set(draw, mode="drop")
-  write = jnp.where(selected, st.clean_len[:, None] + jnp.cumsum(sel, axis=1) - 1, length)
-  clean_tok = st.clean_tok.at[rows, write].set(draw, mode="drop")
-  clean_pos = st.clean_pos.at[rows, write].set(q_pos, mode="drop")
-  sel_full = jnp.pad(selected, ((0, 0), (0, length - n_query)))
-  keep = (jnp.arange(length)[None, :] < st.rem_len[:, None]) & ~sel_full
-  perm = jnp.argsort(~keep, axis=1, stable=True)
-  return ImageState(canvas=canvas, clean_tok=clean_tok, clean_pos=clean_pos,
-                    clean_len=st.clean_len + n_sel,
-                    rem_pos=jnp.take_along_axis(st.rem_pos, perm, axis=1),
-                    rem_len=st.rem_len - n_sel)
+  return reveal_packed(st, q_pos, draw, selected)
 
 
 _STATIC = ("model", "execution", "sampler", "n_enc", "n_query", "cfg", "mask_id",

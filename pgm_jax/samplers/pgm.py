@@ -48,9 +48,10 @@ import numpy as np
 from pgm_jax import objectives
 from pgm_jax.core import sharding
 from pgm_jax.ops import AttentionMask
-from pgm_jax.samplers.common import (THRESHOLD_SAMPLER, TRACE_COUNTS, Prompt, SampleResult,
-                                     check_threshold, device_put_fn, filtered_log_probs,
-                                     keyed_gumbel_argmax, lowered_flops, params_mesh_context,
+from pgm_jax.samplers.common import (THRESHOLD_SAMPLER, TRACE_COUNTS, PackedCanvas, Prompt,
+                                     SampleResult, check_threshold, device_put_fn,
+                                     filtered_log_probs, keyed_gumbel_argmax, lowered_flops,
+                                     params_mesh_context, reveal_packed, round_up,
                                      threshold_log_probs, threshold_reveal)
 
 PGM_SAMPLERS = ("efficient-uniform", "efficient-non-uniform", "naive", THRESHOLD_SAMPLER)
@@ -98,10 +99,6 @@ def make_schedule(kind: str, remaining: np.ndarray, steps: int, rng: np.random.G
   if left.any():
     rows.append(left)  # the final pass / reveal step fills the leftovers
   return np.stack(rows).astype(np.int32)
-
-
-def _round_up(n: int, multiple: int, cap: int) -> int:
-  return min(cap, -(-n // multiple) * multiple)
 
 
 def _pow2(n: int, cap: int) -> int:
@@ -153,8 +150,8 @@ _pgm_efficient_step_jit = jax.jit(_pgm_efficient_step, static_argnames=_STATIC,
                                   donate_argnames=("st",))
 
 
-def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int,
-                   put: Callable = jnp.asarray) -> PGMState:
+def _packed_known(prompt: Prompt):
+  """(tokens, positions) int32 [B, L] of each sequence's known tokens, packed first."""
   batch, length = prompt.known.shape
   clean_tok = np.zeros((batch, length), np.int32)
   clean_pos = np.zeros((batch, length), np.int32)
@@ -162,6 +159,13 @@ def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int,
     pos = np.flatnonzero(prompt.known[b])
     clean_tok[b, :len(pos)] = prompt.tokens[b, pos]
     clean_pos[b, :len(pos)] = pos
+  return clean_tok, clean_pos
+
+
+def _initial_state(prompt: Prompt, order: np.ndarray, mask_id: int,
+                   put: Callable = jnp.asarray) -> PGMState:
+  batch, _ = prompt.known.shape
+  clean_tok, clean_pos = _packed_known(prompt)
   canvas = np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32)
   return PGMState(canvas=put(canvas), clean_tok=put(clean_tok), clean_pos=put(clean_pos),
                   clean_len=put(prompt.known.sum(1).astype(np.int32)),
@@ -277,7 +281,7 @@ def _pgm_efficient_run(params, prompt, order, counts, key, *, model, mask_id, to
     max_count = int(counts_k.max())
     if max_count == 0:
       continue
-    n_enc = _round_up(int(clean_len.max()), bucket, length)
+    n_enc = round_up(int(clean_len.max()), bucket, length)
     n_query = max_count if uniform else _pow2(max_count, length)
     static = dict(model=model, n_enc=n_enc, n_query=n_query, mask_id=mask_id, top_p=top_p,
                   temperature=temperature)
@@ -364,26 +368,14 @@ def _pgm_naive_run(params, prompt, order, counts, key, *, model, mask_id, top_p,
 # PGM: confidence-threshold decoding (efficient, and naive as its oracle).
 # ----------------------------------------------------------------------------
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ThresholdState:
-  canvas: jax.Array     # [B, L] output tokens (MASK where unknown)
-  clean_tok: jax.Array  # [B, L] packed known tokens (first clean_len valid)
-  clean_pos: jax.Array  # [B, L] their original positions
-  clean_len: jax.Array  # [B]
-  rem_pos: jax.Array    # [B, L] unknown positions, ascending (first rem_len valid)
-  rem_len: jax.Array    # [B]
+ThresholdState = PackedCanvas  # confidence-threshold's state (samplers.common)
 
 
 def _threshold_state(prompt: Prompt, mask_id: int, put: Callable) -> ThresholdState:
   batch, length = prompt.known.shape
-  clean_tok = np.zeros((batch, length), np.int32)
-  clean_pos = np.zeros((batch, length), np.int32)
+  clean_tok, clean_pos = _packed_known(prompt)
   rem_pos = np.zeros((batch, length), np.int32)
   for b in range(batch):
-    pos = np.flatnonzero(prompt.known[b])
-    clean_tok[b, :len(pos)] = prompt.tokens[b, pos]
-    clean_pos[b, :len(pos)] = pos
     unknown = np.flatnonzero(~prompt.known[b])
     rem_pos[b, :len(unknown)] = unknown
   canvas = np.where(prompt.known, prompt.tokens, mask_id).astype(np.int32)
@@ -391,27 +383,6 @@ def _threshold_state(prompt: Prompt, mask_id: int, put: Callable) -> ThresholdSt
                         clean_len=put(prompt.known.sum(1).astype(np.int32)),
                         rem_pos=put(rem_pos),
                         rem_len=put((~prompt.known).sum(1).astype(np.int32)))
-
-
-def _threshold_commit(st: ThresholdState, q_pos, draw, reveal) -> ThresholdState:
-  """Writes the revealed draws into the canvas, appends them to the packed known tokens and
-  removes them from the unknown positions (the others keep their order)."""
-  batch, length = st.canvas.shape
-  n_query = q_pos.shape[1]
-  rows = jnp.arange(batch)[:, None]
-  sel = reveal.astype(jnp.int32)
-  n_sel = sel.sum(axis=1)
-  canvas = st.canvas.at[rows, jnp.where(reveal, q_pos, length)].set(draw, mode="drop")
-  write = jnp.where(reveal, st.clean_len[:, None] + jnp.cumsum(sel, axis=1) - 1, length)
-  clean_tok = st.clean_tok.at[rows, write].set(draw, mode="drop")
-  clean_pos = st.clean_pos.at[rows, write].set(q_pos, mode="drop")
-  revealed = jnp.pad(reveal, ((0, 0), (0, length - n_query)))
-  keep = (jnp.arange(length)[None, :] < st.rem_len[:, None]) & ~revealed
-  perm = jnp.argsort(~keep, axis=1, stable=True)
-  return ThresholdState(canvas=canvas, clean_tok=clean_tok, clean_pos=clean_pos,
-                        clean_len=st.clean_len + n_sel,
-                        rem_pos=jnp.take_along_axis(st.rem_pos, perm, axis=1),
-                        rem_len=st.rem_len - n_sel)
 
 
 def _pgm_threshold_step(params, st: ThresholdState, key, threshold, force_all, *, model,
@@ -430,7 +401,7 @@ def _pgm_threshold_step(params, st: ThresholdState, key, threshold, force_all, *
   logp, conf_logp = threshold_log_probs(logits, mask_id, top_p=top_p, temperature=temperature)
   draw, reveal = threshold_reveal(logp, candidate, key, jnp.arange(batch), q_pos, threshold,
                                   force_all, conf_logp)
-  return _threshold_commit(st, q_pos, draw, reveal)
+  return reveal_packed(st, q_pos, draw, reveal)
 
 
 _THRESHOLD_STATIC = ("model", "n_enc", "n_query", "mask_id", "top_p", "temperature")
@@ -495,8 +466,8 @@ def _pgm_threshold_sample(params, prompt: Prompt, *, model, steps, seed, mask_id
     while remaining.max(initial=0) > 0:
       args = (params, st, jax.random.fold_in(key, k), thr, put(np.bool_(k + 1 >= steps)))
       if execution == "efficient":
-        shapes = dict(static, n_enc=_round_up(int((length - remaining).max()), bucket, length),
-                      n_query=_round_up(int(remaining.max()), bucket, length))
+        shapes = dict(static, n_enc=round_up(int((length - remaining).max()), bucket, length),
+                      n_query=round_up(int(remaining.max()), bucket, length))
         fn = _pgm_threshold_step_jit
       else:
         shapes, fn = static, _pgm_threshold_naive_step_jit

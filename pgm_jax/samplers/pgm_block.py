@@ -38,8 +38,8 @@ from pgm_jax.core import sharding
 from pgm_jax.ops.masks import CLEAN_GROUP
 from pgm_jax.samplers.common import (THRESHOLD_SAMPLER, TRACE_COUNTS, Prompt, SampleResult,
                                      device_put_fn, filtered_log_probs, keyed_gumbel_argmax,
-                                     lowered_flops, params_mesh_context, threshold_log_probs,
-                                     threshold_reveal)
+                                     lowered_flops, params_mesh_context, round_up,
+                                     threshold_log_probs, threshold_reveal)
 from pgm_jax.samplers.pgm import make_schedule, random_orders
 
 BLOCK_SAMPLERS = ("block-efficient", "block-naive", THRESHOLD_SAMPLER)
@@ -173,10 +173,6 @@ _naive_step_jit = jax.jit(_naive_step, static_argnames=("model", "block_len", "r
                                                         "top_p", "temperature"))
 
 
-def _round_up(n: int, multiple: int, cap: int) -> int:
-  return min(cap, -(-n // multiple) * multiple)
-
-
 def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, seed: int,
                  mask_id: int, eos_id: Optional[int] = None, top_p: float = 1.0,
                  temperature: float = 1.0, bucket_size: int = 0,
@@ -272,7 +268,7 @@ def block_sample(params, prompt: Prompt, *, model, sampler: str, steps: int, see
         counts = make_schedule("uniform", n_unknown, per_block, rng, b)
         n_query = max(1, -(-b // per_block))
       cursor = np.zeros((batch,), np.int64)
-      n_cache = _round_up(lo, bucket, length)
+      n_cache = round_up(lo, bucket, length)
       block_dev = put(np.int32(block))
       left = n_unknown.copy()
       for s, counts_k in enumerate(counts):
